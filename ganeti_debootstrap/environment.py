@@ -1,0 +1,311 @@
+"""What Ganeti asked for: its variables (API 10+) or options (API 5), parsed once.
+
+Ganeti runs each script with a cleaned environment. From API 10 on, the
+instance, its disks, NICs and parameters come as environment variables; API
+5 (Ganeti 1.2) passed ``-i NAME -b BLOCKDEV -s SWAPDEV [-o OLDNAME]``
+instead. Everything is checked here and every missing or malformed variable
+is reported in one error, so an administrator fixes them all in one go.
+"""
+
+from __future__ import annotations
+
+import getopt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .errors import ConfigError, UsageError
+from .names import hostname_problem
+
+API_VERSIONS = (20, 15, 10, 5)
+SCRIPTS = ("create", "import", "export", "rename", "verify")
+
+USAGE = {
+    "create": "create  (Ganeti API 10+: instance described by the environment)\n"
+              "create -i NAME -b BLOCKDEV -s SWAPDEV  (API 5)",
+    "import": "import  (API 10+; the dump stream on stdin)\n"
+              "import -i NAME -b BLOCKDEV -s SWAPDEV  (API 5)",
+    "export": "export  (API 10+; the dump stream goes to stdout)\n"
+              "export -i NAME -b BLOCKDEV  (API 5)",
+    "rename": "rename  (API 10+: OLD_INSTANCE_NAME and INSTANCE_NAME)\n"
+              "rename -i NEWNAME -o OLDNAME -b BLOCKDEV -s SWAPDEV  (API 5)",
+    "verify": "verify parameters  (checks the OSP_* variables)",
+}
+
+
+def usage(script: str) -> str:
+    """The usage text of one script."""
+    return ("Usage:\n  " + USAGE[script].replace("\n", "\n  ") +
+            "\n\nThis is a Ganeti OS definition script; Ganeti runs it with the "
+            "variables described in ganeti-os-interface(7).")
+
+
+@dataclass(frozen=True)
+class Disk:
+    """One of the instance's disks as Ganeti describes it."""
+
+    index: int
+    path: str
+    uri: str = ""
+    size_mib: int | None = None
+    access: str = "rw"
+
+
+@dataclass(frozen=True)
+class Nic:
+    """One of the instance's network interfaces as Ganeti describes it."""
+
+    index: int
+    mac: str = ""
+    ip: str = ""
+    mode: str = ""
+    link: str = ""
+    name: str = ""
+    network_name: str = ""
+    subnet: str = ""
+    gateway: str = ""
+    subnet6: str = ""
+    gateway6: str = ""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One call of a script by Ganeti, fully parsed."""
+
+    script: str
+    api_version: int
+    instance_name: str = ""
+    old_instance_name: str = ""
+    os_variant: str = ""
+    debug: bool = False
+    hypervisor: str = ""
+    disks: tuple[Disk, ...] = ()
+    nics: tuple[Nic, ...] = ()
+    # The disk this call works on: disk 0 for create and rename, the
+    # exported or imported one for export and import.
+    disk_path: str = ""
+    disk_index: int = 0
+    swap_device: str = ""
+    reinstall: bool = False
+    hv_params: Mapping[str, str] = field(default_factory=dict)
+    be_params: Mapping[str, str] = field(default_factory=dict)
+    os_params: Mapping[str, str] = field(default_factory=dict)
+    exp_size_fd: int | None = None
+    verify_checks: tuple[str, ...] = ()
+    # Ganeti's own variables, passed on to hooks unchanged.
+    ganeti_env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def serial_console(self) -> str | None:
+        """The serial console device the instance should get a getty on."""
+        if self.hypervisor == "xen-pvm":
+            return "hvc0"
+        if self.hv_params.get("serial_console", "").lower() == "true":
+            return "ttyS0"
+        return None
+
+
+def _int(env: Mapping[str, str], name: str, problems: list[str],
+         default: int | None = None) -> int | None:
+    value = env.get(name, "")
+    if value == "":
+        return default
+    try:
+        return int(value, 10)
+    except ValueError:
+        problems.append(f"{name}={value!r} is not a whole number")
+        return default
+
+
+def _api_version(env: Mapping[str, str]) -> int:
+    raw = env.get("OS_API_VERSION", "")
+    if raw == "":
+        return 5
+    try:
+        version = int(raw)
+    except ValueError:
+        version = -1
+    if version not in API_VERSIONS:
+        raise ConfigError(
+            f"OS_API_VERSION={raw!r} is not supported: this OS definition "
+            f"speaks Ganeti OS API versions "
+            f"{', '.join(str(v) for v in API_VERSIONS)} (see "
+            f"ganeti_api_version). Upgrade the OS definition or Ganeti.")
+    return version
+
+
+def _prefixed(env: Mapping[str, str], prefix: str, lower: bool) -> dict[str, str]:
+    out = {}
+    for key, value in env.items():
+        if key.startswith(prefix) and len(key) > len(prefix):
+            name = key[len(prefix):]
+            out[name.lower() if lower else name] = value
+    return out
+
+
+def _disks(env: Mapping[str, str], problems: list[str]) -> tuple[Disk, ...]:
+    count = _int(env, "DISK_COUNT", problems, 0) or 0
+    disks = []
+    for n in range(count):
+        disks.append(Disk(
+            index=n, path=env.get(f"DISK_{n}_PATH", ""),
+            uri=env.get(f"DISK_{n}_URI", ""),
+            size_mib=_int(env, f"DISK_{n}_SIZE", problems),
+            access=env.get(f"DISK_{n}_ACCESS", "rw")))
+    return tuple(disks)
+
+
+def _nics(env: Mapping[str, str], problems: list[str]) -> tuple[Nic, ...]:
+    count = _int(env, "NIC_COUNT", problems, 0) or 0
+    nics = []
+    for n in range(count):
+        def var(suffix: str) -> str:
+            return env.get(f"NIC_{n}_{suffix}", "")
+        nics.append(Nic(
+            index=n, mac=var("MAC"), ip=var("IP"), mode=var("MODE"),
+            link=var("LINK") or var("BRIDGE"), name=var("NAME"),
+            network_name=var("NETWORK_NAME"), subnet=var("NETWORK_SUBNET"),
+            gateway=var("NETWORK_GATEWAY"), subnet6=var("NETWORK_SUBNET6"),
+            gateway6=var("NETWORK_GATEWAY6")))
+    return tuple(nics)
+
+
+def _check_name(label: str, name: str, problems: list[str]) -> None:
+    why = hostname_problem(name)
+    if why:
+        problems.append(f"{label}={name!r} is not a valid host name: {why}")
+
+
+def _parse_api5(script: str, argv: Sequence[str],
+                env: Mapping[str, str]) -> Request:
+    try:
+        opts, rest = getopt.getopt(list(argv), "i:n:b:s:o:h", ["help"])
+    except getopt.GetoptError as exc:
+        raise UsageError(f"{exc}.\n{usage(script)}") from None
+    values = {}
+    for opt, val in opts:
+        if opt in ("-h", "--help"):
+            raise UsageError(usage(script))
+        values["-i" if opt == "-n" else opt] = val
+    if rest:
+        raise UsageError(f"Unexpected arguments {rest!r}.\n{usage(script)}")
+    needed = ["-i", "-b"]
+    if script != "export":
+        needed.append("-s")
+    if script == "rename":
+        needed.append("-o")
+    missing = [o for o in needed if not values.get(o)]
+    if missing:
+        raise UsageError(f"Missing option(s) {' '.join(missing)} (Ganeti OS API "
+                         f"5, OS_API_VERSION unset).\n{usage(script)}")
+    problems: list[str] = []
+    _check_name("-i", values["-i"], problems)
+    if script == "rename":
+        _check_name("-o", values["-o"], problems)
+    if problems:
+        raise ConfigError("Invalid arguments from Ganeti:\n  " + "\n  ".join(problems))
+    return Request(script=script, api_version=5, instance_name=values["-i"],
+                   old_instance_name=values.get("-o", ""),
+                   debug=env.get("DEBUG_LEVEL", "0") not in ("", "0"),
+                   disks=(Disk(0, values["-b"]),), disk_path=values["-b"],
+                   swap_device=values.get("-s", ""),
+                   ganeti_env=_ganeti_env(env))
+
+
+def _ganeti_env(env: Mapping[str, str]) -> dict[str, str]:
+    """Ganeti's variables as given (everything but the few we must not pass)."""
+    return {k: v for k, v in env.items() if k not in ("PWD", "OLDPWD", "SHLVL", "_")}
+
+
+def parse(script: str, argv: Sequence[str], env: Mapping[str, str]) -> Request:
+    """Parse one call of ``script``; raises UsageError or ConfigError."""
+    if any(a in ("-h", "--help") for a in argv):
+        raise UsageError(usage(script))
+    api = _api_version(env)
+    if script == "verify":
+        return _parse_verify(argv, env, api)
+    if api == 5:
+        return _parse_api5(script, argv, env)
+    if argv:
+        raise UsageError(f"Unexpected arguments {list(argv)!r}: with "
+                         f"OS_API_VERSION={api} everything comes from the "
+                         f"environment.\n{usage(script)}")
+    problems: list[str] = []
+    missing: list[str] = []
+    disks = _disks(env, problems)
+    nics = _nics(env, problems)
+    name = env.get("INSTANCE_NAME", "")
+    if not name:
+        missing.append("INSTANCE_NAME")
+    else:
+        _check_name("INSTANCE_NAME", name, problems)
+    old_name = ""
+    disk_path = ""
+    disk_index = 0
+    exp_size_fd = None
+    if script in ("create", "rename"):
+        if env.get("DISK_COUNT", "") == "":
+            missing.append("DISK_COUNT")
+        elif not disks:
+            problems.append("DISK_COUNT=0: the instance needs at least one disk "
+                            "for its root filesystem")
+        if disks:
+            disk_path = disks[0].path
+            if not disk_path:
+                if disks[0].uri:
+                    problems.append(
+                        f"disk 0 is only reachable by URI ({disks[0].uri!r}); "
+                        f"this OS definition needs a block device or file "
+                        f"(DISK_0_PATH): use a disk template with kernel access")
+                else:
+                    missing.append("DISK_0_PATH")
+    if script == "rename":
+        old_name = env.get("OLD_INSTANCE_NAME", "")
+        if not old_name:
+            missing.append("OLD_INSTANCE_NAME")
+        else:
+            _check_name("OLD_INSTANCE_NAME", old_name, problems)
+    if script in ("import", "export"):
+        prefix = script.upper()
+        disk_index = _int(env, f"{prefix}_INDEX", problems, 0) or 0
+        disk_path = (env.get(f"{prefix}_DISK_PATH") or env.get(f"{prefix}_DEVICE")
+                     or "")
+        if not disk_path:
+            missing.append(f"{prefix}_DISK_PATH (or {prefix}_DEVICE)")
+    if script == "export":
+        exp_size_fd = _int(env, "EXP_SIZE_FD", problems)
+    if missing or problems:
+        lines = []
+        if missing:
+            lines.append("Missing variable(s) from Ganeti: " + ", ".join(missing) + ".")
+        lines.extend(p + "." for p in problems)
+        lines.append(f"The {script} script expects to be run by Ganeti "
+                     f"(OS API {api}); if you run it by hand, set these "
+                     f"variables as ganeti-os-interface(7) describes.")
+        raise ConfigError("\n".join(lines))
+    return Request(
+        script=script, api_version=api, instance_name=name,
+        old_instance_name=old_name, os_variant=env.get("OS_VARIANT", ""),
+        debug=env.get("DEBUG_LEVEL", "0") not in ("", "0"),
+        hypervisor=env.get("HYPERVISOR", ""), disks=disks, nics=nics,
+        disk_path=disk_path, disk_index=disk_index,
+        reinstall=env.get("INSTANCE_REINSTALL", "") == "1",
+        hv_params=_prefixed(env, "INSTANCE_HV_", lower=False),
+        be_params=_prefixed(env, "INSTANCE_BE_", lower=False),
+        os_params=_prefixed(env, "OSP_", lower=True),
+        exp_size_fd=exp_size_fd, ganeti_env=_ganeti_env(env))
+
+
+def _parse_verify(argv: Sequence[str], env: Mapping[str, str], api: int) -> Request:
+    from .osparams import KNOWN_CHECKS
+    if not argv:
+        raise UsageError(f"verify needs the checks to run as arguments.\n{usage('verify')}")
+    unknown = [a for a in argv if a not in KNOWN_CHECKS]
+    if unknown:
+        raise UsageError(
+            f"Unknown verify check(s): {', '.join(repr(a) for a in unknown)}; "
+            f"this OS definition knows: {', '.join(KNOWN_CHECKS)}.\n{usage('verify')}")
+    return Request(script="verify", api_version=api,
+                   os_variant=env.get("OS_VARIANT", ""),
+                   debug=env.get("DEBUG_LEVEL", "0") not in ("", "0"),
+                   os_params=_prefixed(env, "OSP_", lower=True),
+                   verify_checks=tuple(argv), ganeti_env=_ganeti_env(env))

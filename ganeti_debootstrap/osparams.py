@@ -1,0 +1,69 @@
+"""The OS parameters this definition declares (parameters.list) and their checks.
+
+Ganeti passes each as ``OSP_<NAME>``; ``verify parameters`` runs before every
+add, reinstall, import and ``gnt-instance modify -O``, so a bad value is
+refused before any disk is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+KNOWN_CHECKS = ("parameters",)
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One declared OS parameter with its accepted values."""
+
+    name: str
+    description: str
+    choices: tuple[str, ...]
+    default: str
+
+
+PARAMETERS: tuple[Parameter, ...] = (
+    Parameter("filesystem", "Root filesystem type: ext4 (default), ext3 or ext2",
+              ("ext4", "ext3", "ext2"), "ext4"),
+)
+
+
+@dataclass(frozen=True)
+class OSParams:
+    """The validated OS parameters of one instance."""
+
+    filesystem: str = "ext4"
+
+
+def parameters_list() -> str:
+    """The text of parameters.list: one ``name description`` a line."""
+    return "".join(f"{p.name} {p.description}\n" for p in PARAMETERS)
+
+
+def validate(raw: Mapping[str, str]) -> OSParams:
+    """Check every OSP_* value; one error lists every problem and the choices."""
+    problems = []
+    known = {p.name: p for p in PARAMETERS}
+    values = {}
+    for name, value in sorted(raw.items()):
+        param = known.get(name)
+        if param is None:
+            problems.append(
+                f"OS parameter {name!r} (OSP_{name.upper()}) is not one this OS "
+                f"definition declares; known: {', '.join(sorted(known))}")
+            continue
+        if value == "":
+            values[name] = param.default
+        elif value not in param.choices:
+            problems.append(
+                f"OS parameter {name}={value!r} is not accepted; choose one of "
+                f"{', '.join(param.choices)} (e.g. gnt-instance modify -O "
+                f"{name}={param.default} INSTANCE)")
+        else:
+            values[name] = value
+    if problems:
+        raise ConfigError("Invalid OS parameters:\n  " + "\n  ".join(problems))
+    return OSParams(**values)

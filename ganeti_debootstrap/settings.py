@@ -1,0 +1,265 @@
+"""The administrator's settings: the defaults file, then the variant file.
+
+Both are shell fragments, and sites write them as such (``EXTRA_PKGS=
+"$EXTRA_PKGS,openssh-server"`` in a variant is common), so they are read by
+a real POSIX shell in a clean environment, exactly as the shell edition
+sourced them, and the known variables are collected from it. Python then
+validates each value and names the file and setting in every error.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import ConfigError
+from .names import (is_arch_name, is_component_name, is_package_name,
+                    is_suite_name, is_variant_name)
+from .paths import Paths
+
+# A current Debian release that the debootstrap in bookworm and later knows.
+DEFAULT_SUITE = "trixie"
+
+SHELL = "/bin/sh"
+
+# Every setting the shell edition knew, plus ours; only these are collected.
+NAMES = ("PROXY", "MIRROR", "ARCH", "SUITE", "EXTRA_PKGS", "COMPONENTS",
+         "CUSTOMIZE_DIR", "VARIANTS_DIR", "GENERATE_CACHE", "CLEAN_CACHE",
+         "PARTITION_STYLE", "PARTITION_ALIGNMENT", "BOOTSTRAP_TOOL")
+
+PARTITION_STYLES = ("none", "msdos", "gpt")
+BOOTSTRAP_TOOLS = ("auto", "debootstrap", "mmdebstrap")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings for one run."""
+
+    suite: str = DEFAULT_SUITE
+    arch: str = ""  # empty: the node's architecture
+    mirror: str = ""  # empty: debootstrap's own default
+    proxy: str = ""
+    components: tuple[str, ...] = ()
+    extra_pkgs: tuple[str, ...] = ()
+    customize_dir: str = ""
+    variants_dir: str = ""
+    generate_cache: bool = True
+    clean_cache_days: int | None = 14
+    partition_style: str = "msdos"
+    partition_alignment: int = 2048
+    bootstrap_tool: str = "auto"
+    variant: str = ""
+    # The files the values came from, for messages.
+    sources: tuple[str, ...] = ()
+
+
+def _shell_defaults(paths: Paths) -> str:
+    """Shell lines giving unset settings the shell edition's defaults.
+
+    Applied after the defaults file and before the variant file, as the
+    shell edition did, so a variant's ``$EXTRA_PKGS`` sees them.
+    """
+    hooks = _sh_quote(paths.default_hooks_dir)
+    variants = _sh_quote(paths.default_variants_dir)
+    # Unquoted on purpose: inside double quotes the single quotes that
+    # protect the paths would become part of the value.
+    return (f": ${{SUITE:={DEFAULT_SUITE}}}\n"
+            f": ${{CUSTOMIZE_DIR:={hooks}}}\n"
+            f": ${{VARIANTS_DIR:={variants}}}\n"
+            ": ${GENERATE_CACHE:=yes}\n"
+            ": ${CLEAN_CACHE=14}\n"
+            ": ${PARTITION_ALIGNMENT:=2048}\n")
+
+
+def _sh_quote(value: str) -> str:
+    return "'" + value.replace("'", "'\\''") + "'"
+
+
+def read_shell_files(files: list[str], paths: Paths) -> dict[str, str]:
+    """Source ``files`` in order in a clean /bin/sh and return the settings.
+
+    The first file gets the built-in defaults applied after it. A file that
+    does not exist is skipped (the shell edition did the same for the
+    defaults file). Unset settings are absent from the result.
+    """
+    printer = "".join(
+        f'if [ "${{{n}+set}}" = set ]; then printf "%s\\0%s\\0" {n} "${n}"; fi\n'
+        for n in NAMES)
+    script = ('set -e\n'
+              'for f do\n'
+              '  if [ -f "$f" ]; then . "$f"; fi\n'
+              '  if [ -z "$__defaults_done" ]; then\n'
+              f'{_shell_defaults(paths)}'
+              '    __defaults_done=1\n'
+              '  fi\n'
+              'done\n'
+              'exec 1>&3\n'
+              f'{printer}')
+    # The files' own output must not be mistaken for values: it goes to
+    # stderr, and the values are printed on fd 3 once every file is read.
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+    read_fd, write_fd = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [SHELL, "-c", script.replace("exec 1>&3", f"exec 1>&{write_fd}"),
+             "settings", *files],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, env=env, pass_fds=(write_fd,))
+        os.close(write_fd)
+        write_fd = -1
+        with os.fdopen(read_fd, "rb") as pipe:
+            read_fd = -1
+            data = pipe.read()
+        _, err = proc.communicate()
+    finally:
+        for fd in (read_fd, write_fd):
+            if fd >= 0:
+                os.close(fd)
+    if proc.returncode != 0:
+        shown = " and ".join(f for f in files if os.path.exists(f))
+        raise ConfigError(
+            f"Reading the settings in {shown} with {SHELL} failed "
+            f"(exit status {proc.returncode}):\n  "
+            + "\n  ".join(err.decode("utf-8", "replace").strip().splitlines()[-5:])
+            + "\nFix the shell syntax there; the file is sourced as shell, as "
+              "the shell edition did.")
+    fields = data.split(b"\0")
+    values = {}
+    for i in range(0, len(fields) - 1, 2):
+        values[fields[i].decode()] = fields[i + 1].decode("utf-8", "replace")
+    return values
+
+
+def read_variants_list(path: str) -> list[str]:
+    """The published variants: one a line, blank and ``#`` lines ignored."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def variant_file(paths: Paths, variant: str, variants_dir: str) -> str:
+    """The configuration file of ``variant``, refusing unsafe or unknown ones.
+
+    An empty variant (API 10, or Ganeti passing none) is the first published
+    variant, as Ganeti itself would choose.
+    """
+    published = read_variants_list(paths.variants_list)
+    if not variant:
+        if not published:
+            return ""
+        variant = published[0]
+    if not is_variant_name(variant):
+        raise ConfigError(
+            f"OS variant {variant!r} is not a plain name (letters, digits, '_', "
+            f"'-', '+'; no slashes or leading dot). Use one of the variants "
+            f"listed in {paths.variants_list}: {', '.join(published) or 'none'}.")
+    conf = os.path.join(variants_dir, variant + ".conf")
+    if os.path.isfile(conf):
+        return conf
+    if variant in published:
+        raise ConfigError(
+            f"Configuration error: the variant {variant!r} is published in "
+            f"{paths.variants_list} but its settings file {conf} is missing. "
+            f"Create {conf} (it may be empty to use the defaults) or remove "
+            f"{variant!r} from variants.list.")
+    raise ConfigError(
+        f"The OS variant {variant!r} is not supported: it is neither listed in "
+        f"{paths.variants_list} nor configured in {variants_dir}. Use one of: "
+        f"{', '.join(published) or 'none'}; to add it, create {conf} and list "
+        f"it in variants.list.")
+
+
+def load(paths: Paths, variant: str, api_version: int) -> Settings:
+    """Read and validate the settings for ``variant`` (may be empty)."""
+    base = read_shell_files([paths.defaults_file], paths)
+    variants_dir = base.get("VARIANTS_DIR") or paths.default_variants_dir
+    conf = variant_file(paths, variant, variants_dir)
+    files = [paths.defaults_file] + ([conf] if conf else [])
+    raw = read_shell_files(files, paths) if conf else base
+    chosen = os.path.basename(conf)[:-len(".conf")] if conf else ""
+    return validate(raw, files, api_version, chosen)
+
+
+def _where(name: str, files: list[str]) -> str:
+    return f"{name} (set in {' or '.join(files)})"
+
+
+def _list(value: str) -> tuple[str, ...]:
+    """A comma (or space) separated list, empty items dropped."""
+    return tuple(p for p in value.replace(" ", ",").split(",") if p)
+
+
+def validate(raw: Mapping[str, str], files: list[str], api_version: int,
+             variant: str = "") -> Settings:
+    """Check every value; one error names each bad setting and the file."""
+    problems: list[str] = []
+
+    def bad(name: str, why: str) -> None:
+        problems.append(f"{_where(name, files)}: {why}")
+
+    suite = raw.get("SUITE", "") or DEFAULT_SUITE
+    if not is_suite_name(suite):
+        bad("SUITE", f"{suite!r} is not a release name such as trixie or stable")
+    arch = raw.get("ARCH", "")
+    if arch and not is_arch_name(arch):
+        bad("ARCH", f"{arch!r} is not a dpkg architecture name such as amd64 "
+                    f"or i386 (empty: the node's)")
+    mirror = raw.get("MIRROR", "")
+    if mirror and not mirror.startswith(("http://", "https://", "ftp://", "file:/")):
+        bad("MIRROR", f"{mirror!r} is not an http://, https://, ftp:// or file:/ "
+                      f"URL (empty: debootstrap's default mirror)")
+    proxy = raw.get("PROXY", "")
+    if proxy and not proxy.startswith(("http://", "https://")):
+        bad("PROXY", f"{proxy!r} is not an http:// or https:// proxy URL")
+    components = _list(raw.get("COMPONENTS", ""))
+    for comp in components:
+        if not is_component_name(comp):
+            bad("COMPONENTS", f"{comp!r} is not an archive component such as main")
+    extra = _list(raw.get("EXTRA_PKGS", ""))
+    for pkg in extra:
+        if not is_package_name(pkg):
+            bad("EXTRA_PKGS", f"{pkg!r} is not a Debian package name")
+    gen = raw.get("GENERATE_CACHE", "yes") or "yes"
+    if gen not in ("yes", "no"):
+        bad("GENERATE_CACHE", f"{gen!r} must be yes or no")
+    clean_raw = raw.get("CLEAN_CACHE", "14")
+    clean: int | None = None
+    if clean_raw != "":
+        if clean_raw.isdigit():
+            clean = int(clean_raw)
+        else:
+            bad("CLEAN_CACHE", f"{clean_raw!r} must be a number of days, or "
+                               f"empty to never drop a cache")
+    style = raw.get("PARTITION_STYLE", "") or ("none" if api_version == 5 else "msdos")
+    if style not in PARTITION_STYLES:
+        bad("PARTITION_STYLE", f"{style!r} must be one of "
+                               f"{', '.join(PARTITION_STYLES)}")
+    align_raw = raw.get("PARTITION_ALIGNMENT", "2048") or "2048"
+    align = 2048
+    if align_raw.isdigit() and int(align_raw) > 0:
+        align = int(align_raw)
+    else:
+        bad("PARTITION_ALIGNMENT", f"{align_raw!r} must be a positive whole "
+                                   f"number of 512-byte sectors (2048 = 1 MiB)")
+    tool = raw.get("BOOTSTRAP_TOOL", "auto") or "auto"
+    if tool not in BOOTSTRAP_TOOLS:
+        bad("BOOTSTRAP_TOOL", f"{tool!r} must be one of {', '.join(BOOTSTRAP_TOOLS)}")
+    for name in ("CUSTOMIZE_DIR", "VARIANTS_DIR"):
+        value = raw.get(name, "")
+        if value and not value.startswith("/"):
+            bad(name, f"{value!r} must be an absolute path")
+    if problems:
+        raise ConfigError("Invalid settings:\n  " + "\n  ".join(problems))
+    return Settings(
+        suite=suite, arch=arch, mirror=mirror, proxy=proxy,
+        components=components, extra_pkgs=extra,
+        customize_dir=raw.get("CUSTOMIZE_DIR", ""),
+        variants_dir=raw.get("VARIANTS_DIR", ""),
+        generate_cache=gen == "yes", clean_cache_days=clean,
+        partition_style=style, partition_alignment=align,
+        bootstrap_tool=tool, variant=variant, sources=tuple(files))
