@@ -1,0 +1,23 @@
+"""Shared test setup: the package is imported from the source tree."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from ganeti_debootstrap import runner  # noqa: E402
+from tests.fakes import FakeRunner  # noqa: E402
+
+
+@pytest.fixture
+def fake_runner():
+    """A FakeRunner installed in place of the real one for this test."""
+    fake = FakeRunner()
+    with runner.replaced(fake):
+        yield fake
