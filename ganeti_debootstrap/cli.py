@@ -25,13 +25,14 @@ ACTIONS = {
 logger = logging.getLogger("ganeti_debootstrap")
 
 
-def main(script: str, common: object, argv: Sequence[str] | None = None,
+def main(script: str, common: object, script_file: str,
+         argv: Sequence[str] | None = None,
          environ: Mapping[str, str] | None = None,
          paths: Paths | None = None) -> int:
     """Run ``script`` as Ganeti asked; return the exit status.
 
-    ``common`` is the configure-generated module; ``paths`` overrides the
-    paths derived from it (tests).
+    ``common`` is the configure-generated module and ``script_file`` the
+    entry point's ``__file__``; ``paths`` overrides both (tests).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     env = os.environ if environ is None else environ
@@ -39,7 +40,7 @@ def main(script: str, common: object, argv: Sequence[str] | None = None,
     log.setup(debug)
     signals.install()
     if paths is None:
-        paths = from_common(common, sys.argv[0])
+        paths = from_common(common, script_file)
     try:
         request = environment.parse(script, argv, env)
         module = importlib.import_module(f"ganeti_debootstrap.{ACTIONS[script]}")
