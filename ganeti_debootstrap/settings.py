@@ -87,7 +87,11 @@ def read_shell_files(files: list[str], paths: Paths) -> dict[str, str]:
     printer = "".join(
         f'if [ "${{{n}+set}}" = set ]; then printf "%s\\0%s\\0" {n} "${n}"; fi\n'
         for n in NAMES)
-    script = ('set -e\n'
+    # The files' own output must not be mistaken for values: while they are
+    # sourced, stdout points at stderr; the values are printed afterwards on
+    # the real stdout, saved as fd 3.
+    script = ('exec 3>&1 1>&2\n'
+              'set -e\n'
               'for f do\n'
               '  if [ -f "$f" ]; then . "$f"; fi\n'
               '  if [ -z "$__defaults_done" ]; then\n'
@@ -95,28 +99,12 @@ def read_shell_files(files: list[str], paths: Paths) -> dict[str, str]:
               '    __defaults_done=1\n'
               '  fi\n'
               'done\n'
-              'exec 1>&3\n'
+              'exec 1>&3 3>&-\n'
               f'{printer}')
-    # The files' own output must not be mistaken for values: it goes to
-    # stderr, and the values are printed on fd 3 once every file is read.
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
-    read_fd, write_fd = os.pipe()
-    try:
-        proc = subprocess.Popen(
-            [SHELL, "-c", script.replace("exec 1>&3", f"exec 1>&{write_fd}"),
-             "settings", *files],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, env=env, pass_fds=(write_fd,))
-        os.close(write_fd)
-        write_fd = -1
-        with os.fdopen(read_fd, "rb") as pipe:
-            read_fd = -1
-            data = pipe.read()
-        _, err = proc.communicate()
-    finally:
-        for fd in (read_fd, write_fd):
-            if fd >= 0:
-                os.close(fd)
+    proc = subprocess.run([SHELL, "-c", script, "settings", *files],
+                          stdin=subprocess.DEVNULL, capture_output=True, env=env)
+    data, err = proc.stdout, proc.stderr
     if proc.returncode != 0:
         shown = " and ".join(f for f in files if os.path.exists(f))
         raise ConfigError(

@@ -1,0 +1,149 @@
+"""Settings and variants are read as the shell edition read them: with /bin/sh."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ganeti_debootstrap import settings
+from ganeti_debootstrap.errors import ConfigError
+from ganeti_debootstrap.paths import Paths
+
+
+@pytest.fixture
+def tree(tmp_path):
+    paths = Paths(str(tmp_path / "etc"), str(tmp_path / "var"), str(tmp_path / "os"))
+    os.makedirs(os.path.dirname(paths.defaults_file))
+    os.makedirs(paths.default_variants_dir)
+    os.makedirs(paths.os_dir)
+    with open(paths.variants_list, "w") as f:
+        f.write("# published variants\n\ndefault\n")
+    open(os.path.join(paths.default_variants_dir, "default.conf"), "w").close()
+    return paths
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def test_missing_defaults_file_gives_built_in_defaults(tree):
+    s = settings.load(tree, "", 20)
+    assert s.suite == settings.DEFAULT_SUITE
+    assert s.partition_style == "msdos" and s.partition_alignment == 2048
+    assert s.generate_cache and s.clean_cache_days == 14
+    assert s.customize_dir == tree.default_hooks_dir
+    assert s.variant == "default"
+
+
+def test_api5_defaults_to_no_partition_table(tree):
+    assert settings.load(tree, "", 5).partition_style == "none"
+
+
+def test_variant_appends_to_defaults_with_shell_expansion(tree):
+    write(tree.defaults_file, 'EXTRA_PKGS="vim,less"\n')
+    write(os.path.join(tree.default_variants_dir, "ssh.conf"),
+          'EXTRA_PKGS="$EXTRA_PKGS,openssh-server"\nSUITE=bookworm\n')
+    write(tree.variants_list, "default\nssh\n")
+    s = settings.load(tree, "ssh", 20)
+    assert s.extra_pkgs == ("vim", "less", "openssh-server")
+    assert s.suite == "bookworm"
+    assert s.variant == "ssh"
+
+
+def test_variant_sees_built_in_defaults_like_the_shell_edition(tree):
+    write(os.path.join(tree.default_variants_dir, "default.conf"),
+          'SUITE="$SUITE-backports-not-really"\n')
+    assert settings.load(tree, "default", 20).suite == settings.DEFAULT_SUITE + "-backports-not-really"
+
+
+def test_variants_dir_from_defaults_file_is_used(tree, tmp_path):
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    write(str(other / "default.conf"), "SUITE=bookworm\n")
+    write(tree.defaults_file, f'VARIANTS_DIR="{other}"\n')
+    assert settings.load(tree, "default", 20).suite == "bookworm"
+
+
+def test_empty_clean_cache_means_never(tree):
+    write(tree.defaults_file, 'CLEAN_CACHE=""\n')
+    assert settings.load(tree, "", 20).clean_cache_days is None
+
+
+def test_file_output_does_not_become_a_value(tree):
+    write(tree.defaults_file, 'echo SUITE; printf "SUITE\\0x\\0"\nSUITE=bookworm\n')
+    assert settings.load(tree, "", 20).suite == "bookworm"
+
+
+def test_node_environment_does_not_leak_into_settings(tree, monkeypatch):
+    monkeypatch.setenv("SUITE", "sid")
+    monkeypatch.setenv("MIRROR", "http://leak.invalid/")
+    s = settings.load(tree, "", 20)
+    assert s.suite == settings.DEFAULT_SUITE and s.mirror == ""
+
+
+def test_syntax_error_names_the_file_and_line(tree):
+    write(tree.defaults_file, 'SUITE=bookworm\nif then\n')
+    with pytest.raises(ConfigError) as err:
+        settings.load(tree, "", 20)
+    assert tree.defaults_file in str(err.value) and "2" in str(err.value)
+
+
+def test_published_variant_without_conf_is_a_configuration_error(tree):
+    write(tree.variants_list, "default\nghost\n")
+    with pytest.raises(ConfigError, match="published.*ghost.conf is missing"):
+        settings.load(tree, "ghost", 20)
+
+
+def test_unknown_variant_is_unsupported(tree):
+    with pytest.raises(ConfigError, match="'nope' is not supported"):
+        settings.load(tree, "nope", 20)
+
+
+def test_configured_but_unlisted_variant_is_accepted(tree):
+    write(os.path.join(tree.default_variants_dir, "extra.conf"), "SUITE=bookworm\n")
+    assert settings.load(tree, "extra", 20).suite == "bookworm"
+
+
+@pytest.mark.parametrize("name", ["../default", "a/b", ".hidden", "x y", "-x"])
+def test_variant_names_with_path_parts_are_refused(tree, name):
+    with pytest.raises(ConfigError, match="not a plain name"):
+        settings.load(tree, name, 20)
+
+
+@pytest.mark.parametrize("line, setting", [
+    ("PARTITION_STYLE=mbr", "PARTITION_STYLE"),
+    ("PARTITION_ALIGNMENT=0", "PARTITION_ALIGNMENT"),
+    ("PARTITION_ALIGNMENT=-8", "PARTITION_ALIGNMENT"),
+    ("PARTITION_ALIGNMENT=1MiB", "PARTITION_ALIGNMENT"),
+    ("GENERATE_CACHE=maybe", "GENERATE_CACHE"),
+    ("CLEAN_CACHE=soon", "CLEAN_CACHE"),
+    ("ARCH=AMD64", "ARCH"),
+    ("ARCH='amd64;rm'", "ARCH"),
+    ("SUITE='../../etc'", "SUITE"),
+    ("MIRROR=ftp.example.org/debian", "MIRROR"),
+    ("PROXY=proxy:3128", "PROXY"),
+    ("EXTRA_PKGS='vim,--foo'", "EXTRA_PKGS"),
+    ("COMPONENTS='main,../x'", "COMPONENTS"),
+    ("BOOTSTRAP_TOOL=cdebootstrap", "BOOTSTRAP_TOOL"),
+    ("CUSTOMIZE_DIR=hooks", "CUSTOMIZE_DIR"),
+])
+def test_bad_values_name_the_setting_and_file(tree, line, setting):
+    write(tree.defaults_file, line + "\n")
+    with pytest.raises(ConfigError) as err:
+        settings.load(tree, "", 20)
+    assert setting in str(err.value) and tree.defaults_file in str(err.value)
+
+
+def test_all_bad_values_are_reported_together(tree):
+    write(tree.defaults_file, "PARTITION_STYLE=mbr\nGENERATE_CACHE=maybe\n")
+    with pytest.raises(ConfigError) as err:
+        settings.load(tree, "", 20)
+    assert "PARTITION_STYLE" in str(err.value) and "GENERATE_CACHE" in str(err.value)
+
+
+def test_lists_drop_empty_items(tree):
+    write(tree.defaults_file, 'EXTRA_PKGS=",vim,,less,"\nCOMPONENTS="main contrib"\n')
+    s = settings.load(tree, "", 20)
+    assert s.extra_pkgs == ("vim", "less") and s.components == ("main", "contrib")
