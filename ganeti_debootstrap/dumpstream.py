@@ -1,0 +1,77 @@
+"""Watching a dump(8) stream on its way to restore(8), to know it is complete.
+
+restore exits 0 on a stream cut short ("End-of-input encountered"), leaving
+a half-restored tree, so import cannot trust its exit status alone. A
+complete stream ends with TS_END header records: 1 KiB records whose int32
+``c_type`` is 5, ``c_magic`` (the 7th word) is NFS_MAGIC and whose 256 words
+sum to CHECKSUM. The pump keeps the last record it passed on and checks it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+
+RECORD = 1024  # TP_BSIZE
+TS_END = 5
+NFS_MAGIC = 60012
+CHECKSUM = 84446
+_CHUNK = 1 << 20
+
+
+def is_end_record(record: bytes) -> bool:
+    """Whether ``record`` is a valid TS_END header, in either byte order."""
+    if len(record) != RECORD:
+        return False
+    for order in "<>":
+        words = struct.unpack(f"{order}256i", record)
+        if (words[0] == TS_END and words[6] == NFS_MAGIC
+                and sum(words) & 0xFFFFFFFF == CHECKSUM):
+            return True
+    return False
+
+
+class StreamPump:
+    """Copy a stream from one descriptor to another in a thread, checking its end.
+
+    ``total`` counts the bytes copied; ``complete`` tells, once the pump has
+    finished, whether the stream ended with a dump trailer; ``error`` holds
+    a write error (the reader stopped early) if any.
+    """
+
+    def __init__(self, source_fd: int, dest_fd: int) -> None:
+        self.source_fd = source_fd
+        self.dest_fd = dest_fd
+        self.total = 0
+        self.tail = b""
+        self.error: OSError | None = None
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    @property
+    def complete(self) -> bool:
+        return (self.total > 0 and self.total % RECORD == 0
+                and is_end_record(self.tail[-RECORD:]))
+
+    def _pump(self) -> None:
+        try:
+            while True:
+                chunk = os.read(self.source_fd, _CHUNK)
+                if not chunk:
+                    break
+                self.total += len(chunk)
+                self.tail = (self.tail + chunk)[-RECORD:]
+                view = memoryview(chunk)
+                while view:
+                    written = os.write(self.dest_fd, view)
+                    view = view[written:]
+        except OSError as exc:
+            self.error = exc
+        finally:
+            os.close(self.dest_fd)

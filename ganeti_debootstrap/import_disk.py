@@ -1,0 +1,76 @@
+"""``import``: restore a dump(8) stream from stdin onto a freshly formatted disk.
+
+Reads what export (or the shell edition's export) wrote: the disk is
+partitioned and formatted exactly as create would, the stream is restored
+into the new root, then the instance is adapted to its new disks
+(``/etc/fstab`` root and swap lines point at the new UUIDs, whatever form the
+old lines had) and gets a new machine identity, as create gives one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+
+from . import instance_disk, instance_files, log, mounts, osparams, runner, settings
+from .dumpstream import StreamPump
+from .environment import Request
+from .errors import DefinitionError
+from .paths import Paths
+from .target import Target
+
+logger = logging.getLogger(__name__)
+
+
+class ImportError_(DefinitionError):
+    """The backup stream could not be restored."""
+
+
+def restore_stream(target_dir: str, source_fd: int) -> int:
+    """Restore the dump stream read from ``source_fd`` into ``target_dir``.
+
+    Returns the stream's size; raises when the stream is not a complete dump.
+    """
+    read_fd, write_fd = os.pipe()
+    pump = StreamPump(source_fd, write_fd)
+    pump.start()
+    try:
+        with os.fdopen(read_fd, "rb") as pipe:
+            runner.run(["restore", "-r", "-y", "-f", "-"], stdin=pipe, cwd=target_dir,
+                       hint="The backup stream is damaged or is not a dump(8) "
+                            "stream; check the export it came from.")
+    finally:
+        pump.join()
+    if not pump.complete:
+        raise ImportError_(
+            f"The backup stream ended after {pump.total} bytes without dump's "
+            f"end-of-dump trailer: it is truncated or damaged, so the disk holds "
+            f"an incomplete system. Check the export (its size, the transfer) "
+            f"and import again.")
+    # restore -r leaves its bookkeeping in the root of what it restored.
+    symtable = os.path.join(target_dir, "restoresymtable")
+    if os.path.isfile(symtable):
+        os.unlink(symtable)
+    return pump.total
+
+
+def run(request: Request, paths: Paths) -> None:
+    """Format the imported disk as create would and restore stdin onto it."""
+    conf = settings.load(paths, request.os_variant, request.api_version)
+    params = osparams.validate(request.os_params)
+    arch = conf.arch or runner.output(["dpkg", "--print-architecture"])
+    with contextlib.ExitStack() as stack:
+        disk = instance_disk.format_disk(stack, request, conf, params.filesystem, arch)
+        target_dir = stack.enter_context(mounts.temporary_mountpoint())
+        stack.enter_context(mounts.mounted(disk.root_device, target_dir))
+        with log.phase("restore"):
+            size = restore_stream(target_dir, sys.stdin.fileno())
+            logger.info("restored %d bytes of dump stream", size)
+        target = Target(target_dir)
+        with log.phase("adapt instance"):
+            instance_files.rewrite_fstab(target, root=disk.root, swap=disk.swap)
+            instance_files.remove_persistent_net_rules(target)
+            instance_files.reset_identity(target)
+    logger.info("Instance %s imported onto %s", request.instance_name, request.disk_path)
