@@ -1,0 +1,308 @@
+"""Mounting the instance's root, unmounting everything below it, and the
+kernel filesystems (/proc, /sys, /dev, /dev/pts) that hooks need inside it.
+
+Hooks run in the instance and may mount things of their own inside the
+target (``/proc``, ``binfmt_misc``, a bind of the node's ``/dev``...). So
+releasing a mount means unmounting the whole tree below it, deepest first,
+as /proc/self/mountinfo shows it at that moment. A busy unmount is retried
+a few times and then reported with the processes holding it; there is no
+lazy unmount, which would hide the mount while keeping the loop device
+under it busy with nothing left to show why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from . import runner
+from .errors import CommandError, DiskError
+from .target import Target
+
+log = logging.getLogger(__name__)
+
+MOUNTINFO = "/proc/self/mountinfo"
+PROC = "/proc"
+
+# A busy unmount is usually a process that is about to exit (a hook's last
+# child, a blkid started by udev): retry with growing pauses, about 3 s in
+# all, before naming the processes that still hold it.
+UNMOUNT_DELAYS = (0.1, 0.2, 0.4, 0.8, 1.5)
+
+_sleep = time.sleep  # replaced by unit tests
+
+_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo (escapes already decoded)."""
+
+    mount_id: int
+    parent_id: int
+    major: int
+    minor: int
+    root: str
+    mount_point: str
+    fstype: str
+    source: str
+
+
+def unescape(field: str) -> str:
+    """Decode the octal escapes (``\\040`` for a space...) of a mountinfo field."""
+    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo(text: str) -> list[MountEntry]:
+    """The entries of a mountinfo text, in the kernel's order (parents first)."""
+    entries = []
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        # Optional fields ("shared:1"...) end with a lone "-"; after it come
+        # the filesystem type, the source and the superblock options.
+        sep = fields.index("-", 6)
+        major, minor = fields[2].split(":")
+        entries.append(MountEntry(
+            mount_id=int(fields[0]), parent_id=int(fields[1]),
+            major=int(major), minor=int(minor), root=unescape(fields[3]),
+            mount_point=unescape(fields[4]), fstype=unescape(fields[sep + 1]),
+            source=unescape(fields[sep + 2]) if len(fields) > sep + 2 else ""))
+    return entries
+
+
+def current_mounts() -> list[MountEntry]:
+    """The mounts this process sees now."""
+    with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
+        return parse_mountinfo(f.read())
+
+
+def _is_under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def mounts_under(top: str, entries: Sequence[MountEntry]) -> list[MountEntry]:
+    """The mounts at or below ``top`` in the order to unmount them.
+
+    Deepest path first; mounts stacked on the same path newest first (the
+    kernel lists mounts in the order they were made, and ``umount PATH``
+    removes the topmost one).
+    """
+    found = [(i, e) for i, e in enumerate(entries) if _is_under(e.mount_point, top)]
+    found.sort(key=lambda ie: (ie[1].mount_point.rstrip("/").count("/"), ie[0]),
+               reverse=True)
+    return [e for _, e in found]
+
+
+def is_mounted(path: str) -> bool:
+    """Whether something is mounted exactly at ``path``."""
+    path = os.path.realpath(path)
+    return any(e.mount_point == path for e in current_mounts())
+
+
+@contextlib.contextmanager
+def _failure_logged(what: str) -> Iterator[None]:
+    """Log an error of a cleanup step instead of raising it.
+
+    Used while another error is on its way up: that one is what the
+    administrator must see, not a consequence of it.
+    """
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - logged, the first error wins
+        log.error("%s also failed: %s", what, exc)
+
+
+def processes_using(path: str) -> list[tuple[int, str]]:
+    """Processes (pid, command name) with their root, cwd, executable, an open
+    file or a mapped file at or below ``path``."""
+    found = []
+    try:
+        pids = [name for name in os.listdir(PROC) if name.isdigit()]
+    except OSError:
+        return []
+    for pid in pids:
+        base = os.path.join(PROC, pid)
+        if any(_is_under(p, path) for p in _paths_held(base)):
+            found.append((int(pid), _command_name(base)))
+    return sorted(found)
+
+
+def _paths_held(base: str) -> Iterator[str]:
+    """Paths a process (its /proc directory) keeps open; gone ones are skipped."""
+    links = [os.path.join(base, name) for name in ("root", "cwd", "exe")]
+    try:
+        links += [os.path.join(base, "fd", fd) for fd in os.listdir(os.path.join(base, "fd"))]
+    except OSError:
+        pass
+    for link in links:
+        try:
+            yield os.readlink(link)
+        except OSError:
+            continue
+    try:
+        with open(os.path.join(base, "maps"), encoding="utf-8",
+                  errors="surrogateescape") as f:
+            for line in f:
+                # address perms offset dev inode [path]
+                parts = line.rstrip("\n").split(None, 5)
+                if len(parts) == 6 and parts[5].startswith("/"):
+                    yield parts[5]
+    except OSError:
+        pass
+
+
+def _command_name(base: str) -> str:
+    try:
+        with open(os.path.join(base, "comm"), encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def _describe_users(users: Iterable[tuple[int, str]]) -> str:
+    return ", ".join(f"{name} (pid {pid})" for pid, name in users)
+
+
+def unmount_tree(path: str) -> None:
+    """Unmount everything mounted at or below ``path``, deepest first.
+
+    Retries a busy unmount a few times; then raises DiskError naming the
+    processes that keep it busy. Nothing mounted there is not an error.
+    """
+    top = os.path.realpath(path)
+    pending = mounts_under(top, current_mounts())
+    # Only something mounting concurrently can make a tree need more
+    # successful unmounts than it had mounts; stop instead of looping.
+    allowed = len(pending) + 8
+    failures = 0
+    while pending:
+        mount_point = pending[0].mount_point
+        try:
+            runner.run(["umount", mount_point])
+        except CommandError as exc:
+            if failures == len(UNMOUNT_DELAYS):
+                raise _busy_error(mount_point, top, exc) from exc
+            _sleep(UNMOUNT_DELAYS[failures])
+            failures += 1
+        else:
+            failures = 0
+            allowed -= 1
+        pending = mounts_under(top, current_mounts())
+        if pending and allowed < 0:
+            raise DiskError(
+                f"{pending[0].mount_point} is mounted again each time it is "
+                f"unmounted; something keeps mounting below {top}. Stop it, "
+                f"then unmount by hand (umount -R {top}).")
+
+
+def _busy_error(mount_point: str, top: str, exc: CommandError) -> DiskError:
+    users = processes_using(top)
+    reason = (exc.stderr_tail.strip().splitlines()[-1].rstrip(".")
+              if exc.stderr_tail.strip() else f"exit status {exc.returncode}")
+    if users:
+        who = (f"It is in use by {_describe_users(users)}: stop these processes "
+               f"(a daemon a hook started inside the instance?)")
+    else:
+        who = (f"No process holds a file there (the kernel may: a loop device, "
+               f"swap file or bind mount inside it; see 'fuser -vm {mount_point}')")
+    return DiskError(
+        f"Cannot unmount {mount_point} ({reason}). {who}, then run "
+        f"'umount -R {top}' and detach the instance disk's loop devices "
+        f"(losetup -a) before retrying.")
+
+
+@contextlib.contextmanager
+def temporary_mountpoint(prefix: str = "ganeti-debootstrap.") -> Iterator[str]:
+    """A new empty directory to mount on, removed on exit."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield path
+    except BaseException:
+        with _failure_logged(f"removing the mount point {path}"):
+            os.rmdir(path)
+        raise
+    try:
+        os.rmdir(path)
+    except OSError as exc:
+        raise DiskError(f"Cannot remove the temporary mount point {path}: "
+                        f"{exc.strerror}. Unmount whatever is still mounted "
+                        f"there (umount -R {path}) and remove it.") from exc
+
+
+@contextlib.contextmanager
+def mounted(device: str, mount_point: str, fstype: str | None = None,
+            options: Sequence[str] = ()) -> Iterator[str]:
+    """Mount ``device`` on ``mount_point``; on exit unmount everything below it.
+
+    Yields the mount point. ``fstype`` None lets mount(8) probe the type.
+    """
+    if isinstance(options, str):
+        options = (options,)
+    args: list[str] = []
+    if fstype:
+        args += ["-t", fstype]
+    if options:
+        args += ["-o", ",".join(options)]
+    with _mounted_with(device, mount_point, args):
+        yield mount_point
+
+
+# What hooks expect inside the instance, in mounting order: (source, path
+# inside the instance, mount arguments). /dev is a bind of the node's so
+# that hooks see the instance's own loop device or partition mapping (and,
+# on nodes with udev, /dev/disk/by-*). It is made private: the node's /dev
+# is usually a shared mount, and without that the devpts mounted below it
+# would propagate onto the node's own /dev/pts. devpts is a new instance
+# (the default since Linux 4.7), so the instance's ptys are not the node's.
+_API_FILESYSTEMS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("proc", "/proc", ("-t", "proc", "-o", "nosuid,nodev,noexec")),
+    ("sysfs", "/sys", ("-t", "sysfs", "-o", "nosuid,nodev,noexec")),
+    ("/dev", "/dev", ("--bind", "--make-private")),
+    ("devpts", "/dev/pts", ("-t", "devpts", "-o", "newinstance,gid=5,mode=620,ptmxmode=666")),
+)
+
+
+@contextlib.contextmanager
+def api_filesystems(target: str) -> Iterator[None]:
+    """Mount /proc, /sys, /dev and /dev/pts inside ``target``; unmount on exit.
+
+    Whatever hooks mounted below these is unmounted too, deepest first.
+    """
+    inside = Target(target)
+    with contextlib.ExitStack() as stack:
+        for source, where, args in _API_FILESYSTEMS:
+            # Target.path: a symlink planted in the instance (dev -> /dev)
+            # must not make us mount over the node's own directories.
+            point = inside.path(where)
+            os.makedirs(point, mode=0o755, exist_ok=True)
+            stack.enter_context(_mounted_with(source, point, args))
+        yield
+
+
+@contextlib.contextmanager
+def _mounted_with(source: str, point: str, args: Sequence[str]) -> Iterator[None]:
+    """Run ``mount ARGS SOURCE POINT``; on exit unmount everything below POINT."""
+    try:
+        runner.run(["mount", *args, source, point])
+    except BaseException:
+        # A signal can arrive after the kernel mounted but before mount(8)
+        # returned: do not leave that half-made mount behind.
+        with _failure_logged(f"unmounting {point}"):
+            if is_mounted(point):
+                unmount_tree(point)
+        raise
+    try:
+        yield
+    except BaseException:
+        with _failure_logged(f"unmounting {point}"):
+            unmount_tree(point)
+        raise
+    unmount_tree(point)

@@ -1,0 +1,326 @@
+"""The instance disk's partition table, and a device for its root partition.
+
+Three styles: ``none`` (the filesystem on the whole disk), ``msdos`` (one
+bootable partition) and ``gpt`` (one root partition). The partition starts
+at PARTITION_ALIGNMENT (in 512-byte sectors) and runs to the end of the
+disk. Partition 1 is reached through kpartx where the node has
+device-mapper (the shell edition's way), else through a loop device over
+the partition's byte range.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from . import blockdev, filesystems, runner
+from .errors import CommandError, DiskError
+
+log = logging.getLogger(__name__)
+
+STYLES = ("none", "msdos", "gpt")
+
+# The root partition may be smaller than the disk minimum by the alignment
+# and the table: accept alignments up to 64 MiB on a minimum-size disk.
+MIN_PARTITION_MIB = blockdev.MIN_DISK_MIB - 64
+
+# GPT keeps a backup of its header (1 sector) and partition entries (128
+# entries of 128 bytes) at the end of the disk, and the primary copy after
+# the protective MBR: partition 1 must stay clear of both.
+_GPT_ENTRIES_BYTES = 128 * 128
+
+# An msdos entry holds 32-bit sector numbers.
+_MSDOS_MAX_SECTORS = 2**32 - 1
+
+# Discoverable Partitions Specification root partition types, by dpkg
+# architecture: systemd-gpt-auto-generator and friends find the root by
+# them. Other architectures get the generic "Linux filesystem" type.
+GPT_ROOT_TYPES = {
+    "amd64": "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
+    "i386": "44479540-F297-41B2-9AF7-D131D5F0458A",
+    "arm64": "B921B045-1DF0-41C3-AF44-4C6F280D3FAE",
+    "armhf": "69DAD710-2CE4-4E3C-B16C-21A1D49ABED3",
+    "armel": "69DAD710-2CE4-4E3C-B16C-21A1D49ABED3",
+    "ppc64el": "C31C45E6-3F39-412E-80FB-4809C4980599",
+    "riscv64": "72EC70A6-CF74-40E6-BD49-4BDA08E8F224",
+    "s390x": "5EEAD9A9-FE09-4A1E-A1D7-520D00531306",
+}
+GPT_LINUX_FILESYSTEM = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+MSDOS_LINUX = "83"
+
+DM_CONTROL = "/dev/mapper/control"
+MAPPER_DIR = "/dev/mapper"
+# kpartx names partition N of DEV "<name of DEV>-partN" with this separator.
+KPARTX_SEPARATOR = "-part"
+# Without udev the mapping's node can take a moment to appear.
+MAPPING_WAIT_SECONDS = 5.0
+
+_sleep = time.sleep  # replaced by unit tests
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the root filesystem lives on a disk.
+
+    ``style`` is "none", "msdos" or "gpt"; the root spans ``size_sectors``
+    sectors of ``sector_size`` bytes from ``start_sector`` (0 and the whole
+    disk for "none").
+    """
+
+    style: str
+    start_sector: int
+    size_sectors: int
+    sector_size: int = 512
+
+    @property
+    def offset_bytes(self) -> int:
+        return self.start_sector * self.sector_size
+
+    @property
+    def size_bytes(self) -> int:
+        return self.size_sectors * self.sector_size
+
+
+def _gpt_table_sectors(sector_size: int) -> int:
+    """Sectors one copy of a GPT (header and entries) takes."""
+    return 1 + -(-_GPT_ENTRIES_BYTES // sector_size)
+
+
+def gpt_root_type(arch: str) -> str:
+    """The GPT partition type GUID for a root filesystem of ``arch``."""
+    return GPT_ROOT_TYPES.get(arch, GPT_LINUX_FILESYSTEM)
+
+
+def plan(style: str, alignment_sectors: int, disk_size: int,
+         sector_size: int = 512) -> Layout:
+    """The layout write_table makes on a disk of ``disk_size`` bytes.
+
+    ``alignment_sectors`` counts 512-byte sectors, as PARTITION_ALIGNMENT
+    always has. Raises DiskError when the partition cannot fit.
+    """
+    if style not in STYLES:
+        raise ValueError(f"unknown partition style {style!r}")
+    total = disk_size // sector_size
+    if style == "none":
+        return Layout("none", 0, total, sector_size)
+    setting = f"PARTITION_ALIGNMENT={alignment_sectors}"
+    if (alignment_sectors * 512) % sector_size:
+        raise DiskError(
+            f"{setting} (512-byte sectors) is not a whole number of this "
+            f"disk's {sector_size}-byte sectors. Use a multiple of "
+            f"{sector_size // 512} (2048, one MiB, suits every disk).")
+    start = alignment_sectors * 512 // sector_size
+    if style == "gpt":
+        # After the protective MBR, before the backup copy at the end.
+        table = _gpt_table_sectors(sector_size)
+        first_usable, end_reserved = 1 + table, table
+    else:
+        first_usable, end_reserved = 1, 0
+    if start < first_usable:
+        raise DiskError(
+            f"{setting} puts the partition inside the {style} table itself "
+            f"(it needs the first {first_usable} sectors). Use 2048, the "
+            f"usual one MiB alignment.")
+    size = total - end_reserved - start
+    if style == "msdos" and start + size > _MSDOS_MAX_SECTORS:
+        limit = _MSDOS_MAX_SECTORS * sector_size // blockdev.MIB
+        raise DiskError(
+            f"The disk is {disk_size // blockdev.MIB} MiB, more than an msdos "
+            f"partition table can address ({limit} MiB). Set "
+            f"PARTITION_STYLE=gpt (or none) for disks this large.")
+    if size * sector_size < MIN_PARTITION_MIB * blockdev.MIB:
+        left = max(size, 0) * sector_size // blockdev.MIB
+        raise DiskError(
+            f"{setting} leaves {left} MiB for the root partition of this "
+            f"{disk_size // blockdev.MIB} MiB disk, but at least "
+            f"{MIN_PARTITION_MIB} MiB are needed. Lower PARTITION_ALIGNMENT "
+            f"(2048 sectors, one MiB, is usual) or grow the disk.")
+    return Layout(style, start, size, sector_size)
+
+
+def sfdisk_script(layout: Layout, arch: str = "") -> str:
+    """The sfdisk(8) input that creates ``layout`` (msdos or gpt)."""
+    if layout.style == "msdos":
+        return ("label: dos\nunit: sectors\n\n"
+                f"start={layout.start_sector}, size={layout.size_sectors}, "
+                f"type={MSDOS_LINUX}, bootable\n")
+    if layout.style == "gpt":
+        # sfdisk would otherwise put first-lba at its own 1 MiB grain and
+        # refuse a smaller alignment that GPT itself allows.
+        first_lba = 1 + _gpt_table_sectors(layout.sector_size)
+        return ("label: gpt\nunit: sectors\n"
+                f"first-lba: {first_lba}\n\n"
+                f"start={layout.start_sector}, size={layout.size_sectors}, "
+                f"type={gpt_root_type(arch)}\n")
+    raise ValueError(f"no partition table for style {layout.style!r}")
+
+
+def write_table(dev: str, style: str, alignment_sectors: int, disk_size: int,
+                arch: str = "") -> Layout:
+    """Write a new partition table (or, for "none", erase every old one).
+
+    One partition from ``alignment_sectors`` (512-byte sectors) to the end
+    of the disk: type 83 and bootable for msdos, the root type of the dpkg
+    architecture ``arch`` for gpt. Returns where the root filesystem goes.
+    """
+    layout = plan(style, alignment_sectors, disk_size,
+                  blockdev.logical_sector_size(dev))
+    # Erase every old signature first: a stale filesystem or GPT backup
+    # header left at the disk's start or end would make blkid (and the
+    # instance's boot) see two things at once. wipefs finds GPT's backup
+    # header too, which sfdisk's own wipe leaves.
+    runner.run(["wipefs", "--all", "--quiet", dev])
+    if style == "none":
+        return layout
+    # --no-reread --no-tell-kernel: the kernel's view is not used (see
+    # mapped_root), and asking for it makes sfdisk sync every filesystem
+    # of the node twice.
+    runner.run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", dev],
+               stdin=sfdisk_script(layout, arch).encode())
+    return layout
+
+
+def read_layout(dev: str) -> Layout:
+    """Where the root filesystem of an existing instance disk lives.
+
+    Partition 1 of an msdos or gpt table, or the whole disk ("none") when
+    it holds a filesystem directly. DiskError when it holds neither.
+    """
+    # Ask blkid first: sfdisk --json on a disk without a table fails with
+    # a message in the log that would mislead whoever reads it later.
+    if filesystems.partition_table_type(dev):
+        return _layout_from_json(dev, runner.output(["sfdisk", "--json", dev]))
+    if filesystems.fs_type(dev):
+        sector_size = blockdev.logical_sector_size(dev)
+        return Layout("none", 0, blockdev.size_bytes(dev) // sector_size, sector_size)
+    raise DiskError(
+        f"The disk {dev} holds neither a partition table nor a filesystem. It "
+        f"was not installed by this OS definition, or it is empty.")
+
+
+def _layout_from_json(dev: str, text: str) -> Layout:
+    try:
+        table = json.loads(text)["partitiontable"]
+        label = table["label"]
+        sector_size = int(table.get("sectorsize", 512))
+        parts = table.get("partitions", [])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DiskError(f"Cannot read the partition table of {dev}: sfdisk "
+                        f"--json printed something unexpected ({exc}).") from None
+    styles = {"dos": "msdos", "gpt": "gpt"}
+    if label not in styles:
+        raise DiskError(f"The disk {dev} has a {label} partition table; only "
+                        f"msdos and gpt tables (or none) are supported.")
+    if not parts:
+        raise DiskError(f"The partition table of {dev} has no partition; there "
+                        f"is no root filesystem to use.")
+    # The root is partition 1, which sfdisk lists first.
+    first = parts[0]
+    return Layout(styles[label], int(first["start"]), int(first["size"]), sector_size)
+
+
+def device_mapper_available() -> bool:
+    """Whether this node's kernel has device-mapper (so kpartx can work)."""
+    # Opening the control node is what libdevmapper does first; it fails
+    # with ENODEV when the driver is missing, and loads the module if the
+    # node exists but the module is not loaded yet.
+    try:
+        fd = os.open(DM_CONTROL, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+@contextlib.contextmanager
+def mapped_root(dev: str, layout: Layout, read_only: bool = False) -> Iterator[str]:
+    """A block device for the root filesystem of ``layout`` on ``dev``.
+
+    "none": ``dev`` itself. Otherwise a kpartx mapping of partition 1 on
+    nodes with device-mapper, else a loop device over its byte range;
+    released on exit.
+    """
+    # The kernel's own partition devices (/dev/sda1) are never used, even
+    # where they exist: the table was just written without telling the
+    # kernel, so its view may be stale, and Ganeti's disks (LVM, DRBD, loop)
+    # have none anyway. kpartx and the offset loop read the table as it is.
+    if layout.style == "none":
+        yield dev
+    elif device_mapper_available():
+        with _kpartx_mapping(dev, read_only) as part:
+            yield part
+    else:
+        with blockdev.loop_device(dev, offset=layout.offset_bytes,
+                                  size=layout.size_bytes, read_only=read_only) as part:
+            yield part
+
+
+def _kpartx_name(dev: str, listing: str) -> str:
+    """The mapping name kpartx gives partition 1, from ``kpartx -l``.
+
+    kpartx names mappings after the device-mapper name of a mapped device
+    (LVM: "vg-lv") and after the device node otherwise, so the name is
+    taken from kpartx itself rather than guessed.
+    """
+    suffix = f"{KPARTX_SEPARATOR}1"
+    for line in listing.splitlines():
+        name = line.split(" : ", 1)[0].strip()
+        if name.endswith(suffix):
+            return name
+    raise DiskError(f"kpartx finds no partition 1 on {dev} (it listed: "
+                    f"{listing.strip() or 'nothing'}); the partition table "
+                    f"is not what this OS definition writes.")
+
+
+@contextlib.contextmanager
+def _kpartx_mapping(dev: str, read_only: bool) -> Iterator[str]:
+    """Map partition 1 of ``dev`` with kpartx; remove the mappings on exit."""
+    sep = ["-p", KPARTX_SEPARATOR]
+    name = _kpartx_name(dev, runner.output(["kpartx", "-l", *sep, dev]))
+    add = ["kpartx", "-a", "-s", *(["-r"] if read_only else []), *sep, dev]
+    try:
+        # Inside the try: kpartx can fail after creating some mappings.
+        runner.run(add)
+        part = os.path.join(MAPPER_DIR, name)
+        _wait_for_node(part)
+        yield part
+    except BaseException:
+        with blockdev.failure_logged(f"removing the partition mappings of {dev}"):
+            _kpartx_delete(dev)
+        raise
+    _kpartx_delete(dev)
+
+
+def _wait_for_node(path: str) -> None:
+    """Wait until a mapping's device node exists (udev or libdevmapper makes it)."""
+    deadline = time.monotonic() + MAPPING_WAIT_SECONDS
+    while not os.path.exists(path):
+        if time.monotonic() >= deadline:
+            raise DiskError(f"kpartx reported success but {path} did not appear "
+                            f"within {MAPPING_WAIT_SECONDS:.0f} s. Check that udev "
+                            f"is running (udevadm settle) and 'dmsetup ls'.")
+        _sleep(0.05)
+
+
+def _kpartx_delete(dev: str) -> None:
+    """Remove the partition mappings of ``dev``, retrying while one is busy."""
+    argv = ["kpartx", "-d", "-p", KPARTX_SEPARATOR, dev]
+    failures = 0
+    while True:
+        try:
+            runner.run(argv)
+            return
+        except CommandError as exc:
+            if failures == len(blockdev.DETACH_DELAYS):
+                raise DiskError(
+                    f"Cannot remove the partition mappings of {dev}: still "
+                    f"busy. Release their user (mount; fuser -v "
+                    f"{MAPPER_DIR}/*), then run '{' '.join(argv)}'.") from exc
+            log.debug("mappings of %s busy, retrying", dev)
+            _sleep(blockdev.DETACH_DELAYS[failures])
+            failures += 1

@@ -1,0 +1,190 @@
+"""Disk checks and loop devices without root: fake runner, fake sysfs and mounts."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+from ganeti_debootstrap import blockdev, mounts
+from ganeti_debootstrap.errors import DiskError
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True)
+def fake_system(tmp_path, monkeypatch):
+    """Empty sysfs and mount table, and no real sleeping."""
+    sysfs = tmp_path / "sys"
+    (sysfs / "block").mkdir(parents=True)
+    (sysfs / "dev" / "block").mkdir(parents=True)
+    monkeypatch.setattr(blockdev, "SYS_BLOCK", str(sysfs / "block"))
+    monkeypatch.setattr(blockdev, "SYS_DEV_BLOCK", str(sysfs / "dev" / "block"))
+    monkeypatch.setattr(blockdev, "PROC_SWAPS", str(tmp_path / "swaps"))
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text("27 1 254:0 / / rw - ext4 /dev/vda rw\n")
+    monkeypatch.setattr(mounts, "MOUNTINFO", str(mountinfo))
+    slept: list[float] = []
+    monkeypatch.setattr(blockdev, "_sleep", slept.append)
+    return sysfs, mountinfo, slept
+
+
+@pytest.fixture
+def disk_file(tmp_path) -> str:
+    path = tmp_path / "disk.img"
+    path.write_bytes(b"")
+    os.truncate(path, 600 * MIB)
+    return str(path)
+
+
+def attach_loop(sysfs, name: str, devnum: str, backing: str) -> None:
+    """Make sysfs show loop device ``name`` attached to ``backing``."""
+    base = sysfs / "block" / name
+    (base / "loop").mkdir(parents=True)
+    (base / "loop" / "backing_file").write_text(backing + "\n")
+    (base / "dev").write_text(devnum + "\n")
+    (sysfs / "dev" / "block" / devnum).mkdir()
+
+
+def test_missing_disk_is_refused(tmp_path):
+    with pytest.raises(DiskError, match="does not exist.*activate-disks"):
+        blockdev.check_disk_usable(str(tmp_path / "missing"))
+
+
+def test_directory_is_refused(tmp_path):
+    with pytest.raises(DiskError, match="is a directory"):
+        blockdev.check_disk_usable(str(tmp_path))
+
+
+def test_character_device_is_refused():
+    with pytest.raises(DiskError, match="neither a block device nor a regular file"):
+        blockdev.check_disk_usable("/dev/null")
+
+
+def test_unused_disk_file_is_accepted(disk_file):
+    blockdev.check_disk_usable(disk_file)
+
+
+def test_disk_file_mounted_through_a_loop_device_is_refused(fake_system, disk_file):
+    sysfs, mountinfo, _ = fake_system
+    attach_loop(sysfs, "loop5", "7:5", disk_file)
+    with open(mountinfo, "a") as f:
+        f.write("40 27 7:5 / /mnt/old rw - ext4 /dev/loop5 rw\n")
+    with pytest.raises(DiskError, match="/dev/loop5 is mounted on /mnt/old"):
+        blockdev.check_disk_usable(disk_file)
+
+
+def test_disk_file_whose_partition_is_mounted_is_refused(fake_system, disk_file):
+    sysfs, mountinfo, _ = fake_system
+    attach_loop(sysfs, "loop5", "7:5", disk_file)
+    part = sysfs / "dev" / "block" / "7:5" / "loop5p1"
+    part.mkdir()
+    (part / "partition").write_text("1\n")
+    (part / "dev").write_text("259:3\n")
+    with open(mountinfo, "a") as f:
+        f.write("40 27 259:3 / /mnt/old rw - ext4 /dev/loop5p1 rw\n")
+    with pytest.raises(DiskError, match="in use: /dev/loop5p1 is mounted on /mnt/old"):
+        blockdev.check_disk_usable(disk_file)
+
+
+def test_disk_file_attached_but_unmounted_is_accepted(fake_system, disk_file):
+    sysfs, mountinfo, _ = fake_system
+    attach_loop(sysfs, "loop5", "7:5", disk_file)
+    blockdev.check_disk_usable(disk_file)
+
+
+def test_minimum_size_is_accepted_exactly():
+    blockdev.require_min_size(512 * MIB, 512)
+
+
+def test_small_disk_message_has_both_sizes():
+    with pytest.raises(DiskError) as err:
+        blockdev.require_min_size(511 * MIB + MIB // 2, 512)
+    assert "511.5 MiB" in str(err.value)
+    assert "at least 512 MiB" in str(err.value)
+
+
+def test_size_of_a_file_is_its_length(disk_file):
+    assert blockdev.size_bytes(disk_file) == 600 * MIB
+    assert blockdev.logical_sector_size(disk_file) == 512
+
+
+def test_file_disk_is_attached_to_a_loop_device_and_detached(fake_runner, disk_file):
+    fake_runner.expect("losetup", "--find", "--show", stdout="/dev/loop3\n")
+    fake_runner.expect("losetup", "--detach")
+    with blockdev.attached(disk_file) as dev:
+        assert dev == "/dev/loop3"
+        assert fake_runner.commands() == [f"losetup --find --show {disk_file}"]
+    assert fake_runner.commands()[1:] == ["losetup --detach /dev/loop3"]
+
+
+def test_read_only_attach_asks_for_a_read_only_loop(fake_runner, disk_file):
+    fake_runner.expect("losetup", "--find", "--show", stdout="/dev/loop3\n")
+    fake_runner.expect("losetup", "--detach")
+    with blockdev.attached(disk_file, read_only=True):
+        pass
+    assert fake_runner.commands()[0] == f"losetup --find --show --read-only {disk_file}"
+
+
+def test_block_device_is_used_as_it_is(fake_runner, monkeypatch):
+    monkeypatch.setattr(blockdev, "is_block_device", lambda path: True)
+    with blockdev.attached("/dev/xenvg/disk0") as dev:
+        assert dev == "/dev/xenvg/disk0"
+    assert fake_runner.calls == []
+
+
+def test_offset_loop_device_gets_offset_and_size(fake_runner):
+    fake_runner.expect("losetup", "--find", "--show", stdout="/dev/loop4\n")
+    fake_runner.expect("losetup", "--detach")
+    with blockdev.loop_device("/dev/loop3", offset=1048576, size=627048448):
+        pass
+    assert fake_runner.commands() == [
+        "losetup --find --show --offset 1048576 --sizelimit 627048448 /dev/loop3",
+        "losetup --detach /dev/loop4"]
+
+
+def test_busy_detach_is_retried(fake_runner, fake_system):
+    _, _, slept = fake_system
+    fake_runner.expect("losetup", "--detach")
+    fake_runner.expect("losetup", "--detach", returncode=1,
+                       stderr="losetup: /dev/loop3: detach failed: Device or resource busy",
+                       times=2)
+    blockdev.detach_loop("/dev/loop3")
+    assert fake_runner.commands() == ["losetup --detach /dev/loop3"] * 3
+    assert slept == list(blockdev.DETACH_DELAYS[:2])
+
+
+def test_detach_that_stays_busy_says_how_to_release_it(fake_runner):
+    fake_runner.expect("losetup", "--detach", returncode=1, stderr="busy")
+    with pytest.raises(DiskError, match="losetup -d /dev/loop3"):
+        blockdev.detach_loop("/dev/loop3")
+    assert len(fake_runner.calls) == len(blockdev.DETACH_DELAYS) + 1
+
+
+def test_detach_failure_does_not_replace_the_original_error(fake_runner, disk_file, caplog):
+    fake_runner.expect("losetup", "--find", "--show", stdout="/dev/loop3\n")
+    fake_runner.expect("losetup", "--detach", returncode=1, stderr="busy")
+    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="original"):
+        with blockdev.attached(disk_file):
+            raise RuntimeError("original")
+    assert "detaching /dev/loop3 also failed" in caplog.text
+
+
+def test_deferred_detach_is_waited_for_then_logged(fake_runner, fake_system, monkeypatch,
+                                                   caplog):
+    sysfs, _, _ = fake_system
+    # The kernel accepted the detach but a user still holds the device.
+    attach_loop(sysfs, "loop3", "7:3", "/some/file")
+    monkeypatch.setattr(blockdev, "DETACH_SETTLE_SECONDS", 0.0)
+    fake_runner.expect("losetup", "--detach")
+    with caplog.at_level(logging.WARNING):
+        blockdev.detach_loop("/dev/loop3")
+    assert "/dev/loop3 is still in use" in caplog.text
+
+
+def test_losetup_printing_no_device_is_an_error(fake_runner, disk_file):
+    fake_runner.expect("losetup", "--find", "--show", stdout="\n")
+    with pytest.raises(DiskError, match="losetup -a"):
+        with blockdev.attached(disk_file):
+            pass
