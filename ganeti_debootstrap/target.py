@@ -92,7 +92,13 @@ class Target:
         """
         dest = self.path_nofollow(inner)
         directory = os.path.dirname(dest)
-        os.makedirs(directory, mode=0o755, exist_ok=True)
+        if not os.path.isdir(directory):
+            # Ganeti runs us with umask 077, which would make them 0700.
+            saved_umask = os.umask(0o022)
+            try:
+                os.makedirs(directory, mode=0o755, exist_ok=True)
+            finally:
+                os.umask(saved_umask)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".gidb-")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:

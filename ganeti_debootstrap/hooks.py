@@ -1,0 +1,321 @@
+"""The site's customisation hooks: which run, whether that is safe, and with what.
+
+The shell edition ran ``run-parts $CUSTOMIZE_DIR`` once the instance was
+configured. The same files run here, in the same order and with the same
+variables, one at a time; the first failure stops the install (run-parts
+went on with the next hook and failed at the end).
+
+Hooks run as root on the node with the instance's root filesystem mounted:
+a hook directory that someone else can change is a way to run code as root
+on every node, so it is refused (:func:`check_safe`), as sudo refuses a
+world-writable sudoers file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pwd
+import re
+import stat
+import subprocess
+from collections.abc import Collection, Iterator
+
+from . import runner
+from .environment import Request
+from .errors import CommandError, HookError, MissingProgramError
+from .settings import Settings
+from .target import Target
+
+log = logging.getLogger(__name__)
+
+# run-parts(8) without --lsbsysinit or --regex: ASCII letters, digits,
+# underscores and hyphens only, so "x.sh", "x~" and "x.dpkg-old" never run.
+HOOK_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+# What hooks get, whatever the node's PATH: Ganeti's own order differs, and
+# site hooks are written against the usual system directories.
+HOOK_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+# run-parts sets this umask before running each script; Ganeti runs us with
+# 077, under which files a hook writes into the instance would be private.
+HOOK_UMASK = 0o022
+
+# More symlink hops than this while checking a path means a loop.
+_MAX_LINKS = 40
+
+
+def _scan(directory: str) -> tuple[list[str], list[str]]:
+    """The hooks of ``directory`` and the entries run-parts would complain about."""
+    if not directory:
+        return [], []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return [], []
+    except NotADirectoryError:
+        raise HookError(
+            f"CUSTOMIZE_DIR={directory} is not a directory. Point CUSTOMIZE_DIR "
+            f"at the directory holding the hooks (or leave it unset).") from None
+    found, odd = [], []
+    # The names are ASCII once filtered: code point order is byte order.
+    for name in sorted(n for n in names if HOOK_NAME.fullmatch(n)):
+        path = os.path.join(directory, name)
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            odd.append(f"{path}: {exc.strerror}")
+            continue
+        if stat.S_ISREG(st.st_mode):
+            if os.access(path, os.X_OK):
+                found.append(path)
+        elif not stat.S_ISDIR(st.st_mode):
+            odd.append(f"{path}: not an executable plain file")
+    return found, odd
+
+
+def list_hooks(directory: str) -> list[str]:
+    """The hooks run-parts would run from ``directory``, in its order.
+
+    Executable regular files (a symlink counts as what it points to) whose
+    names follow run-parts' rules, sorted in C locale byte order. A missing
+    directory has no hooks.
+    """
+    return _scan(directory)[0]
+
+
+def _owner(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _refuse(directory: str, path: str, problem: str, fix: str) -> HookError:
+    return HookError(
+        f"Refusing to run the customisation hooks in {directory}: {path} "
+        f"{problem}. Hooks run as root on the node, so whoever can change "
+        f"{path} could run commands as root. Fix it with `{fix}` (or set "
+        f"CUSTOMIZE_DIR to a directory that only root can change).")
+
+
+def _check_entry(directory: str, path: str, st: os.stat_result, last: bool,
+                 trusted_uids: Collection[int]) -> None:
+    """One directory, file or symlink met on the way to a hook."""
+    is_link = stat.S_ISLNK(st.st_mode)
+    if st.st_uid not in trusted_uids:
+        flag = "-h " if is_link else ""
+        raise _refuse(directory, path, f"is owned by {_owner(st.st_uid)}, not root",
+                      f"chown {flag}root {path}")
+    if is_link:  # its own mode means nothing; its directory was checked
+        return
+    writable = st.st_mode & 0o022
+    if not writable:
+        return
+    # A sticky directory (/tmp) lets others add entries but not rename or
+    # remove ours: on the way to the hooks it is safe, since every entry we
+    # go through is checked to belong to root. The hook directory itself
+    # must not take new files from others, sticky or not.
+    if not last and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX:
+        return
+    who = {0o020: "its group", 0o002: "others", 0o022: "its group and others"}[writable]
+    raise _refuse(directory, path,
+                  f"is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})",
+                  f"chmod go-w {path}")
+
+
+def _check_path(directory: str, path: str, trusted_uids: Collection[int]) -> None:
+    """Check every directory, symlink and file met while resolving ``path``."""
+    pending = [p for p in os.path.abspath(path).split("/") if p]
+    pending.reverse()
+    current = "/"
+    _check_entry(directory, "/", os.lstat("/"), not pending, trusted_uids)
+    hops = 0
+    while pending:
+        part = pending.pop()
+        if part == ".":
+            continue
+        if part == "..":
+            current = os.path.dirname(current)
+            continue
+        candidate = os.path.join(current, part)
+        st = os.lstat(candidate)
+        _check_entry(directory, candidate, st, not pending, trusted_uids)
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if hops > _MAX_LINKS:
+                raise HookError(f"Too many symbolic links resolving {path}; "
+                                f"fix the links under {directory}.")
+            link = os.readlink(candidate)
+            if link.startswith("/"):
+                current = "/"
+            pending.extend(reversed([p for p in link.split("/") if p]))
+            continue
+        current = candidate
+
+
+def check_safe(directory: str, *, trusted_uids: Collection[int] = (0,)) -> None:
+    """Refuse (HookError) hooks that anyone but root could have changed.
+
+    The hook directory, each hook, and every directory and symlink on the
+    way from / must belong to root (or ``trusted_uids``; tests pass their
+    own uid) and not be writable by group or others. A sticky directory on
+    the way (/tmp) is accepted: others cannot replace what root owns in it.
+    A missing directory has no hooks and passes.
+    """
+    if not directory or not os.path.lexists(directory):
+        return
+    _check_path(directory, directory, trusted_uids)
+    for hook in list_hooks(directory):
+        _check_path(directory, hook, trusted_uids)
+
+
+def environment(request: Request, settings: Settings, arch: str, target_dir: str,
+                *, blockdev: str, fsysdev: str) -> dict[str, str]:
+    """The variables hooks see: Ganeti's, plus the shell edition's and ours.
+
+    The shell edition exported TARGET, SUITE, ARCH, PARTITION_STYLE,
+    EXTRA_PKGS, BLOCKDEV and FSYSDEV; MIRROR, COMPONENTS and PROXY are
+    added so hooks installing packages can use the same archive. ``arch``
+    is the resolved architecture, never empty.
+    """
+    env = dict(request.ganeti_env)
+    # API 5 passes the name as an option: give hooks the API 10 variable.
+    env.setdefault("INSTANCE_NAME", request.instance_name)
+    env.update({
+        "TARGET": target_dir,
+        "SUITE": settings.suite,
+        "ARCH": arch,
+        "PARTITION_STYLE": settings.partition_style,
+        "EXTRA_PKGS": ",".join(settings.extra_pkgs),
+        "COMPONENTS": ",".join(settings.components),
+        "MIRROR": settings.mirror,
+        "PROXY": settings.proxy,
+        "BLOCKDEV": blockdev,
+        "FSYSDEV": fsysdev,
+        "PATH": HOOK_PATH,
+        "LC_ALL": "C",
+    })
+    return env
+
+
+def _failed(hook: str, what: str, tail: str = "") -> HookError:
+    lines = [f"The customisation hook {hook} {what}; the hooks after it did "
+             f"not run."]
+    if tail.strip():
+        lines.append("Its last output was:")
+        lines.extend("  " + line for line in tail.rstrip().splitlines())
+    lines.append("Fix the hook (or remove its execute permission to skip it) "
+                 "and reinstall the instance.")
+    return HookError("\n".join(lines))
+
+
+def run_hook(hook: str, env: dict[str, str], *, timeout: float | None = None) -> None:
+    """Run one hook with ``env``, stdin /dev/null, output to our stderr."""
+    saved = os.umask(HOOK_UMASK)
+    try:
+        runner.run([hook], env=env, timeout=timeout)
+    except CommandError as exc:
+        if exc.returncode < 0:
+            what = f"was killed by signal {-exc.returncode}"
+        else:
+            what = f"failed with exit status {exc.returncode}"
+        raise _failed(hook, what, exc.stderr_tail) from None
+    except subprocess.TimeoutExpired:
+        raise _failed(hook, f"did not finish within {timeout:g} s and was "
+                            f"killed") from None
+    except MissingProgramError:
+        # The file was there when listed: its #! interpreter is missing.
+        raise _failed(hook, "could not be started: the interpreter on its "
+                            "#! line is not installed on the node") from None
+    except OSError as exc:
+        # e.g. "Exec format error": a script without a #! line (run-parts
+        # cannot run those either).
+        raise _failed(hook, f"could not be started: {exc.strerror}") from None
+    finally:
+        os.umask(saved)
+
+
+def run_all(directory: str, env: dict[str, str], *, timeout: float | None = None,
+            trusted_uids: Collection[int] = (0,)) -> list[str]:
+    """Check, then run every hook of ``directory`` in order; return those run.
+
+    A failing hook raises HookError naming it, with its status and the tail
+    of its error output; the hooks after it do not run. ``timeout`` limits
+    each hook, in seconds.
+    """
+    check_safe(directory, trusted_uids=trusted_uids)
+    hooks, odd = _scan(directory)
+    for entry in odd:
+        log.warning("Ignoring hook %s", entry)
+    for hook in hooks:
+        log.info("hook %s: running", os.path.basename(hook))
+        run_hook(hook, env, timeout=timeout)
+    return hooks
+
+
+# --- no daemons started from the instance while hooks run ---------------------
+
+POLICY_RC_D = "/usr/sbin/policy-rc.d"
+# invoke-rc.d and deb-systemd-invoke (what maintainer scripts call) ask
+# policy-rc.d first; 101 means "action forbidden", so apt in a hook does not
+# start the instance's daemons in the node's namespaces.
+DENY_ALL = ("#!/bin/sh\n"
+            "# Written by ganeti-instance-debootstrap while the customisation\n"
+            "# hooks run, and removed afterwards: no daemon may start.\n"
+            "exit 101\n")
+_SAVED_SUFFIX = ".ganeti-saved"
+
+
+def _is_ours(t: Target) -> bool:
+    path = t.path_nofollow(POLICY_RC_D)
+    if os.path.islink(path) or not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read() == DENY_ALL
+
+
+def _restore_policy(t: Target, saved: bool) -> None:
+    """Remove our policy-rc.d and put back the one that was there, if any."""
+    # Paths are resolved again: a hook may have changed the tree.
+    dest = t.path_nofollow(POLICY_RC_D)
+    aside = t.path_nofollow(POLICY_RC_D + _SAVED_SUFFIX)
+    if _is_ours(t):
+        os.unlink(dest)
+    elif os.path.lexists(dest):
+        log.warning("A hook replaced %s in the instance; keeping its version.",
+                    POLICY_RC_D)
+        if saved:
+            os.unlink(aside)
+        return
+    if saved:
+        os.replace(aside, dest)
+
+
+@contextlib.contextmanager
+def daemons_prevented(t: Target) -> Iterator[None]:
+    """Forbid daemon starts in the instance inside the block (policy-rc.d).
+
+    A policy-rc.d the tree already has is set aside and put back; ours is
+    removed. Released in ``finally``; a failed release is logged, never
+    hiding the error that ended the block.
+    """
+    saved = written = False
+    try:
+        dest = t.path_nofollow(POLICY_RC_D)
+        if os.path.lexists(dest) and not _is_ours(t):
+            # Renaming keeps everything: a symlink, owner, mode.
+            os.replace(dest, t.path_nofollow(POLICY_RC_D + _SAVED_SUFFIX))
+            saved = True
+        t.write_text(POLICY_RC_D, DENY_ALL, mode=0o755)
+        written = True
+        yield
+    except BaseException:
+        if saved or written:
+            try:
+                _restore_policy(t, saved)
+            except Exception:
+                log.exception("Could not restore %s in the instance", POLICY_RC_D)
+        raise
+    _restore_policy(t, saved)
