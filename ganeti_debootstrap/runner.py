@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -45,6 +46,9 @@ PACKAGES: Mapping[str, str] = {
 # Output kept from a failed command for its error message: Ganeti shows the
 # last 20 lines of a failed script's log, so the tail must fit in that.
 STDERR_TAIL_LINES = 12
+
+# How long a stopped command gets to exit after SIGTERM before SIGKILL.
+STOP_GRACE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -110,9 +114,11 @@ def real_runner(argv: Sequence[str], *, stdin: IO[bytes] | bytes | None,
         stdout_arg = stdout
     tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
     try:
+        # Its own process group, so that a timeout or a signal stops the
+        # command together with whatever it started (a hook's children).
         proc = subprocess.Popen(argv, stdin=stdin_arg, stdout=stdout_arg,
                                 stderr=subprocess.PIPE, cwd=cwd,
-                                env=base_environment(env))
+                                env=base_environment(env), process_group=0)
     except FileNotFoundError:
         if cwd is not None and not os.path.isdir(cwd):
             raise
@@ -127,9 +133,9 @@ def real_runner(argv: Sequence[str], *, stdin: IO[bytes] | bytes | None,
     try:
         out, _ = proc.communicate(data, timeout=timeout)
     except BaseException:
-        # Interrupted (a signal) or timed out: never leave the child behind.
-        proc.kill()
-        proc.wait()
+        # Interrupted (a signal) or timed out: never leave the child, or
+        # anything it started, behind.
+        _stop_group(proc)
         forwarder.join(timeout=5)
         raise
     forwarder.join()
@@ -137,6 +143,25 @@ def real_runner(argv: Sequence[str], *, stdin: IO[bytes] | bytes | None,
     if check and proc.returncode != 0:
         raise CommandError(argv, proc.returncode, "\n".join(tail), hint)
     return result
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate a child's process group, then kill what is left of it."""
+    for sig, grace in ((signal.SIGTERM, STOP_GRACE_SECONDS), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=grace)
+            # The leader is gone; members it left may linger: kill them too.
+            os.killpg(proc.pid, signal.SIGKILL)
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            pass
+        break
+    proc.wait()
 
 
 _current: Runner = real_runner

@@ -86,3 +86,22 @@ def test_script_stdout_stays_clean_end_to_end(tmp_path):
             "runner.run(['echo', 'noise']); sys.stdout.write('DATA')" % os.getcwd())
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.stdout == "DATA" and "noise" in res.stderr
+
+
+def test_timeout_also_stops_what_the_command_started(tmp_path):
+    pidfile = tmp_path / "child.pid"
+    script = f"sleep 60 & echo $! > {pidfile}; wait"
+    with pytest.raises(subprocess.TimeoutExpired):
+        runner.run(["sh", "-c", script], timeout=0.5)
+    pid = int(pidfile.read_text())
+    # The background child was in the command's process group: it is gone.
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        import time
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        pytest.fail("the command's child survived the timeout")
