@@ -15,8 +15,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from . import (blockdev, bootstrap, cache, filesystems, hooks, instance_files,
-               log, mounts, osparams, partitions, settings)
+from . import (bootstrap, cache, hooks, instance_disk, instance_files, log, mounts,
+               osparams, settings)
 from .environment import Request
 from .paths import Paths
 from .settings import Settings
@@ -45,31 +45,35 @@ def plan(request: Request, paths: Paths) -> Plan:
 
 
 def install_system(p: Plan, paths: Paths, target_dir: str) -> None:
-    """Fill the mounted, empty root filesystem from the cache or a bootstrap."""
+    """Fill the mounted, empty root filesystem from the cache or a bootstrap.
+
+    With GENERATE_CACHE=yes the system is bootstrapped straight into the
+    instance's filesystem and archived from there (no second copy); the lock
+    makes concurrent creates with the same inputs bootstrap once and reuse.
+    Without it, a valid cache made earlier (or preseeded) is still used.
+    """
     key = cache.CacheKey.from_settings(p.settings, p.tool, p.arch)
     store = cache.Cache(paths.cache_dir, clean_days=p.settings.clean_cache_days)
-    if not p.settings.generate_cache:
-        # Without a cache of our own, a valid one may still exist (made
-        # earlier, or preseeded by the administrator): use it if so.
-        entry = store.lookup(key) if store.exists() else None
-        if entry is not None:
-            store.extract(entry, target_dir)
-        else:
-            bootstrap.run(p.settings, p.tool, p.arch, target_dir)
-            bootstrap.clean_tree(target_dir)
+    if p.settings.generate_cache:
+        store.expire()
+    elif not store.exists():
+        _bootstrap(p, target_dir)
         return
-    store.expire()
     with store.locked(key):
         entry = store.lookup(key)
-        if entry is None:
-            logger.info("No cache for %s; bootstrapping with %s (this takes a "
-                        "minute or so)", key.describe(), p.tool)
-            bootstrap.run(p.settings, p.tool, p.arch, target_dir)
-            bootstrap.clean_tree(target_dir)
-            store.store(key, target_dir)
+        if entry is not None:
+            logger.info("Unpacking the cache %s", entry.path)
+            store.extract(entry, target_dir)
             return
-    logger.info("Unpacking cache %s", entry.path)
-    store.extract(entry, target_dir)
+        logger.info("No cache for %s", key.describe())
+        _bootstrap(p, target_dir)
+        if p.settings.generate_cache:
+            store.store(key, target_dir)
+
+
+def _bootstrap(p: Plan, target_dir: str) -> None:
+    bootstrap.run(p.settings, p.tool, target_dir)
+    bootstrap.clean_tree(target_dir)
 
 
 def run(request: Request, paths: Paths) -> None:
@@ -77,40 +81,20 @@ def run(request: Request, paths: Paths) -> None:
     p = plan(request, paths)
     conf = p.settings
     with contextlib.ExitStack() as stack:
-        with log.phase("check disk"):
-            blockdev.check_disk_usable(request.disk_path)
-            if request.swap_device:
-                blockdev.check_disk_usable(request.swap_device)
-            dev = stack.enter_context(blockdev.attached(request.disk_path))
-            blockdev.require_min_size(blockdev.size_bytes(dev), blockdev.MIN_DISK_MIB)
-        with log.phase("partition"):
-            layout = partitions.write_table(dev, conf.partition_style,
-                                            conf.partition_alignment,
-                                            blockdev.size_bytes(dev), p.arch)
-            root_dev = stack.enter_context(partitions.mapped_root(dev, layout))
-        with log.phase("make filesystems"):
-            filesystems.make_filesystem(root_dev, p.params.filesystem)
-            root = instance_files.FsEntry(filesystems.uuid_of(root_dev),
-                                          p.params.filesystem)
-            swap = None
-            if request.swap_device:
-                swap_dev = stack.enter_context(blockdev.attached(request.swap_device))
-                swap = instance_files.FsEntry(filesystems.make_swap(swap_dev), "swap")
+        disk = instance_disk.format_disk(stack, request, conf, p.params.filesystem, p.arch)
         target_dir = stack.enter_context(mounts.temporary_mountpoint())
-        stack.enter_context(mounts.mounted(root_dev, target_dir))
+        stack.enter_context(mounts.mounted(disk.root_device, target_dir))
         with log.phase("install system"):
             install_system(p, paths, target_dir)
         target = Target(target_dir)
         with log.phase("configure instance"):
-            instance_files.configure(
-                target, instance_files.Instance.from_request(request),
-                root=root, swap=swap)
+            instance_files.configure(target, instance_files.Instance.from_request(request),
+                                     root=disk.root, swap=disk.swap)
         hook_list = hooks.list_hooks(conf.customize_dir)
         if hook_list:
             with log.phase(f"hooks ({len(hook_list)})"):
-                hooks.check_safe(conf.customize_dir)
                 env = hooks.environment(request, conf, p.arch, target_dir,
-                                        blockdev=dev, fsysdev=root_dev)
+                                        blockdev=disk.device, fsysdev=disk.root_device)
                 with mounts.api_filesystems(target_dir), hooks.daemons_prevented(target):
                     hooks.run_all(conf.customize_dir, env)
         # What is left to do is the ExitStack's: unmount (writeback) and

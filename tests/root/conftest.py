@@ -72,3 +72,7 @@ def no_leaks(request):
     if any(leaked.values()):
         release(leaked)
         pytest.fail(f"test left resources behind: {leaked}", pytrace=False)
+
+
+# One real bootstrap per session, shared by every test that needs a warm cache.
+from tests.root.bootstrap_fixture import bootstrapped_localstatedir  # noqa: E402,F401
