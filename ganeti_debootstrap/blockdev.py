@@ -407,6 +407,10 @@ def detach_loop(dev: str) -> None:
             runner.run(["losetup", "--detach", dev])
             break
         except CommandError as exc:
+            if not _loop_attached(dev):
+                # Someone else detached it already (ENXIO): nothing to release.
+                log.debug("%s was already detached", dev)
+                return
             if failures == len(DETACH_DELAYS):
                 raise DiskError(
                     f"Cannot detach the loop device {dev}: it stays busy. Find "
@@ -416,6 +420,12 @@ def detach_loop(dev: str) -> None:
             _sleep(DETACH_DELAYS[failures])
             failures += 1
     _wait_detached(dev)
+
+
+def _loop_attached(dev: str) -> bool:
+    """Whether the loop device ``dev`` still has a backing file."""
+    return os.path.exists(os.path.join(SYS_BLOCK, os.path.basename(dev), "loop",
+                                       "backing_file"))
 
 
 def _wait_detached(dev: str) -> None:

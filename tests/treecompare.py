@@ -39,9 +39,16 @@ def _digest(path: str) -> str:
     return h.hexdigest()
 
 
-def describe(root: str, ignore: Iterable[str] = ("lost+found",)) -> dict[str, tuple]:
-    """A comparable description of every path under ``root``."""
+def describe(root: str, ignore: Iterable[str] = ("lost+found",),
+             ignore_mtime: Iterable[str] = ()) -> dict[str, tuple]:
+    """A comparable description of every path under ``root``.
+
+    Paths in ``ignore`` (and below them) are left out; for the directories
+    in ``ignore_mtime`` the mtime is not compared (a file written inside
+    them on purpose changes it).
+    """
     ignored = {i.strip("/") for i in ignore}
+    no_mtime = {i.strip("/") for i in ignore_mtime}
     entries: dict[str, tuple] = {}
     inodes: dict[tuple[int, int], list[str]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
@@ -66,7 +73,8 @@ def describe(root: str, ignore: Iterable[str] = ("lost+found",)) -> dict[str, tu
                 extra = (os.major(st.st_rdev), os.minor(st.st_rdev))
             size = st.st_size if not stat.S_ISDIR(st.st_mode) else None
             entries[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                            size, int(st.st_mtime) if not stat.S_ISLNK(st.st_mode) else None,
+                            size, None if stat.S_ISLNK(st.st_mode) or rel in no_mtime
+                            else int(st.st_mtime),
                             extra, tuple(sorted(_xattrs(path).items())))
     for group in inodes.values():
         group.sort()
@@ -76,9 +84,9 @@ def describe(root: str, ignore: Iterable[str] = ("lost+found",)) -> dict[str, tu
 
 
 def differences(a: str, b: str, ignore: Iterable[str] = ("lost+found",),
-                limit: int = 20) -> list[str]:
+                ignore_mtime: Iterable[str] = (), limit: int = 20) -> list[str]:
     """Human-readable differences between two trees (empty when equal)."""
-    da, db = describe(a, ignore), describe(b, ignore)
+    da, db = describe(a, ignore, ignore_mtime), describe(b, ignore, ignore_mtime)
     out = []
     for rel in sorted(set(da) | set(db)):
         if rel not in da:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 
 import pytest
 
@@ -52,6 +53,26 @@ def machine_state() -> dict[str, set[str]]:
     return {"mounts": _mounts(), "loops": _loops(), "dm": _dm_maps()}
 
 
+def _ours(leaked: dict[str, set[str]], scopes: list[str]) -> dict[str, set[str]]:
+    """The part of ``leaked`` that this test session made: under its directories.
+
+    Loop devices count by their backing file, mounts by their mount point or
+    source. Another test session on the same machine (developers run several)
+    makes its own, which this session must neither report nor release.
+    """
+    def inside(path: str) -> bool:
+        return any(path == s or path.startswith(s.rstrip("/") + "/") for s in scopes)
+    loops = {e for e in leaked["loops"] if inside(e.split(None, 1)[-1])}
+    loop_names = {e.split()[0] for e in loops}
+    mounts = set()
+    with open("/proc/mounts") as f:
+        sources = {line.split()[1]: line.split()[0] for line in f}
+    for mnt in leaked["mounts"]:
+        if inside(mnt) or sources.get(mnt) in loop_names or inside(sources.get(mnt, "")):
+            mounts.add(mnt)
+    return {"mounts": mounts, "loops": loops, "dm": set()}
+
+
 def release(leaked: dict[str, set[str]]) -> None:
     """Release leftovers after a failed leak check, deepest mounts first."""
     for mnt in sorted(leaked["mounts"], key=len, reverse=True):
@@ -62,17 +83,46 @@ def release(leaked: dict[str, set[str]]) -> None:
         subprocess.run(["losetup", "-d", entry.split()[0]], capture_output=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_tmpdir(tmp_path_factory):
+    """Scripts and in-process code make their temporary mount points here.
+
+    Everything a test can leak then lives below this session's directories,
+    so that the leak check can tell its own leftovers from another session's.
+    """
+    path = str(tmp_path_factory.mktemp("tmpdir"))
+    old_env, old_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = path
+    tempfile.tempdir = path
+    yield path
+    tempfile.tempdir = old_tempdir
+    if old_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = old_env
+
+
 @pytest.fixture(autouse=True)
-def no_leaks(request):
-    """Fail the test if it leaves a mount, loop device or dm map behind."""
+def no_leaks(request, tmp_path_factory):
+    """Fail the test if it leaves a mount, loop device or dm map behind.
+
+    In CI the machine is ours alone: anything new is a leak. On a developer's
+    machine other sessions may be running, so only what lies under this
+    session's directories (and the shared test cache) counts and is released.
+    """
     before = machine_state()
     yield
     after = machine_state()
     leaked = {k: after[k] - before[k] for k in after}
+    scopes = [str(tmp_path_factory.getbasetemp())]
+    if os.environ.get("GIDB_TEST_LOCALSTATEDIR"):
+        scopes.append(os.environ["GIDB_TEST_LOCALSTATEDIR"])
+    ours = _ours(leaked, scopes)
+    if not os.environ.get("CI"):
+        leaked = ours
     if any(leaked.values()):
-        release(leaked)
+        release(ours)
         pytest.fail(f"test left resources behind: {leaked}", pytrace=False)
-
 
 # One real bootstrap per session, shared by every test that needs a warm cache.
 from tests.root.bootstrap_fixture import bootstrapped_localstatedir  # noqa: E402,F401

@@ -89,8 +89,11 @@ def ganeti_env(**variables: str) -> dict[str, str]:
     env = {"PATH": GANETI_PATH, "OS_API_VERSION": "20", "OS_NAME": "debootstrap",
            "OS_VARIANT": "default", "DEBUG_LEVEL": "0", "HYPERVISOR": "kvm",
            "NIC_COUNT": "0"}
-    if os.environ.get("COVERAGE_PROCESS_START"):
-        env["COVERAGE_PROCESS_START"] = os.environ["COVERAGE_PROCESS_START"]
+    # Not Ganeti's, but harmless: coverage of the script's process, and its
+    # temporary mount points inside this test session's directory.
+    for passed in ("COVERAGE_PROCESS_START", "TMPDIR"):
+        if os.environ.get(passed):
+            env[passed] = os.environ[passed]
     env.update(variables)
     return env
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 import pytest
 
@@ -145,8 +146,12 @@ def test_offset_loop_device_gets_offset_and_size(fake_runner):
 
 
 def test_busy_detach_is_retried(fake_runner, fake_system):
-    _, _, slept = fake_system
-    fake_runner.expect("losetup", "--detach")
+    sysfs, _, slept = fake_system
+    attach_loop(sysfs, "loop3", "7:3", "/some/file")
+
+    def detached(argv):
+        shutil.rmtree(sysfs / "block" / "loop3" / "loop")
+    fake_runner.expect("losetup", "--detach", action=detached)
     fake_runner.expect("losetup", "--detach", returncode=1,
                        stderr="losetup: /dev/loop3: detach failed: Device or resource busy",
                        times=2)
@@ -155,20 +160,30 @@ def test_busy_detach_is_retried(fake_runner, fake_system):
     assert slept == list(blockdev.DETACH_DELAYS[:2])
 
 
-def test_detach_that_stays_busy_says_how_to_release_it(fake_runner):
+def test_detach_that_stays_busy_says_how_to_release_it(fake_runner, fake_system):
+    attach_loop(fake_system[0], "loop3", "7:3", "/some/file")
     fake_runner.expect("losetup", "--detach", returncode=1, stderr="busy")
     with pytest.raises(DiskError, match="losetup -d /dev/loop3"):
         blockdev.detach_loop("/dev/loop3")
     assert len(fake_runner.calls) == len(blockdev.DETACH_DELAYS) + 1
 
 
-def test_detach_failure_does_not_replace_the_original_error(fake_runner, disk_file, caplog):
+def test_detach_failure_does_not_replace_the_original_error(fake_runner, disk_file, caplog,
+                                                           fake_system):
+    attach_loop(fake_system[0], "loop3", "7:3", disk_file)
     fake_runner.expect("losetup", "--find", "--show", stdout="/dev/loop3\n")
     fake_runner.expect("losetup", "--detach", returncode=1, stderr="busy")
     with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="original"):
         with blockdev.attached(disk_file):
             raise RuntimeError("original")
     assert "detaching /dev/loop3 also failed" in caplog.text
+
+
+def test_detach_of_a_loop_someone_else_released_is_quiet(fake_runner, fake_system):
+    fake_runner.expect("losetup", "--detach", returncode=1,
+                       stderr="losetup: /dev/loop3: detach failed: No such device or address")
+    blockdev.detach_loop("/dev/loop3")
+    assert fake_runner.commands() == ["losetup --detach /dev/loop3"]
 
 
 def test_deferred_detach_is_waited_for_then_logged(fake_runner, fake_system, monkeypatch,

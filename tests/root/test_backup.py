@@ -1,0 +1,253 @@
+"""export, import and rename, run as Ganeti runs them, on real disks.
+
+Sites hold years of backups made by the shell edition's export (a level-0
+dump of the root filesystem): what we export must restore with plain
+restore(8), and what they hold must import here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+
+import pytest
+
+from tests.root import scripts
+from tests.root.scripts import (create_env, ganeti_env, mounted_root, read, root_device,
+                                run_script)
+from tests.treecompare import differences
+
+# Files import changes on purpose (new UUIDs in fstab, a new machine
+# identity), which changes their directory's mtime; everything else must
+# come back identical.
+CHANGED_BY_IMPORT = ("lost+found", "etc/fstab", "etc/machine-id")
+MTIME_CHANGED_BY_IMPORT = ("etc",)
+
+
+@pytest.fixture
+def tree(tmp_path, bootstrapped_localstatedir):
+    return scripts.make_os_tree(str(tmp_path / "os"), bootstrapped_localstatedir)
+
+
+def export_env(disk: str, **extra: str) -> dict[str, str]:
+    return ganeti_env(INSTANCE_NAME="bk1.example.org", DISK_COUNT="1", DISK_0_PATH=disk,
+                      EXPORT_INDEX="0", EXPORT_DISK_PATH=disk, EXPORT_DEVICE=disk, **extra)
+
+
+def import_env(disk: str, **extra: str) -> dict[str, str]:
+    return ganeti_env(INSTANCE_NAME="bk1.example.org", DISK_COUNT="1", DISK_0_PATH=disk,
+                      IMPORT_INDEX="0", IMPORT_DISK_PATH=disk, IMPORT_DEVICE=disk, **extra)
+
+
+def export_to_file(tree, disk: str, dest: str, **extra: str) -> subprocess.CompletedProcess:
+    with open(dest, "wb") as out:
+        return run_script(tree, "export", export_env(disk, **extra), stdout=out.fileno())
+
+
+def import_from_file(tree, disk: str, src: str, check: bool = True, **extra: str):
+    with open(src, "rb") as inp:
+        return run_script(tree, "import", import_env(disk, **extra), stdin=inp.fileno(),
+                          check=check)
+
+
+def copy_tree_out(disk: str, dest: str) -> None:
+    """Copy the instance's tree out with everything tar can keep, for comparison."""
+    os.makedirs(dest)
+    with mounted_root(disk) as root:
+        tar = subprocess.Popen(["tar", "-C", root, "--xattrs", "--xattrs-include=*",
+                                "--acls", "--numeric-owner", "-cf", "-", "."],
+                               stdout=subprocess.PIPE)
+        subprocess.run(["tar", "-C", dest, "--xattrs", "--xattrs-include=*", "--acls",
+                        "--numeric-owner", "-xpf", "-"], stdin=tar.stdout, check=True)
+        assert tar.wait() == 0
+
+
+def fstab_root_and_swap(root: str) -> list[list[str]]:
+    return [ln.split() for ln in read(root, "/etc/fstab").splitlines()
+            if ln.strip() and not ln.startswith("#") and ln.split()[1] in ("/", "swap", "none")]
+
+
+@pytest.mark.parametrize("style,fstype", [("msdos", "ext4"), ("gpt", "ext3"),
+                                          ("none", "ext2")])
+def test_export_wipe_import_gives_back_the_same_tree(tree, tmp_path, style, fstype):
+    tree.settings(f'PARTITION_STYLE="{style}"\n')
+    disk = scripts.sparse_disk(str(tmp_path), 1024)
+    run_script(tree, "create", create_env("bk1.example.org", disk, OSP_FILESYSTEM=fstype))
+    # Extra metadata the round trip must keep: a capability, an ACL, an xattr.
+    with mounted_root(disk, read_only=False) as root:
+        probe = os.path.join(root, "root/probe")
+        with open(probe, "w") as f:
+            f.write("probe\n")
+        subprocess.run(["setcap", "cap_net_raw+ep", probe], check=True)
+        subprocess.run(["setfacl", "-m", "u:1234:rw", probe], check=True)
+        os.setxattr(probe, "user.site", b"kept")
+        os.link(probe, os.path.join(root, "root/probe-link"))
+    before = str(tmp_path / "before")
+    copy_tree_out(disk, before)
+
+    stream = str(tmp_path / "backup.dump")
+    export_to_file(tree, disk, stream, OSP_FILESYSTEM=fstype)
+    with open(disk, "r+b") as f:  # wipe: a new, empty disk
+        f.truncate(0)
+        f.truncate(1024 * 2**20)
+    import_from_file(tree, disk, stream, OSP_FILESYSTEM=fstype)
+
+    after = str(tmp_path / "after")
+    copy_tree_out(disk, after)
+    assert differences(before, after, ignore=CHANGED_BY_IMPORT,
+                       ignore_mtime=MTIME_CHANGED_BY_IMPORT) == []
+    with root_device(disk) as dev:
+        uuid = scripts.blkid(dev, "UUID")
+        assert scripts.blkid(dev, "TYPE") == fstype
+        fsck = subprocess.run(["e2fsck", "-fn", dev], capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stdout
+    with mounted_root(disk) as root:
+        assert [f"UUID={uuid}", "/"] == fstab_root_and_swap(root)[0][:2]
+        assert not os.path.exists(os.path.join(root, "restoresymtable"))
+        assert subprocess.run(["getcap", os.path.join(root, "root/probe")],
+                              capture_output=True, text=True).stdout.split()[-1] == "cap_net_raw=ep"
+
+
+@pytest.fixture
+def instance(tree, tmp_path):
+    disk = scripts.sparse_disk(str(tmp_path), 1024)
+    run_script(tree, "create", create_env("bk1.example.org", disk))
+    return disk
+
+
+def test_export_writes_only_the_dump_to_stdout_and_the_size_to_exp_size_fd(
+        tree, instance, tmp_path):
+    read_fd, write_fd = os.pipe()
+    stream = str(tmp_path / "s.dump")
+    env = export_env(instance, EXP_SIZE_FD=str(write_fd))
+    with open(stream, "wb") as out:
+        proc = subprocess.run(
+            [scripts.PYTHON, scripts.LAUNCHER, tree.sysconfdir, tree.localstatedir,
+             tree.os_dir, "export"], env=env, cwd=tree.os_dir, stdout=out,
+            stderr=subprocess.PIPE, pass_fds=(write_fd,), stdin=subprocess.DEVNULL)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as f:
+        announced = f.read()
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert announced.endswith("\n")
+    size = os.path.getsize(stream)
+    assert abs(int(announced) - size) <= size * 0.10, (announced, size)
+    # Plain restore(8) reads it: the stream is nothing but the dump.
+    listing = subprocess.run(["restore", "-t", "-f", stream], capture_output=True, text=True)
+    assert listing.returncode == 0, listing.stderr
+    assert "./etc/hostname" in listing.stdout
+
+
+def test_what_export_writes_is_restorable_by_plain_restore(tree, instance, tmp_path):
+    stream = str(tmp_path / "s.dump")
+    export_to_file(tree, instance, stream)
+    target = str(tmp_path / "plain")
+    os.makedirs(target)
+    with open(stream, "rb") as inp:
+        res = subprocess.run(["restore", "-r", "-y", "-f", "-"], stdin=inp, cwd=target,
+                             capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert read(target, "/etc/hostname") == "bk1.example.org\n"
+
+
+def test_shell_edition_stream_with_old_fstab_imports(tree, instance, tmp_path):
+    # What the shell edition's export held: a dump -0 of a root whose fstab
+    # names devices (/dev/sda1 root, /dev/sdb swap), made here by hand.
+    with mounted_root(instance, read_only=False) as root:
+        with open(os.path.join(root, "etc/fstab"), "w") as f:
+            f.write("# /etc/fstab: static file system information.\n"
+                    "/dev/sda1  /  ext3  defaults  0  1\n"
+                    "/dev/sdb   swap swap defaults 0  0\n"
+                    "proc       /proc proc defaults 0 0\n")
+    stream = str(tmp_path / "old.dump")
+    with root_device(instance) as dev, open(stream, "wb") as out:
+        subprocess.run(["dump", "-0", "-q", "-f", "-", dev], stdout=out, check=True,
+                       stderr=subprocess.DEVNULL)
+    new_disk = scripts.sparse_disk(str(tmp_path), 1024, "new.img")
+    import_from_file(tree, new_disk, stream)
+    with root_device(new_disk) as dev:
+        uuid = scripts.blkid(dev, "UUID")
+    with mounted_root(new_disk) as root:
+        fstab = read(root, "/etc/fstab")
+        assert f"UUID={uuid} / ext4" in " ".join(fstab.split())
+        assert "/dev/sda1" not in fstab
+        assert "/dev/sdb" not in [ln.split()[0] for ln in fstab.splitlines()
+                                  if ln.strip() and not ln.startswith("#")]
+        assert "proc" in fstab  # lines that name neither root nor swap stay
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_stream_fails_the_import_clearly(tree, instance, tmp_path, damage):
+    stream = str(tmp_path / "s.dump")
+    export_to_file(tree, instance, stream)
+    bad = str(tmp_path / "bad.dump")
+    with open(stream, "rb") as f:
+        data = f.read()
+    with open(bad, "wb") as f:
+        if damage == "truncated":
+            f.write(data[: len(data) // 2])
+        elif damage == "garbage":
+            f.write(os.urandom(64 * 1024))
+    new_disk = scripts.sparse_disk(str(tmp_path), 1024, "new.img")
+    res = import_from_file(tree, new_disk, bad, check=False)
+    assert res.returncode != 0
+    tail = "\n".join(res.stderr.decode().strip().splitlines()[-8:])
+    assert "ERROR: import failed" in tail
+    assert ("truncated or damaged" in tail) or ("not a dump" in tail)
+
+
+def test_export_refuses_a_disk_that_is_not_ours(tree, tmp_path):
+    disk = scripts.sparse_disk(str(tmp_path), 1024)
+    subprocess.run(["mkswap", disk], check=True, capture_output=True)
+    out = str(tmp_path / "s.dump")
+    with open(out, "wb") as f:
+        res = run_script(tree, "export", export_env(disk), stdout=f.fileno(), check=False)
+    assert res.returncode != 0
+    assert os.path.getsize(out) == 0
+    assert "only ext2/3/4" in res.stderr.decode().strip().splitlines()[-1]
+
+
+def test_export_refuses_a_filesystem_with_a_pending_journal(tree, instance, tmp_path):
+    with root_device(instance, read_only=False) as dev:
+        subprocess.run(["debugfs", "-w", "-R", "feature needs_recovery", dev],
+                       check=True, capture_output=True)
+    out = str(tmp_path / "s.dump")
+    with open(out, "wb") as f:
+        res = run_script(tree, "export", export_env(instance), stdout=f.fileno(), check=False)
+    assert res.returncode != 0 and os.path.getsize(out) == 0
+    assert "in use or was not cleanly unmounted" in res.stderr.decode()
+
+
+def test_export_refuses_a_mounted_disk(tree, instance, tmp_path):
+    with mounted_root(instance):
+        out = str(tmp_path / "s.dump")
+        with open(out, "wb") as f:
+            res = run_script(tree, "export", export_env(instance), stdout=f.fileno(),
+                             check=False)
+    assert res.returncode != 0 and os.path.getsize(out) == 0
+
+
+def rename_env(disk: str, old: str, new: str) -> dict[str, str]:
+    return ganeti_env(INSTANCE_NAME=new, OLD_INSTANCE_NAME=old, DISK_COUNT="1",
+                      DISK_0_PATH=disk)
+
+
+def test_rename_changes_hostname_mailname_and_hosts(tree, instance):
+    run_script(tree, "rename", rename_env(instance, "bk1.example.org", "bk2.example.org"))
+    with mounted_root(instance) as root:
+        assert read(root, "/etc/hostname") == "bk2.example.org\n"
+        assert read(root, "/etc/mailname") == "bk2.example.org\n"
+        hosts = read(root, "/etc/hosts")
+        assert "bk2.example.org" in hosts and "bk1" not in hosts
+
+
+def test_rename_refuses_a_wrong_old_name_and_changes_nothing(tree, instance):
+    with tempfile.TemporaryDirectory() as _:
+        res = run_script(tree, "rename", rename_env(instance, "other.example.org",
+                                                    "bk2.example.org"), check=False)
+    assert res.returncode != 0
+    assert "not the old name 'other.example.org'" in res.stderr.decode()
+    with mounted_root(instance) as root:
+        assert read(root, "/etc/hostname") == "bk1.example.org\n"
+        assert "bk1.example.org" in read(root, "/etc/hosts")
