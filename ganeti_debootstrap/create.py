@@ -15,8 +15,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from . import (bootstrap, cache, hooks, instance_disk, instance_files, log, mounts,
-               osparams, settings)
+from . import (bootstrap, cache, hooks, image_cache, instance_disk, instance_files, log,
+               mounts, osparams, settings)
+from .errors import DefinitionError
 from .environment import Request
 from .paths import Paths
 from .settings import Settings
@@ -44,36 +45,61 @@ def plan(request: Request, paths: Paths) -> Plan:
     return Plan(conf, params, tool, arch)
 
 
-def install_system(p: Plan, paths: Paths, target_dir: str) -> None:
-    """Fill the mounted, empty root filesystem from the cache or a bootstrap.
+@dataclass(frozen=True)
+class Source:
+    """Where the system comes from: the cache (archive, image) or a bootstrap."""
 
-    With GENERATE_CACHE=yes the system is bootstrapped straight into the
-    instance's filesystem and archived from there (no second copy); the lock
-    makes concurrent creates with the same inputs bootstrap once and reuse.
-    Without it, a valid cache made earlier (or preseeded) is still used.
+    store: cache.Cache
+    key: cache.CacheKey
+    entry: cache.CacheEntry | None = None
+    image: image_cache.FsImage | None = None
+
+
+def find_source(hold: contextlib.ExitStack, p: Plan, paths: Paths) -> Source:
+    """Look up (and lock) the cache for this plan; make its image if needed.
+
+    The key's lock is registered on ``hold``: concurrent creates with the
+    same inputs bootstrap once, and nobody replaces the archive or image
+    while this create copies from it. With GENERATE_CACHE=no the cache is
+    not used at all, as in the shell edition: every create bootstraps.
     """
     key = cache.CacheKey.from_settings(p.settings, p.tool, p.arch)
     store = cache.Cache(paths.cache_dir, clean_days=p.settings.clean_cache_days)
-    if p.settings.generate_cache:
-        store.expire()
-    elif not store.exists():
-        _bootstrap(p, target_dir)
+    if not p.settings.generate_cache:
+        return Source(store, key)
+    store.expire()
+    image_cache.prune(store.directory)
+    hold.enter_context(store.locked(key))
+    entry = store.lookup(key)
+    if entry is None or not p.settings.cache_image:
+        return Source(store, key, entry)
+    try:
+        with log.phase("filesystem image"):
+            image = image_cache.ensure(store, entry, p.params.filesystem)
+    except DefinitionError as exc:
+        # The archive still works: a failed image must not fail the create.
+        logger.warning("Cannot use a filesystem image of the cache (%s); "
+                       "unpacking the archive instead", exc)
+        image = None
+    return Source(store, key, entry, image)
+
+
+def install_system(p: Plan, source: Source, target_dir: str) -> None:
+    """Fill the mounted, empty root filesystem from the cache or a bootstrap.
+
+    A fresh bootstrap goes straight into the instance's filesystem and, with
+    GENERATE_CACHE=yes, is archived from there (no second copy).
+    """
+    if source.entry is not None:
+        logger.info("Unpacking the cache %s", source.entry.path)
+        source.store.extract(source.entry, target_dir)
         return
-    with store.locked(key):
-        entry = store.lookup(key)
-        if entry is not None:
-            logger.info("Unpacking the cache %s", entry.path)
-            store.extract(entry, target_dir)
-            return
-        logger.info("No cache for %s", key.describe())
-        _bootstrap(p, target_dir)
-        if p.settings.generate_cache:
-            store.store(key, target_dir)
-
-
-def _bootstrap(p: Plan, target_dir: str) -> None:
+    if p.settings.generate_cache:
+        logger.info("No cache for %s", source.key.describe())
     bootstrap.run(p.settings, p.tool, target_dir)
     bootstrap.clean_tree(target_dir)
+    if p.settings.generate_cache:
+        source.store.store(source.key, target_dir)
 
 
 def run(request: Request, paths: Paths) -> None:
@@ -81,11 +107,20 @@ def run(request: Request, paths: Paths) -> None:
     p = plan(request, paths)
     conf = p.settings
     with contextlib.ExitStack() as stack:
-        disk = instance_disk.format_disk(stack, request, conf, p.params.filesystem, p.arch)
-        target_dir = stack.enter_context(mounts.temporary_mountpoint())
-        stack.enter_context(mounts.mounted(disk.root_device, target_dir))
-        with log.phase("install system"):
-            install_system(p, paths, target_dir)
+        with contextlib.ExitStack() as cache_hold:
+            source = find_source(cache_hold, p, paths)
+            disk = instance_disk.format_disk(stack, request, conf, p.params.filesystem,
+                                             p.arch, image=source.image)
+            target_dir = stack.enter_context(mounts.temporary_mountpoint())
+            stack.enter_context(mounts.mounted(disk.root_device, target_dir))
+            if disk.from_image:
+                logger.info("The system comes from the cache image %s",
+                            source.image.path if source.image else "")
+            else:
+                with log.phase("install system"):
+                    install_system(p, source, target_dir)
+        # The cache's lock is released: hooks may take long, and other
+        # creates need not wait for them.
         target = Target(target_dir)
         with log.phase("configure instance"):
             instance_files.configure(target, instance_files.Instance.from_request(request),

@@ -9,13 +9,16 @@ so it is released in reverse order whatever happens next.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 
-from . import blockdev, filesystems, log, partitions
+from . import blockdev, filesystems, image_cache, log, partitions
 from .environment import Request
 from .errors import DiskError
 from .instance_files import FsEntry
 from .settings import Settings
+
+logger = logging.getLogger(__name__)
 
 # The root filesystems create makes and export knows how to dump.
 ROOT_FILESYSTEMS = ("ext2", "ext3", "ext4")
@@ -29,30 +32,62 @@ class FormattedDisk:
     root_device: str  # the root filesystem's device (partition 1, or the disk)
     root: FsEntry
     swap: FsEntry | None
+    from_image: bool = False  # the root filesystem is a copy of a cache image
 
 
 def format_disk(stack: contextlib.ExitStack, request: Request, conf: Settings,
-                fstype: str, arch: str) -> FormattedDisk:
-    """Check, attach, partition and format ``request.disk_path`` (and API 5 swap)."""
+                fstype: str, arch: str,
+                image: image_cache.FsImage | None = None) -> FormattedDisk:
+    """Check, partition and format ``request.disk_path`` (and API 5 swap).
+
+    With ``image`` (and room for it), the root filesystem is that image
+    copied, grown and given a new UUID instead of an empty mkfs.
+    """
+    path = request.disk_path
     with log.phase("check disk"):
-        blockdev.check_disk_usable(request.disk_path)
+        blockdev.check_disk_usable(path)
         if request.swap_device:
             blockdev.check_disk_usable(request.swap_device)
-        dev = stack.enter_context(blockdev.attached(request.disk_path))
-        size = blockdev.size_bytes(dev)
+        is_file = not blockdev.is_block_device(path)
+        size = blockdev.size_bytes(path)
         blockdev.require_min_size(size, blockdev.MIN_DISK_MIB)
     with log.phase("partition"):
-        layout = partitions.write_table(dev, conf.partition_style,
+        # Written on the disk itself, file or device, before any loop
+        # device exists over it: no loop device caches what is written
+        # into a disk file directly below.
+        layout = partitions.write_table(path, conf.partition_style,
                                         conf.partition_alignment, size, arch)
+    use_image = image is not None and image_cache.fits(image, layout.size_bytes)
+    if image is not None and not use_image:
+        logger.info("The root partition (%d MiB) is smaller than the cache's "
+                    "filesystem image (%d MiB): unpacking the archive instead",
+                    layout.size_bytes // 2**20, image.size // 2**20)
+    if use_image and is_file:
+        assert image is not None
+        with log.phase("copy filesystem image"):
+            image_cache.write(image, path, layout.offset_bytes)
+    dev = stack.enter_context(blockdev.attached(path))
+    if is_file and layout.style != "none":
+        # A file disk's partition is reached through a loop device over the
+        # file's byte range, on every node: simpler than kpartx over a loop.
+        root_dev = stack.enter_context(blockdev.loop_device(
+            path, offset=layout.offset_bytes, size=layout.size_bytes))
+    else:
         root_dev = stack.enter_context(partitions.mapped_root(dev, layout))
     with log.phase("make filesystems"):
-        filesystems.make_filesystem(root_dev, fstype)
-        root = FsEntry(filesystems.uuid_of(root_dev), fstype)
+        if use_image:
+            assert image is not None
+            if not is_file:
+                image_cache.write(image, root_dev)
+            uuid = image_cache.grow_and_renew(root_dev, fstype)
+        else:
+            filesystems.make_filesystem(root_dev, fstype)
+            uuid = filesystems.uuid_of(root_dev)
         swap = None
         if request.swap_device:
             swap_dev = stack.enter_context(blockdev.attached(request.swap_device))
             swap = FsEntry(filesystems.make_swap(swap_dev), "swap")
-    return FormattedDisk(dev, root_dev, root, swap)
+    return FormattedDisk(dev, root_dev, FsEntry(uuid, fstype), swap, use_image)
 
 
 def open_root(stack: contextlib.ExitStack, path: str,

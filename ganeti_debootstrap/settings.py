@@ -27,7 +27,8 @@ SHELL = "/bin/sh"
 # Every setting the shell edition knew, plus ours; only these are collected.
 NAMES = ("PROXY", "MIRROR", "ARCH", "SUITE", "EXTRA_PKGS", "COMPONENTS",
          "CUSTOMIZE_DIR", "VARIANTS_DIR", "GENERATE_CACHE", "CLEAN_CACHE",
-         "PARTITION_STYLE", "PARTITION_ALIGNMENT", "BOOTSTRAP_TOOL")
+         "PARTITION_STYLE", "PARTITION_ALIGNMENT", "BOOTSTRAP_TOOL",
+         "CACHE_IMAGE")
 
 PARTITION_STYLES = ("none", "msdos", "gpt")
 BOOTSTRAP_TOOLS = ("auto", "debootstrap", "mmdebstrap")
@@ -50,6 +51,7 @@ class Settings:
     partition_style: str = "msdos"
     partition_alignment: int = 2048
     bootstrap_tool: str = "auto"
+    cache_image: bool = True
     variant: str = ""
     # The files the values came from, for messages.
     sources: tuple[str, ...] = ()
@@ -234,6 +236,9 @@ def validate(raw: Mapping[str, str], files: list[str], api_version: int,
     else:
         bad("PARTITION_ALIGNMENT", f"{align_raw!r} must be a positive whole "
                                    f"number of 512-byte sectors (2048 = 1 MiB)")
+    image = raw.get("CACHE_IMAGE", "yes") or "yes"
+    if image not in ("yes", "no"):
+        bad("CACHE_IMAGE", f"{image!r} must be yes or no")
     tool = raw.get("BOOTSTRAP_TOOL", "auto") or "auto"
     if tool not in BOOTSTRAP_TOOLS:
         bad("BOOTSTRAP_TOOL", f"{tool!r} must be one of {', '.join(BOOTSTRAP_TOOLS)}")
@@ -250,4 +255,5 @@ def validate(raw: Mapping[str, str], files: list[str], api_version: int,
         variants_dir=raw.get("VARIANTS_DIR", ""),
         generate_cache=gen == "yes", clean_cache_days=clean,
         partition_style=style, partition_alignment=align,
-        bootstrap_tool=tool, variant=variant, sources=tuple(files))
+        bootstrap_tool=tool, cache_image=image == "yes", variant=variant,
+        sources=tuple(files))

@@ -311,7 +311,10 @@ def test_mkfs_failure_removes_kpartx_mapping_then_disk_loop(fake_runner, disk_fi
     ]
 
 
-def test_release_continues_when_one_step_fails(fake_runner, disk_file, caplog):
+def test_release_continues_when_one_step_fails(fake_runner, disk_file, caplog, monkeypatch):
+    # The fake loop devices count as attached whatever this machine's are.
+    monkeypatch.setattr(blockdev, "_loop_attached", lambda dev: True)
+    monkeypatch.setattr(blockdev, "_sleep", lambda seconds: None)
     fake_runner.expect("losetup", "--find", "--show", stdout="/dev/loop0\n")
     fake_runner.expect("losetup", "--find", "--show", "--offset", stdout="/dev/loop1\n")
     fake_runner.expect("losetup", "--detach")

@@ -1,0 +1,295 @@
+"""The fast form of a cache entry: a ready-made, minimal filesystem image.
+
+Unpacking the tar archive costs a filesystem's worth of small writes and a
+long writeback at unmount. Instead, each archive gets (on first use, per
+filesystem type) an image ``<stem>.<fstype>.img`` beside it: the tree made
+into a filesystem by ``mke2fs -d`` and shrunk to its minimum. create copies
+only the image's allocated extents onto the root partition (in the kernel:
+copy_file_range into a disk file, sendfile onto a block device), grows the
+filesystem to fill the partition and gives it a fresh UUID.
+
+The tar archive stays the form administrators inspect and repack: the image
+records the archive's size and mtime it was made from, and is made again
+when they change. ``CACHE_IMAGE=no`` turns this off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import stat
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from . import filesystems, runner
+from .cache import Cache, CacheEntry
+from .errors import CacheError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIX = ".img"
+RECORD_SUFFIX = ".img.json"
+TMP_TAG = ".tmp-"
+FORMAT_VERSION = 1
+
+# mke2fs options shared by every image. The usage type "default" and 4 KiB
+# blocks are forced: mke2fs would otherwise pick its "small" profile (1 KiB
+# blocks, many inodes) for a few hundred MiB, which cannot be grown into a
+# normal filesystem. Discard is off so that mke2fs writes (rather than
+# punches and assumes zero) every metadata block it relies on: only the
+# image's data extents are copied to the instance disk, whose old contents
+# remain everywhere else. Inode tables stay lazily initialised (flagged as
+# such, the kernel zeroes them after mount) and the journal is written.
+_COMMON_OPTIONS = ("-F", "-q", "-T", "default", "-b", "4096",
+                   "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=0")
+# metadata_csum_seed makes the UUID change at each create instant: without
+# it every checksum in the filesystem depends on the UUID and is rewritten.
+_FEATURES = {"ext4": ("-O", "metadata_csum_seed"), "ext3": (), "ext2": ()}
+
+# Room for mke2fs -d before the image is shrunk to its minimum.
+_HEADROOM = 1.5
+_EXTRA_BYTES = 128 * 2**20
+
+
+@dataclass(frozen=True)
+class FsImage:
+    """A usable filesystem image of a cache entry."""
+
+    path: str
+    fstype: str
+    size: int  # bytes of filesystem (the image file's length)
+
+
+def image_path(entry: CacheEntry, fstype: str) -> str:
+    return os.path.join(os.path.dirname(entry.path), f"{entry.key.stem}.{fstype}{IMAGE_SUFFIX}")
+
+
+def record_path(entry: CacheEntry, fstype: str) -> str:
+    return os.path.join(os.path.dirname(entry.path), f"{entry.key.stem}.{fstype}{RECORD_SUFFIX}")
+
+
+def _source_stamp(entry: CacheEntry) -> dict[str, int]:
+    st = os.stat(entry.path)
+    return {"format": FORMAT_VERSION, "archive_size": st.st_size,
+            "archive_mtime_ns": st.st_mtime_ns}
+
+
+def lookup(entry: CacheEntry, fstype: str) -> FsImage | None:
+    """The image of ``entry`` for ``fstype`` if it was made from the archive as it is."""
+    path, record = image_path(entry, fstype), record_path(entry, fstype)
+    try:
+        with open(record, encoding="utf-8") as f:
+            data = json.load(f)
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    stamp = _source_stamp(entry)
+    if any(data.get(k) != v for k, v in stamp.items()) or data.get("size") != st.st_size:
+        log.info("The filesystem image %s is older than its archive; making it again", path)
+        return None
+    return FsImage(path, fstype, st.st_size)
+
+
+def _tree_bytes(root: str) -> tuple[int, int]:
+    """Allocated bytes and inode count of a tree (hard links counted once)."""
+    total, inodes, seen = 0, 0, set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            inodes += 1
+            total += max(st.st_blocks * 512, 4096 if not stat.S_ISLNK(st.st_mode) else 0)
+    return total, inodes
+
+
+def build(store: Cache, entry: CacheEntry, fstype: str) -> FsImage:
+    """Make the image of ``entry`` for ``fstype`` (caller holds the key's lock)."""
+    path, record = image_path(entry, fstype), record_path(entry, fstype)
+    _remove_leftovers(entry)
+    with store.staging_dir(entry.key) as tree:
+        store.extract(entry, tree)
+        used, inodes = _tree_bytes(tree)
+        size = int(used * _HEADROOM) + _EXTRA_BYTES
+        size -= size % 4096
+        fd, tmp = tempfile.mkstemp(dir=store.directory,
+                                   prefix=f"{entry.key.stem}.{fstype}{IMAGE_SUFFIX}{TMP_TAG}")
+        os.close(fd)
+        try:
+            os.truncate(tmp, size)
+            # Inodes as mke2fs would give the final filesystem (one per 16
+            # KiB), but never fewer than the tree needs with room to spare.
+            inode_count = max(size // 16384, inodes * 2)
+            runner.run(["mke2fs", *_COMMON_OPTIONS, *_FEATURES[fstype], "-t", fstype,
+                        "-N", str(inode_count), "-d", tree, tmp],
+                       hint="Making the cache's filesystem image failed; "
+                            "set CACHE_IMAGE=no to unpack the archive instead.")
+            # resize2fs insists on a freshly checked filesystem before it
+            # shrinks one to its minimum size.
+            runner.run(["e2fsck", "-f", "-y", tmp])
+            runner.run(["resize2fs", "-M", tmp])
+            blocks = int(_dumpe2fs_field(tmp, "Block count"))
+            os.truncate(tmp, blocks * 4096)
+            check = runner.run(["e2fsck", "-fn", tmp], check=False)
+            if check.returncode != 0:
+                raise CacheError(f"The filesystem image made from {entry.path} does "
+                                 f"not pass e2fsck; set CACHE_IMAGE=no and report "
+                                 f"this.")
+            os.chmod(tmp, 0o600)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            record_data: dict[str, object] = dict(_source_stamp(entry))
+            record_data.update(size=os.path.getsize(tmp), fstype=fstype)
+            _write_json(record, record_data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    log.info("Made the filesystem image %s (%.0f MiB)", path, os.path.getsize(path) / 2**20)
+    return FsImage(path, fstype, os.path.getsize(path))
+
+
+def _dumpe2fs_field(dev: str, field: str) -> str:
+    out = runner.output(["dumpe2fs", "-h", dev])
+    for line in out.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == field:
+            return value.strip()
+    raise CacheError(f"dumpe2fs -h {dev} shows no {field!r}")
+
+
+def _write_json(path: str, data: dict[str, object]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + TMP_TAG)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _remove_leftovers(entry: CacheEntry) -> None:
+    """Temporary images of killed runs for this key (the caller holds its lock)."""
+    directory = os.path.dirname(entry.path)
+    pattern = re.compile(re.escape(entry.key.stem) + r"\.ext[234]\.img(\.json)?" +
+                         re.escape(TMP_TAG))
+    for name in os.listdir(directory):
+        if pattern.match(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))
+
+
+def ensure(store: Cache, entry: CacheEntry, fstype: str) -> FsImage:
+    """The current image of ``entry`` for ``fstype``, made if needed (lock held)."""
+    return lookup(entry, fstype) or build(store, entry, fstype)
+
+
+def prune(directory: str) -> list[str]:
+    """Remove images whose archive is gone (expired or removed); return them."""
+    removed: list[str] = []
+    if not os.path.isdir(directory):
+        return removed
+    names = set(os.listdir(directory))
+    pattern = re.compile(r"^(?P<stem>cache-.+)\.ext[234]\.img(\.json)?$")
+    for name in sorted(names):
+        m = pattern.match(name)
+        if m and m.group("stem") + ".tar" not in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))
+            removed.append(name)
+    return removed
+
+
+# -- writing an image onto an instance disk ---------------------------------
+
+def _data_extents(fd: int, length: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the parts of a sparse file that hold data."""
+    pos = 0
+    while pos < length:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after pos
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), length)
+        yield start, end - start
+        pos = end
+
+
+def write(image: FsImage, dest: str, offset: int = 0) -> int:
+    """Copy the image's data extents to ``dest`` at byte ``offset``; return bytes copied.
+
+    ``dest`` is the disk file (copy_file_range: no data through user space,
+    and no loop device's writeback at the end) or a block device (sendfile).
+    What lies between the extents keeps the disk's old contents: the image's
+    metadata never relies on it (see _COMMON_OPTIONS).
+    """
+    copied = 0
+    src = os.open(image.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        out = os.open(dest, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            to_file = stat.S_ISREG(os.fstat(out).st_mode)
+            for start, length in _data_extents(src, image.size):
+                copied += _copy_range(src, out, start, length, offset, to_file)
+            if not to_file:
+                # A block device's page cache is not written back by close.
+                os.fsync(out)
+        finally:
+            os.close(out)
+    finally:
+        os.close(src)
+    return copied
+
+
+def _copy_range(src: int, out: int, start: int, length: int, offset: int,
+                to_file: bool) -> int:
+    done = 0
+    while done < length:
+        if to_file:
+            n = os.copy_file_range(src, out, length - done, start + done,
+                                   offset + start + done)
+        else:
+            os.lseek(out, offset + start + done, os.SEEK_SET)
+            n = os.sendfile(out, src, start + done, length - done)
+        if n == 0:
+            raise CacheError(f"Copying the filesystem image {image_name(src)} stopped "
+                             f"early; is the instance disk smaller than it claims?")
+        done += n
+    return done
+
+
+def image_name(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"fd {fd}"
+
+
+def grow_and_renew(root_dev: str, fstype: str) -> str:
+    """Grow the copied filesystem to fill ``root_dev`` and give it a new UUID.
+
+    Returns the new UUID. Every instance made from one image must not share
+    the filesystem UUID (fstab, the boot loader and udev find it by UUID).
+    """
+    # -f: the image was checked when it was made; resize2fs would otherwise
+    # insist on a fresh e2fsck of the copy first.
+    runner.run(["resize2fs", "-f", root_dev])
+    runner.run(["tune2fs", "-U", "random", root_dev])
+    return filesystems.uuid_of(root_dev)
+
+
+def fits(image: FsImage, partition_bytes: int) -> bool:
+    """Whether the image fits the partition (else the archive is unpacked)."""
+    return image.size <= partition_bytes

@@ -1,0 +1,131 @@
+"""The fast path: a cache's filesystem image gives the same instance as its archive."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.root import scripts
+from tests.root.scripts import create_env, mounted_root, read, root_device, run_script
+from tests.treecompare import differences
+
+
+# The files create writes for each instance: written at different moments
+# in the two creates, so their (and their directories') mtimes differ.
+WRITTEN_BY_CREATE = ("etc", "etc/network", "etc/hostname", "etc/hosts", "etc/mailname",
+                     "etc/machine-id", "etc/network/interfaces", "etc/resolv.conf",
+                     "etc/shadow")
+
+
+@pytest.fixture
+def tree(tmp_path, bootstrapped_localstatedir):
+    return scripts.make_os_tree(str(tmp_path / "os"), bootstrapped_localstatedir)
+
+
+def copy_out(disk: str, dest: str) -> None:
+    os.makedirs(dest)
+    with mounted_root(disk) as root:
+        tar = subprocess.Popen(["tar", "-C", root, "--xattrs", "--xattrs-include=*",
+                                "--numeric-owner", "-cf", "-", "."], stdout=subprocess.PIPE)
+        subprocess.run(["tar", "-C", dest, "--xattrs", "--xattrs-include=*",
+                        "--numeric-owner", "-xpf", "-"], stdin=tar.stdout, check=True)
+        assert tar.wait() == 0
+
+
+def fsck_clean(disk: str) -> None:
+    with root_device(disk) as dev:
+        res = subprocess.run(["e2fsck", "-fn", dev], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def dirty(path: str, mib: int) -> None:
+    """A disk full of old data: every MiB starts with a non-zero pattern."""
+    block = (b"OLD-DATA" * 512) + os.urandom(4096)
+    with open(path, "r+b") as f:
+        for i in range(mib):
+            f.seek(i * 2**20)
+            f.write(block)
+
+
+@pytest.mark.parametrize("fstype,style", [("ext4", "msdos"), ("ext3", "gpt"),
+                                          ("ext2", "none")])
+def test_image_path_gives_the_same_tree_as_the_archive(tree, tmp_path, fstype, style):
+    via_tar = scripts.sparse_disk(str(tmp_path), 1024, "tar.img")
+    via_image = scripts.sparse_disk(str(tmp_path), 2048, "image.img")
+    dirty(via_image, 2048)
+    tree.settings(f'CACHE_IMAGE="no"\nPARTITION_STYLE="{style}"\n')
+    log_tar = run_script(tree, "create", create_env("same1", via_tar,
+                                                    OSP_FILESYSTEM=fstype)).stderr.decode()
+    assert "Unpacking the cache" in log_tar
+    tree.settings(f'PARTITION_STYLE="{style}"\n')
+    log_image = run_script(tree, "create", create_env("same1", via_image,
+                                                      OSP_FILESYSTEM=fstype)).stderr.decode()
+    assert "The system comes from the cache image" in log_image
+    for disk in (via_tar, via_image):
+        fsck_clean(disk)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    copy_out(via_tar, a)
+    copy_out(via_image, b)
+    diffs = differences(a, b, ignore=("lost+found", "etc/fstab"),
+                        ignore_mtime=WRITTEN_BY_CREATE)
+    print("\n".join(diffs))
+    assert diffs == []
+    with root_device(via_image) as dev:
+        size = int(subprocess.run(["blockdev", "--getsize64", dev], capture_output=True,
+                                  text=True).stdout)
+        info = subprocess.run(["dumpe2fs", "-h", dev], capture_output=True, text=True).stdout
+        uuid = scripts.blkid(dev, "UUID")
+    blocks = int([ln for ln in info.splitlines() if ln.startswith("Block count:")][0].split()[-1])
+    assert blocks * 4096 == size - size % 4096, "the filesystem fills its partition"
+    with mounted_root(via_image) as root:
+        assert f"UUID={uuid}" in read(root, "/etc/fstab")
+
+
+def test_each_instance_from_one_image_gets_its_own_uuid(tree, tmp_path):
+    disks = [scripts.sparse_disk(str(tmp_path), 1024, f"d{i}.img") for i in range(2)]
+    for i, disk in enumerate(disks):
+        run_script(tree, "create", create_env(f"u{i}", disk))
+    uuids = set()
+    for disk in disks:
+        with root_device(disk) as dev:
+            uuids.add(scripts.blkid(dev, "UUID"))
+    assert len(uuids) == 2
+
+
+def test_image_follows_a_repacked_archive(tree, tmp_path):
+    own = str(tmp_path / "var")
+    subprocess.run(["cp", "-a", tree.localstatedir, own], check=True)
+    site = scripts.OSTree(tree.sysconfdir, own, tree.os_dir)
+    disk = scripts.sparse_disk(str(tmp_path), 1024)
+    run_script(site, "create", create_env("pre", disk))  # image made for the archive
+    archive = [f for f in os.listdir(site.cache_dir) if f.endswith(".tar")][0]
+    path = os.path.join(site.cache_dir, archive)
+    # The administrator preseeds a site file into the archive.
+    unpacked = str(tmp_path / "unpacked")
+    os.makedirs(unpacked)
+    subprocess.run(["tar", "-C", unpacked, "--xattrs", "--xattrs-include=*",
+                    "--numeric-owner", "-xpf", path], check=True)
+    with open(os.path.join(unpacked, "etc/site-preseed"), "w") as f:
+        f.write("preseeded\n")
+    subprocess.run(["tar", "-C", unpacked, "--xattrs", "--xattrs-include=*",
+                    "--numeric-owner", "-cf", path, "."], check=True)
+    log = run_script(site, "create", create_env("post", disk)).stderr.decode()
+    assert "The system comes from the cache image" in log
+    with mounted_root(disk) as root:
+        assert read(root, "/etc/site-preseed") == "preseeded\n"
+
+
+def test_image_larger_than_the_partition_falls_back_to_the_archive(tree, tmp_path):
+    disk = scripts.sparse_disk(str(tmp_path), 1024)
+    # An alignment of 800 MiB leaves a partition smaller than the image.
+    tree.settings('PARTITION_ALIGNMENT="1638400"\n')
+    res = run_script(tree, "create", create_env("tight", disk), check=False)
+    log = res.stderr.decode()
+    if res.returncode != 0:
+        # Too small for the system at all: refused with a clear message.
+        assert "ERROR: create failed" in log
+    else:
+        assert "unpacking the archive instead" in log
+        fsck_clean(disk)
