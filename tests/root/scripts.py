@@ -91,7 +91,7 @@ def ganeti_env(**variables: str) -> dict[str, str]:
            "NIC_COUNT": "0"}
     # Not Ganeti's, but harmless: coverage of the script's process, and its
     # temporary mount points inside this test session's directory.
-    for passed in ("COVERAGE_PROCESS_START", "TMPDIR"):
+    for passed in ("COVERAGE_PROCESS_START", "COVERAGE_FILE", "COVERAGE_RCFILE", "TMPDIR"):
         if os.environ.get(passed):
             env[passed] = os.environ[passed]
     env.update(variables)
