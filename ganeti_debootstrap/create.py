@@ -34,6 +34,8 @@ class Plan:
     params: osparams.OSParams
     tool: str
     arch: str
+    # What the instance's own files are made from; NIC variables checked.
+    instance: instance_files.Instance
 
 
 def plan(request: Request, paths: Paths) -> Plan:
@@ -42,7 +44,8 @@ def plan(request: Request, paths: Paths) -> Plan:
     params = osparams.validate(request.os_params)
     tool = bootstrap.choose_tool(conf.bootstrap_tool)
     arch = conf.arch or bootstrap.node_architecture()
-    return Plan(conf, params, tool, arch)
+    instance = instance_files.Instance.from_request(request, params, conf)
+    return Plan(conf, params, tool, arch, instance)
 
 
 @dataclass(frozen=True)
@@ -123,8 +126,7 @@ def run(request: Request, paths: Paths) -> None:
         # creates need not wait for them.
         target = Target(target_dir)
         with log.phase("configure instance"):
-            instance_files.configure(target, instance_files.Instance.from_request(request),
-                                     root=disk.root, swap=disk.swap)
+            instance_files.configure(target, p.instance, root=disk.root, swap=disk.swap)
         hook_list = hooks.list_hooks(conf.customize_dir)
         if hook_list:
             with log.phase(f"hooks ({len(hook_list)})"):

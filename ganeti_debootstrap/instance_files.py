@@ -1,11 +1,12 @@
-"""What create writes into the instance: its name, disks, console and identity.
+"""What create writes into the instance: its name, disks, network, console, identity.
 
 Every file goes through :class:`~ganeti_debootstrap.target.Target`, so a
 symlink planted in the tree (``etc/hostname -> /etc/hostname``) is replaced,
 never followed onto the node. Each piece is a small function that the unit
 tests drive on a synthetic tree; :func:`configure` runs them in order for
 create, and import reuses :func:`rewrite_fstab`, :func:`reset_identity` and
-:func:`remove_persistent_net_rules`.
+:func:`remove_persistent_net_rules`. The NICs' configuration and the APT
+sources have their own modules (network.py, apt_sources.py), run from here.
 """
 
 from __future__ import annotations
@@ -18,13 +19,18 @@ import os
 import re
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from . import runner
+from . import apt_sources, network, runner
 from .environment import Request
 from .errors import DefinitionError
 from .names import short_hostname
 from .target import Target
+
+if TYPE_CHECKING:
+    from .osparams import OSParams
+    from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,11 @@ class Instance:
     name: str  # as Ganeti passes it: usually the FQDN
     serial_console: str | None = None  # "ttyS0", "hvc0" or None
     serial_speed: str = ""  # INSTANCE_HV_serial_speed (KVM), for inittab
+    # The NICs and how to configure them; by default nothing beyond the
+    # shell edition's loopback-only /etc/network/interfaces.
+    network_plan: network.NetworkPlan = field(default_factory=network.NetworkPlan)
+    # None: the APT sources stay as the bootstrap wrote them.
+    apt: apt_sources.SourcesPlan | None = None
 
     def __post_init__(self) -> None:
         # The device name becomes part of paths and of /etc/inittab.
@@ -48,11 +59,26 @@ class Instance:
             raise ValueError(f"bad serial console device {self.serial_console!r}")
 
     @classmethod
-    def from_request(cls, request: Request) -> Instance:
+    def from_request(cls, request: Request, params: OSParams | None = None,
+                     conf: Settings | None = None) -> Instance:
+        """The instance Ganeti describes; raises ConfigError for bad NIC variables.
+
+        Without ``params`` the network is left as the shell edition left
+        it; without ``conf`` so are the APT sources.
+        """
         speed = request.hv_params.get("serial_speed", "")
+        plan = network.NetworkPlan()
+        if params is not None and params.network != "none":
+            plan = network.NetworkPlan(params.network,
+                                       network.nic_configs(request.nics, params.ipv6))
+        apt = None
+        if conf is not None:
+            mode = params.apt_sources if params is not None else "auto"
+            apt = apt_sources.SourcesPlan.from_settings(conf, mode)
         return cls(name=request.instance_name,
                    serial_console=request.serial_console,
-                   serial_speed=speed if speed.isdigit() else "")
+                   serial_speed=speed if speed.isdigit() else "",
+                   network_plan=plan, apt=apt)
 
 
 @dataclass(frozen=True)
@@ -79,6 +105,8 @@ class Configured:
 
     ssh_fingerprints: tuple[str, ...] = ()
     serial_console: str = ""  # "systemd", "inittab" or "" (none set up)
+    network: str = "none"  # what the NICs were configured for (network.configure)
+    apt_sources: tuple[str, ...] = ()  # the APT files written or removed
 
 
 # --- names ------------------------------------------------------------------
@@ -93,17 +121,18 @@ def write_mailname(t: Target, name: str) -> None:
     t.write_text("/etc/mailname", f"{name}\n")
 
 
-def hosts_text(name: str) -> str:
-    """/etc/hosts for a host without a static address, as Debian's installer writes it.
+def hosts_text(name: str, address: str = "") -> str:
+    """/etc/hosts naming the instance, as Debian's installer writes it.
 
-    The host's own name maps to 127.0.1.1 so that ``hostname --fqdn`` works
-    without DNS; the node's own list of cluster hosts is deliberately not
-    copied (it names the node, and leaks the cluster's layout).
+    With a static ``address`` the name maps to it; without one, to
+    127.0.1.1, so that ``hostname --fqdn`` works without DNS either way.
+    The node's own list of cluster hosts is deliberately not copied (it
+    names the node, and leaks the cluster's layout).
     """
     short = short_hostname(name)
     names = name if short == name else f"{name}\t{short}"
     return ("127.0.0.1\tlocalhost\n"
-            f"127.0.1.1\t{names}\n"
+            f"{address or '127.0.1.1'}\t{names}\n"
             "\n"
             "# The following lines are desirable for IPv6 capable hosts\n"
             "::1\tlocalhost ip6-localhost ip6-loopback\n"
@@ -111,9 +140,9 @@ def hosts_text(name: str) -> str:
             "ff02::2\tip6-allrouters\n")
 
 
-def write_hosts(t: Target, name: str) -> None:
+def write_hosts(t: Target, name: str, address: str = "") -> None:
     """Write /etc/hosts naming the instance (see :func:`hosts_text`)."""
-    t.write_text("/etc/hosts", hosts_text(name))
+    t.write_text("/etc/hosts", hosts_text(name, address))
 
 
 # --- DNS --------------------------------------------------------------------
@@ -267,37 +296,34 @@ def clear_root_password(t: Target) -> None:
 DPKG_STATUS = "/var/lib/dpkg/status"
 
 
-def installed_packages(t: Target) -> frozenset[str]:
-    """Names of the packages dpkg's status file lists as installed (empty if none)."""
+def installed_package_versions(t: Target) -> dict[str, str]:
+    """Installed package -> version, from dpkg's status file (empty if none)."""
     from debian import deb822
 
     try:
         f = open(t.path(DPKG_STATUS), encoding="utf-8", errors="replace")
     except FileNotFoundError:
-        return frozenset()
-    names = set()
+        return {}
+    versions = {}
     with f:
         for para in deb822.Packages.iter_paragraphs(
-                f, fields=["Package", "Status"], use_apt_pkg=False):
+                f, fields=["Package", "Status", "Version"], use_apt_pkg=False):
             # "install ok installed", "hold ok installed"; not "config-files".
             if para.get("Status", "").split()[-1:] == ["installed"]:
-                names.add(para["Package"])
-    return frozenset(names)
+                versions[para["Package"]] = para.get("Version", "")
+    return versions
+
+
+def installed_packages(t: Target) -> frozenset[str]:
+    """Names of the packages dpkg's status file lists as installed (empty if none)."""
+    return frozenset(installed_package_versions(t))
 
 
 # --- network ----------------------------------------------------------------
 
 IFUPDOWN_PACKAGES = ("ifupdown", "ifupdown2", "ifupdown-ng")
 
-INTERFACES_TEXT = (
-    "# This file describes the network interfaces available on your system\n"
-    "# and how to activate them. For more information, see interfaces(5).\n"
-    "\n"
-    "source /etc/network/interfaces.d/*\n"
-    "\n"
-    "# The loopback network interface\n"
-    "auto lo\n"
-    "iface lo inet loopback\n")
+INTERFACES_TEXT = network.LOOPBACK_INTERFACES
 
 
 def uses_ifupdown(t: Target, packages: frozenset[str]) -> bool:
@@ -568,15 +594,25 @@ def configure(t: Target, instance: Instance, *, root: FsEntry,
               swap: FsEntry | None = None,
               node_files: NodeFiles = NodeFiles()) -> Configured:
     """Write the instance's own files into the freshly installed tree at ``t``."""
-    packages = installed_packages(t)
+    versions = installed_package_versions(t)
+    packages = frozenset(versions)
+    net = network.configure(t, instance.network_plan,
+                            has_ifupdown=uses_ifupdown(t, packages),
+                            packages=packages, versions=versions)
+    if instance.network_plan.nics:
+        log.info("Network of %d NIC(s) configured for %s", len(instance.network_plan.nics),
+                 net.renderer)
+    log.debug("network files: %s", ", ".join(net.files) or "none")
     write_hostname(t, instance.name)
     write_mailname(t, instance.name)
-    write_hosts(t, instance.name)
+    write_hosts(t, instance.name, net.host_address)
     copy_resolv_conf(t, node_files)
     rewrite_fstab(t, root=root, swap=swap)
     clear_root_password(t)
-    if uses_ifupdown(t, packages):
-        write_interfaces(t)
+    apt_files: list[str] = []
+    if instance.apt is not None:
+        apt_files = apt_sources.configure(t, instance.apt)
+        log.debug("APT sources: %s", ", ".join(apt_files) or "left as they were")
     console = ""
     if instance.serial_console:
         console = enable_serial_console(t, instance.serial_console,
@@ -587,4 +623,5 @@ def configure(t: Target, instance: Instance, *, root: FsEntry,
     prints = regenerate_ssh_host_keys(t, f"root@{instance.name}", packages)
     for line in prints:
         log.info("SSH host key %s", line)
-    return Configured(ssh_fingerprints=prints, serial_console=console)
+    return Configured(ssh_fingerprints=prints, serial_console=console,
+                      network=net.renderer, apt_sources=tuple(apt_files))

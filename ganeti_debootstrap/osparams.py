@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .apt_sources import APT_SOURCES_MODES
 from .errors import ConfigError
+from .network import IPV6_MODES, NETWORK_MODES
 
 KNOWN_CHECKS = ("parameters",)
 
@@ -28,6 +30,15 @@ class Parameter:
 PARAMETERS: tuple[Parameter, ...] = (
     Parameter("filesystem", "Root filesystem type: ext4 (default), ext3 or ext2",
               ("ext4", "ext3", "ext2"), "ext4"),
+    Parameter("network", "Network configuration from the instance's NICs: auto "
+              "(default: ifupdown if installed, else systemd-networkd), ifupdown, "
+              "networkd or none (loopback only)", NETWORK_MODES, "auto"),
+    Parameter("ipv6", "IPv6 on NICs whose Ganeti network has an IPv6 subnet: "
+              "eui64 (default: static address derived from the MAC), slaac "
+              "(router advertisements) or none", IPV6_MODES, "eui64"),
+    Parameter("apt_sources", "APT sources written into the instance: auto "
+              "(default: deb822 where the release uses it, else one-line), "
+              "deb822, one-line or keep (as bootstrapped)", APT_SOURCES_MODES, "auto"),
 )
 
 
@@ -36,6 +47,9 @@ class OSParams:
     """The validated OS parameters of one instance."""
 
     filesystem: str = "ext4"
+    network: str = "auto"
+    ipv6: str = "eui64"
+    apt_sources: str = "auto"
 
 
 def parameters_list() -> str:
