@@ -102,6 +102,24 @@ def source_files(root: str) -> list[str]:
     return sorted(found)
 
 
+def source_state(root: str) -> str:
+    """The commit the work tree is at, and how many files differ from it."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", root, *args], capture_output=True,
+                                  text=True).stdout.strip()
+        except OSError:
+            return ""
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return f"{root} (not a git checkout)"
+    changed = [line for line in git("status", "--porcelain", "--untracked-files=no")
+               .splitlines() if line.strip()]
+    return (f"{root} at commit {commit}" +
+            (f", with uncommitted changes in {len(changed)} tracked file(s)"
+             if changed else ""))
+
+
 def _copy_tree(root: str, dest: str) -> None:
     for name in source_files(root):
         src, target = os.path.join(root, name), os.path.join(dest, name)

@@ -169,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"command: bench/run {shlex.join(sys.argv[1:] if argv is None else argv)}", flush=True)
     print(f"scenarios: {','.join(opts.scenarios)}; runs {opts.runs}, cold runs "
           f"{opts.cold_runs}; scripts: {opts.entry}", flush=True)
+    print(f"source: {install.source_state(source_root)}", flush=True)
     print(f"load average before: {machine.loadavg()}", flush=True)
     try:
         start = time.monotonic()
