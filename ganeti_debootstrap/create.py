@@ -15,8 +15,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from . import (bootstrap, cache, hooks, image_cache, instance_disk, instance_files, log,
-               mounts, osparams, settings)
+from . import (bootloader, bootstrap, cache, hooks, image_cache, instance_disk,
+               instance_files, log, mounts, osparams, settings)
 from .errors import DefinitionError
 from .environment import Request
 from .paths import Paths
@@ -44,6 +44,8 @@ def plan(request: Request, paths: Paths) -> Plan:
     params = osparams.validate(request.os_params)
     tool = bootstrap.choose_tool(conf.bootstrap_tool)
     arch = conf.arch or bootstrap.node_architecture()
+    # With GRUB, its packages join EXTRA_PKGS, so the cache key too.
+    conf = bootloader.resolve(conf, params.bootloader, arch)
     instance = instance_files.Instance.from_request(request, params, conf)
     return Plan(conf, params, tool, arch, instance)
 
@@ -127,6 +129,8 @@ def run(request: Request, paths: Paths) -> None:
         target = Target(target_dir)
         with log.phase("configure instance"):
             instance_files.configure(target, p.instance, root=disk.root, swap=disk.swap)
+        bootloader.install(target, request, conf, disk_device=disk.device,
+                           root_uuid=disk.root.uuid)
         hook_list = hooks.list_hooks(conf.customize_dir)
         if hook_list:
             with log.phase(f"hooks ({len(hook_list)})"):
@@ -134,6 +138,7 @@ def run(request: Request, paths: Paths) -> None:
                                         blockdev=disk.device, fsysdev=disk.root_device)
                 with mounts.api_filesystems(target_dir), hooks.daemons_prevented(target):
                     hooks.run_all(conf.customize_dir, env)
+            bootloader.repair_config(target, request, conf, disk.root.uuid)
         # What is left to do is the ExitStack's: unmount (writeback) and
         # release the mappings and loop devices.
         released_from = time.monotonic()

@@ -14,7 +14,8 @@ import logging
 import os
 import sys
 
-from . import instance_disk, instance_files, log, mounts, osparams, runner, settings
+from . import (bootloader, instance_disk, instance_files, log, mounts, osparams, runner,
+               settings)
 from .dumpstream import StreamPump
 from .environment import Request
 from .errors import DefinitionError
@@ -61,6 +62,8 @@ def run(request: Request, paths: Paths) -> None:
     conf = settings.load(paths, request.os_variant, request.api_version)
     params = osparams.validate(request.os_params)
     arch = conf.arch or runner.output(["dpkg", "--print-architecture"])
+    # The same disk layout as create: with GRUB, room for its core image.
+    conf = bootloader.resolve(conf, params.bootloader, arch)
     with contextlib.ExitStack() as stack:
         disk = instance_disk.format_disk(stack, request, conf, params.filesystem, arch)
         target_dir = stack.enter_context(mounts.temporary_mountpoint())
@@ -73,4 +76,7 @@ def run(request: Request, paths: Paths) -> None:
             instance_files.rewrite_fstab(target, root=disk.root, swap=disk.swap)
             instance_files.remove_persistent_net_rules(target)
             instance_files.reset_identity(target)
+        # The old GRUB looked for the old root UUID on the old disk.
+        bootloader.install(target, request, conf, disk_device=disk.device,
+                           root_uuid=disk.root.uuid, required=False)
     logger.info("Instance %s imported onto %s", request.instance_name, request.disk_path)

@@ -55,8 +55,10 @@ def format_disk(stack: contextlib.ExitStack, request: Request, conf: Settings,
         # Written on the disk itself, file or device, before any loop
         # device exists over it: no loop device caches what is written
         # into a disk file directly below.
+        # GRUB (BOOTLOADER=grub) needs room before the root partition.
         layout = partitions.write_table(path, conf.partition_style,
-                                        conf.partition_alignment, size, arch)
+                                        conf.partition_alignment, size, arch,
+                                        boot_area=conf.bootloader == "grub")
     use_image = image is not None and image_cache.fits(image, layout.size_bytes)
     if image is not None and not use_image:
         logger.info("The root partition (%d MiB) is smaller than the cache's "

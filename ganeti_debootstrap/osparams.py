@@ -30,6 +30,11 @@ class Parameter:
 PARAMETERS: tuple[Parameter, ...] = (
     Parameter("filesystem", "Root filesystem type: ext4 (default), ext3 or ext2",
               ("ext4", "ext3", "ext2"), "ext4"),
+    # Empty (the default) leaves the choice to the BOOTLOADER setting.
+    Parameter("bootloader", "Boot loader on disk 0: none (Ganeti boots the "
+              "node's kernel, kernel_path) or grub (boots with an empty "
+              "kernel_path); default: the BOOTLOADER setting",
+              ("none", "grub"), ""),
     Parameter("network", "Network configuration from the instance's NICs: auto "
               "(default: ifupdown if installed, else systemd-networkd), ifupdown, "
               "networkd or none (loopback only)", NETWORK_MODES, "auto"),
@@ -47,6 +52,7 @@ class OSParams:
     """The validated OS parameters of one instance."""
 
     filesystem: str = "ext4"
+    bootloader: str = ""  # empty: the BOOTLOADER setting decides
     network: str = "auto"
     ipv6: str = "eui64"
     apt_sources: str = "auto"

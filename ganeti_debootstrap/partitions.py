@@ -3,7 +3,9 @@
 Three styles: ``none`` (the filesystem on the whole disk), ``msdos`` (one
 bootable partition) and ``gpt`` (one root partition). The partition starts
 at PARTITION_ALIGNMENT (in 512-byte sectors) and runs to the end of the
-disk. Partition 1 is reached through kpartx where the node has
+disk. With room for a BIOS boot loader (BOOTLOADER=grub), a gpt table also
+gets a BIOS boot partition, numbered 2, in the gap before the root, which
+stays partition 1. Partition 1 is reached through kpartx where the node has
 device-mapper (the shell edition's way), else through a loop device over
 the partition's byte range.
 """
@@ -52,6 +54,14 @@ GPT_ROOT_TYPES = {
 }
 GPT_LINUX_FILESYSTEM = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 MSDOS_LINUX = "83"
+# Where GRUB for BIOS embeds its core image on a gpt disk (on msdos it uses
+# the unpartitioned gap after the MBR instead).
+GPT_BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
+# The space a BIOS boot loader needs before the root partition: GRUB's
+# core.img with the partition table, ext2 and search modules is 29 KiB
+# (trixie); GRUB's manual asks for at least 31 KiB and advises 1 MiB.
+# Twice the measured size leaves room for a GRUB that grows in upgrades.
+MIN_BOOT_AREA_BYTES = 64 * 1024
 
 DM_CONTROL = "/dev/mapper/control"
 MAPPER_DIR = "/dev/mapper"
@@ -76,6 +86,10 @@ class Layout:
     start_sector: int
     size_sectors: int
     sector_size: int = 512
+    # The BIOS boot partition (gpt with room for a boot loader): partition
+    # 2, in the gap before the root; size 0 when there is none.
+    boot_start_sector: int = 0
+    boot_size_sectors: int = 0
 
     @property
     def offset_bytes(self) -> int:
@@ -96,17 +110,54 @@ def gpt_root_type(arch: str) -> str:
     return GPT_ROOT_TYPES.get(arch, GPT_LINUX_FILESYSTEM)
 
 
+def _first_usable(style: str, sector_size: int) -> int:
+    """The first sector a partition of ``style`` may use."""
+    if style == "gpt":
+        # After the protective MBR and the primary table.
+        return 1 + _gpt_table_sectors(sector_size)
+    return 1
+
+
+def check_boot_area(style: str, alignment_sectors: int,
+                    sector_size: int = 512) -> int:
+    """Sectors a BIOS boot loader gets before the root partition.
+
+    The gap after the table (msdos), or the BIOS boot partition made there
+    (gpt). Raises DiskError when PARTITION_ALIGNMENT leaves too little
+    room, and ValueError for style "none", which has no room at all.
+    """
+    if style == "none":
+        raise ValueError("a disk without partition table has no boot area")
+    start = alignment_sectors * 512 // sector_size
+    room = start - _first_usable(style, sector_size)
+    if room * sector_size < MIN_BOOT_AREA_BYTES:
+        # The smallest alignment that fits, in whole 4 KiB (8 sectors).
+        first_bytes = _first_usable(style, sector_size) * sector_size
+        need = -(-(first_bytes + MIN_BOOT_AREA_BYTES) // 4096) * 8
+        raise DiskError(
+            f"PARTITION_ALIGNMENT={alignment_sectors} leaves "
+            f"{max(room, 0) * sector_size // 1024} KiB before the root partition "
+            f"for GRUB (BOOTLOADER=grub), which needs "
+            f"{MIN_BOOT_AREA_BYTES // 1024} KiB there. Use PARTITION_ALIGNMENT="
+            f"2048 (one MiB, the usual), or at least {need}.")
+    return room
+
+
 def plan(style: str, alignment_sectors: int, disk_size: int,
-         sector_size: int = 512) -> Layout:
+         sector_size: int = 512, boot_area: bool = False) -> Layout:
     """The layout write_table makes on a disk of ``disk_size`` bytes.
 
     ``alignment_sectors`` counts 512-byte sectors, as PARTITION_ALIGNMENT
-    always has. Raises DiskError when the partition cannot fit.
+    always has. ``boot_area`` leaves room for a BIOS boot loader (see
+    :func:`check_boot_area`): on gpt, a BIOS boot partition. Raises
+    DiskError when a partition cannot fit.
     """
     if style not in STYLES:
         raise ValueError(f"unknown partition style {style!r}")
     total = disk_size // sector_size
     if style == "none":
+        if boot_area:
+            raise ValueError("a disk without partition table has no boot area")
         return Layout("none", 0, total, sector_size)
     setting = f"PARTITION_ALIGNMENT={alignment_sectors}"
     if (alignment_sectors * 512) % sector_size:
@@ -115,12 +166,9 @@ def plan(style: str, alignment_sectors: int, disk_size: int,
             f"disk's {sector_size}-byte sectors. Use a multiple of "
             f"{sector_size // 512} (2048, one MiB, suits every disk).")
     start = alignment_sectors * 512 // sector_size
-    if style == "gpt":
-        # After the protective MBR, before the backup copy at the end.
-        table = _gpt_table_sectors(sector_size)
-        first_usable, end_reserved = 1 + table, table
-    else:
-        first_usable, end_reserved = 1, 0
+    first_usable = _first_usable(style, sector_size)
+    # gpt: before the backup copy of the table at the end of the disk.
+    end_reserved = _gpt_table_sectors(sector_size) if style == "gpt" else 0
     if start < first_usable:
         raise DiskError(
             f"{setting} puts the partition inside the {style} table itself "
@@ -140,7 +188,12 @@ def plan(style: str, alignment_sectors: int, disk_size: int,
             f"{disk_size // blockdev.MIB} MiB disk, but at least "
             f"{MIN_PARTITION_MIB} MiB are needed. Lower PARTITION_ALIGNMENT "
             f"(2048 sectors, one MiB, is usual) or grow the disk.")
-    return Layout(style, start, size, sector_size)
+    if not boot_area:
+        return Layout(style, start, size, sector_size)
+    room = check_boot_area(style, alignment_sectors, sector_size)
+    if style == "msdos":
+        return Layout(style, start, size, sector_size)
+    return Layout(style, start, size, sector_size, first_usable, room)
 
 
 def sfdisk_script(layout: Layout, arch: str = "") -> str:
@@ -153,23 +206,31 @@ def sfdisk_script(layout: Layout, arch: str = "") -> str:
         # sfdisk would otherwise put first-lba at its own 1 MiB grain and
         # refuse a smaller alignment that GPT itself allows.
         first_lba = 1 + _gpt_table_sectors(layout.sector_size)
-        return ("label: gpt\nunit: sectors\n"
-                f"first-lba: {first_lba}\n\n"
-                f"start={layout.start_sector}, size={layout.size_sectors}, "
-                f"type={gpt_root_type(arch)}\n")
+        script = ("label: gpt\nunit: sectors\n"
+                  f"first-lba: {first_lba}\n\n"
+                  f"start={layout.start_sector}, size={layout.size_sectors}, "
+                  f"type={gpt_root_type(arch)}\n")
+        if layout.boot_size_sectors:
+            # Listed second, so numbered 2 although it comes first on the
+            # disk: the root stays partition 1 (export, import and rename
+            # look for it there, as kpartx's "-part1" mapping does).
+            script += (f"start={layout.boot_start_sector}, "
+                       f"size={layout.boot_size_sectors}, type={GPT_BIOS_BOOT}\n")
+        return script
     raise ValueError(f"no partition table for style {layout.style!r}")
 
 
 def write_table(dev: str, style: str, alignment_sectors: int, disk_size: int,
-                arch: str = "") -> Layout:
+                arch: str = "", boot_area: bool = False) -> Layout:
     """Write a new partition table (or, for "none", erase every old one).
 
     One partition from ``alignment_sectors`` (512-byte sectors) to the end
     of the disk: type 83 and bootable for msdos, the root type of the dpkg
-    architecture ``arch`` for gpt. Returns where the root filesystem goes.
+    architecture ``arch`` for gpt; ``boot_area``: see :func:`plan`.
+    Returns where the root filesystem goes.
     """
     layout = plan(style, alignment_sectors, disk_size,
-                  blockdev.logical_sector_size(dev))
+                  blockdev.logical_sector_size(dev), boot_area)
     # Erase every old signature first: a stale filesystem or GPT backup
     # header left at the disk's start or end would make blkid (and the
     # instance's boot) see two things at once. wipefs finds GPT's backup
@@ -219,8 +280,13 @@ def _layout_from_json(dev: str, text: str) -> Layout:
     if not parts:
         raise DiskError(f"The partition table of {dev} has no partition; there "
                         f"is no root filesystem to use.")
-    # The root is partition 1, which sfdisk lists first.
+    # The root is partition 1, which sfdisk lists first (a BIOS boot
+    # partition before it on the disk is numbered 2 and listed after it).
     first = parts[0]
+    if str(first.get("type", "")).upper() == GPT_BIOS_BOOT:
+        raise DiskError(f"Partition 1 of {dev} is a BIOS boot partition, not a "
+                        f"root filesystem; this OS definition puts the root in "
+                        f"partition 1. The disk was not partitioned by it.")
     return Layout(styles[label], int(first["start"]), int(first["size"]), sector_size)
 
 

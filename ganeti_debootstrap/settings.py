@@ -28,10 +28,12 @@ SHELL = "/bin/sh"
 NAMES = ("PROXY", "MIRROR", "ARCH", "SUITE", "EXTRA_PKGS", "COMPONENTS",
          "CUSTOMIZE_DIR", "VARIANTS_DIR", "GENERATE_CACHE", "CLEAN_CACHE",
          "PARTITION_STYLE", "PARTITION_ALIGNMENT", "BOOTSTRAP_TOOL",
-         "CACHE_IMAGE")
+         "CACHE_IMAGE", "BOOTLOADER")
 
 PARTITION_STYLES = ("none", "msdos", "gpt")
 BOOTSTRAP_TOOLS = ("auto", "debootstrap", "mmdebstrap")
+# none: Ganeti boots the node's kernel (kernel_path); grub: GRUB on disk 0.
+BOOTLOADERS = ("none", "grub")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class Settings:
     partition_alignment: int = 2048
     bootstrap_tool: str = "auto"
     cache_image: bool = True
+    bootloader: str = "none"
     variant: str = ""
     # The files the values came from, for messages.
     sources: tuple[str, ...] = ()
@@ -239,6 +242,9 @@ def validate(raw: Mapping[str, str], files: list[str], api_version: int,
     image = raw.get("CACHE_IMAGE", "yes") or "yes"
     if image not in ("yes", "no"):
         bad("CACHE_IMAGE", f"{image!r} must be yes or no")
+    loader = raw.get("BOOTLOADER", "none") or "none"
+    if loader not in BOOTLOADERS:
+        bad("BOOTLOADER", f"{loader!r} must be one of {', '.join(BOOTLOADERS)}")
     tool = raw.get("BOOTSTRAP_TOOL", "auto") or "auto"
     if tool not in BOOTSTRAP_TOOLS:
         bad("BOOTSTRAP_TOOL", f"{tool!r} must be one of {', '.join(BOOTSTRAP_TOOLS)}")
@@ -255,5 +261,6 @@ def validate(raw: Mapping[str, str], files: list[str], api_version: int,
         variants_dir=raw.get("VARIANTS_DIR", ""),
         generate_cache=gen == "yes", clean_cache_days=clean,
         partition_style=style, partition_alignment=align,
-        bootstrap_tool=tool, cache_image=image == "yes", variant=variant,
+        bootstrap_tool=tool, cache_image=image == "yes", bootloader=loader,
+        variant=variant,
         sources=tuple(files))
