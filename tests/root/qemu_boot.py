@@ -12,9 +12,6 @@ in ``finally`` whatever happens (a failure, a timeout, Ctrl-C); a failure
 raises :class:`BootFailed` with the last lines of the console, and the whole
 console output is kept in a file for the test log.
 
-:func:`build_test_image` makes a small bootable Debian disk with mmdebstrap,
-so that the harness can be tested before the project's own create is wired
-in; :func:`self_built_image` caches it in ``$GIDB_QEMU_TEST_IMAGE`` when set.
 """
 
 from __future__ import annotations
@@ -454,79 +451,3 @@ def run_console_session(argv: Sequence[str], *, commands: Sequence[str],
     assert console is not None
     return BootResult(console.text, tuple(outputs), tuple(statuses),
                       login_seconds, seconds, transcript_path)
-
-
-# --- a bootable test image, until create makes the instances -------------
-
-TEST_IMAGE_SIZE = 2 << 30
-TEST_IMAGE_VERSION = 1  # bump when build_test_image changes what it makes
-
-
-def build_test_image(image: Path, *, workdir: Path, hostname: str = "inst1",
-                     suite: str = "trixie", size: int = TEST_IMAGE_SIZE) -> None:
-    """Make a bootable Debian disk: msdos table, ext4 partition 1 at 1 MiB.
-
-    It mimics what create makes (hostname, fstab by UUID, root with an empty
-    password) so the harness can be tested on its own.
-    """
-    tarball = workdir / "test-image-rootfs.tar"
-    try:
-        # The mirror is mmdebstrap's default (no mirror argument).
-        run(["mmdebstrap", "--include=linux-image-amd64,systemd-sysv",
-             suite, tarball])
-        with open(image, "wb") as f:
-            f.truncate(size)
-        run(["sfdisk", "--no-reread", "--no-tell-kernel", image],
-            stdin=b"label: dos\nstart=2048, type=83\n")
-        offset, length = root_extent(image)
-        with contextlib.ExitStack() as stack:
-            dev = stack.enter_context(loop_device(image, offset, length,
-                                                  read_only=False))
-            run(["mkfs.ext4", "-q", "-F", "-L", "root", dev])
-            uuid = filesystem_uuid(dev)
-            root = stack.enter_context(mounted(dev, workdir / "test-image-mnt",
-                                               read_only=False))
-            run(["tar", "--extract", "--file", tarball, "--directory", root,
-                 "--preserve-permissions", "--numeric-owner", "--xattrs",
-                 "--xattrs-include=*", "--acls"])
-            _configure_test_instance(Target(os.fspath(root)), hostname, uuid)
-    finally:
-        tarball.unlink(missing_ok=True)
-
-
-def _configure_test_instance(target: Target, hostname: str, uuid: str) -> None:
-    """Hostname, fstab and an empty root password, as create writes them."""
-    target.write_text("/etc/hostname", f"{hostname}\n")
-    target.write_text("/etc/hosts", f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n")
-    target.write_text("/etc/fstab", f"UUID={uuid}\t/\text4\terrors=remount-ro\t0\t1\n")
-    shadow = target.read_text("/etc/shadow").splitlines()
-    shadow = [re.sub(r"^root:[^:]*:", "root::", line) for line in shadow]
-    target.write_text("/etc/shadow", "\n".join(shadow) + "\n", mode=0o640)
-    os.chown(target.path("/etc/shadow"), 0, 42)  # group shadow, as Debian has it
-    # Each boot makes its own machine id (debootstrap leaves a real one).
-    target.write_text("/etc/machine-id", "")
-
-
-def self_built_image(workdir: Path, *, hostname: str = "inst1",
-                     suite: str = "trixie") -> Path:
-    """A bootable test image: cached in ``$GIDB_QEMU_TEST_IMAGE`` if set, else built.
-
-    The cache is only ever read by boots (qemu's snapshot=on), so one image
-    serves every run until TEST_IMAGE_VERSION changes.
-    """
-    cache = os.environ.get("GIDB_QEMU_TEST_IMAGE")
-    name = f"{suite}-{hostname}-v{TEST_IMAGE_VERSION}.img"
-    if not cache:
-        image = workdir / name
-        build_test_image(image, workdir=workdir, hostname=hostname, suite=suite)
-        return image
-    image = Path(cache) / name
-    if not image.exists():
-        image.parent.mkdir(parents=True, exist_ok=True)
-        partial = image.with_name(f".{name}.{os.getpid()}")
-        try:
-            build_test_image(partial, workdir=workdir, hostname=hostname, suite=suite)
-            os.replace(partial, image)
-        finally:
-            partial.unlink(missing_ok=True)
-    return image

@@ -2,13 +2,9 @@
 
 Most tests drive a fake guest: a small Python program that speaks like a
 serial console (login prompt, optional password prompt, a root shell), so
-the console logic is checked in seconds. Real qemu runs twice: a blank disk
-that never boots (the timeout path must kill qemu), and a full boot.
-
-STAND-IN: the full boot uses an image the harness builds itself with
-mmdebstrap (cached in $GIDB_QEMU_TEST_IMAGE when set), because create could
-not make instances yet. In the normal suite the boot test boots an instance
-made by the project's own create; this one only proves the harness works.
+the console logic is checked in seconds. Real qemu runs once here, on a
+blank disk that never boots (the timeout path must kill qemu); the real
+boots of instances made by create are in test_boot.py.
 """
 
 from __future__ import annotations
@@ -24,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.root.qemu_boot import (BootFailed, BootResult, boot_and_run,
-                                  run_console_session, self_built_image)
+                                  run_console_session)
 
 FAKE_GUEST = textwrap.dedent(r'''
     import os, subprocess, sys, time
@@ -215,28 +211,3 @@ def test_a_disk_that_never_boots_times_out_and_qemu_is_killed(tmp_path):
         boot_and_run(blank, workdir=tmp_path / "boot", mode="disk", timeout=8)
     assert "No login prompt after" in str(err.value)
     assert qemu_processes_using(blank) == []
-
-
-@pytest.fixture(scope="module")
-def built_image(tmp_path_factory) -> Iterator[Path]:
-    """STAND-IN for an instance made by create (see the module docstring)."""
-    yield self_built_image(tmp_path_factory.mktemp("image"))
-
-
-def test_self_built_image_boots_with_its_hostname_and_runs_commands(built_image, tmp_path):
-    result = boot_and_run(built_image, workdir=tmp_path, mode="kernel",
-                          expect_hostname="inst1",
-                          commands=["echo MARK-$((6*7)); cat /etc/hostname",
-                                    "findmnt --noheadings --output SOURCE,OPTIONS /",
-                                    # On the console systemctl would page.
-                                    "systemctl show --property=Id systemd-journald"])
-    assert "inst1 login: " in result.transcript
-    assert result.outputs[0] == "MARK-42\ninst1\n"
-    # The root filesystem came up from the kernel's root=UUID= and fstab,
-    # remounted read-write (snapshot=on keeps the image itself unchanged).
-    assert result.outputs[1].startswith("/dev/vda1 rw")
-    assert result.outputs[2] == "Id=systemd-journald.service\n"
-    assert "reboot: Power down" in result.transcript
-    assert qemu_processes_using(built_image) == []
-    print(f"login prompt after {result.login_seconds:.1f} s, "
-          f"whole cycle {result.seconds:.1f} s")
