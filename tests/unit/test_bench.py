@@ -323,3 +323,10 @@ def test_machine_facts_are_read_from_proc_texts():
         "AMD EPYC 7B13"
     assert machine.cpu_model("") == "unknown"
     assert machine.mem_total_gib("MemTotal:       24641536 kB\n") == pytest.approx(23.5, 0.01)
+
+
+def test_the_benchmark_refuses_to_run_without_root(monkeypatch, capsys):
+    from gidb_bench import main as bench_main
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert bench_main.main(["--quick"]) == bench_main.EXIT_ERROR
+    assert "must run as root" in capsys.readouterr().err
