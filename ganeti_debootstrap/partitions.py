@@ -234,8 +234,10 @@ def write_table(dev: str, style: str, alignment_sectors: int, disk_size: int,
     # Erase every old signature first: a stale filesystem or GPT backup
     # header left at the disk's start or end would make blkid (and the
     # instance's boot) see two things at once. wipefs finds GPT's backup
-    # header too, which sfdisk's own wipe leaves.
-    runner.run(["wipefs", "--all", "--quiet", dev])
+    # header too, which sfdisk's own wipe leaves. --force: on a disk file
+    # (create partitions a file disk directly) wipefs otherwise keeps a
+    # partition table, taking the file for a partition ("nested" table).
+    runner.run(["wipefs", "--all", "--force", "--quiet", dev])
     if style == "none":
         return layout
     # --no-reread --no-tell-kernel: the kernel's view is not used (see

@@ -228,3 +228,17 @@ def test_generate_cache_no_bootstraps_and_leaves_the_cache_alone(tree, disk):
     log = res.stderr.decode()
     assert "Unpacking the cache" not in log and "cache image" not in log
     assert sorted(os.listdir(tree.cache_dir)) == before
+
+
+@pytest.mark.parametrize("image", ["yes", "no"])
+def test_reinstall_without_partition_table_erases_the_old_table(tree, disk, image):
+    # A GPT keeps a backup header at the end of the disk, where neither the
+    # new filesystem nor its image write.
+    tree.settings(f'PARTITION_STYLE="gpt"\nCACHE_IMAGE="{image}"\n')
+    run_script(tree, "create", create_env("pt1", disk))
+    tree.settings(f'PARTITION_STYLE="none"\nCACHE_IMAGE="{image}"\n')
+    run_script(tree, "create", create_env("pt1", disk, INSTANCE_REINSTALL="1"))
+    probe = subprocess.run(["blkid", "-p", "-o", "export", disk], capture_output=True,
+                           text=True).stdout
+    assert "TYPE=ext4" in probe and "PTTYPE" not in probe
+    assert subprocess.run(["sfdisk", "--json", disk], capture_output=True).returncode != 0

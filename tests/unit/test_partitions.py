@@ -122,7 +122,7 @@ def test_gpt_script_uses_the_root_type_of_the_architecture(arch, guid):
 def test_whole_disk_style_only_erases_old_signatures(fake_runner):
     fake_runner.expect("wipefs")
     layout = partitions.write_table("/dev/loop0", "none", 2048, DISK)
-    assert fake_runner.commands() == ["wipefs --all --quiet /dev/loop0"]
+    assert fake_runner.commands() == ["wipefs --all --force --quiet /dev/loop0"]
     assert layout.style == "none"
 
 
@@ -132,7 +132,7 @@ def test_table_is_written_without_telling_the_kernel(fake_runner, style):
     fake_runner.expect("sfdisk")
     layout = partitions.write_table("/dev/loop0", style, 2048, DISK, "amd64")
     assert fake_runner.commands() == [
-        "wipefs --all --quiet /dev/loop0",
+        "wipefs --all --force --quiet /dev/loop0",
         "sfdisk --quiet --no-reread --no-tell-kernel /dev/loop0"]
     assert fake_runner.stdins[1] == partitions.sfdisk_script(layout, "amd64").encode()
 
@@ -282,7 +282,7 @@ def test_mkfs_failure_releases_offset_loop_then_disk_loop(fake_runner, disk_file
         create_disk(disk_file)
     assert fake_runner.commands() == [
         f"losetup --find --show {disk_file}",
-        "wipefs --all --quiet /dev/loop0",
+        "wipefs --all --force --quiet /dev/loop0",
         "sfdisk --quiet --no-reread --no-tell-kernel /dev/loop0",
         f"losetup --find --show --offset {MIB} --sizelimit {DISK - MIB} /dev/loop0",
         "mke2fs -F -q -t ext4 -E lazy_itable_init=1,lazy_journal_init=0 /dev/loop1",
