@@ -294,6 +294,24 @@ def check_disk_usable(path: str) -> None:
             f"off (swapoff) and retry.")
     if stat.S_ISBLK(st.st_mode):
         _check_not_claimed(path)
+    _check_not_open(path)
+
+
+def _check_not_open(path: str) -> None:
+    """Refuse a disk that a process has open (a running instance's qemu...).
+
+    The exclusive open above cannot see a plain open of a block device, and
+    a disk file has no such thing at all; the processes' open files can.
+    Compared by the path the kernel shows (never stat: an open file on a
+    hung network filesystem would hang us).
+    """
+    holders = mounts.processes_using(os.path.realpath(path))
+    if holders:
+        who = ", ".join(f"{name} (pid {pid})" for pid, name in holders)
+        raise DiskError(
+            f"The instance disk {path} is open in {who}: something (a running "
+            f"instance?) is using it. Stop the instance, or these processes, "
+            f"and retry.")
 
 
 def _check_not_claimed(path: str) -> None:

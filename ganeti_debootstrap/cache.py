@@ -51,9 +51,12 @@ STAGING_TAG = ".staging-"
 # Names of our own files. Expiry looks at every ``cache-*.tar`` (the shell
 # edition's names too) and at our temporaries, never at anything else.
 _STEM = r"cache-.+-[0-9a-f]{%d}" % DIGEST_LENGTH
+# The temporaries of image_cache (``<stem>.ext4.img.tmp-*``) count too: a
+# run killed while making an image must not leave hundreds of MiB behind
+# until some later run makes an image of that type again.
 _TEMPORARY = re.compile(
-    r"^(?P<stem>%s)(?:\.tar\.tmp|\.inputs\.json\.tmp|\.staging)-[A-Za-z0-9_]+$"
-    % _STEM)
+    r"^(?P<stem>%s)(?:\.tar\.tmp|\.inputs\.json\.tmp|\.staging"
+    r"|\.ext[234]\.img(?:\.json)?\.tmp)-[A-Za-z0-9_]+$" % _STEM)
 _INPUTS = re.compile(r"^(?P<stem>%s)\.inputs\.json$" % _STEM)
 _OURS = re.compile(r"^%s\.tar$" % _STEM)
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from dataclasses import dataclass
 
-from . import (bootloader, bootstrap, cache, hooks, image_cache, instance_disk,
+from . import (blockdev, bootloader, bootstrap, cache, hooks, image_cache, instance_disk,
                instance_files, log, mounts, osparams, settings)
 from .errors import DefinitionError
 from .environment import Request
@@ -47,7 +46,24 @@ def plan(request: Request, paths: Paths) -> Plan:
     # With GRUB, its packages join EXTRA_PKGS, so the cache key too.
     conf = bootloader.resolve(conf, params.bootloader, arch)
     instance = instance_files.Instance.from_request(request, params, conf)
+    refuse_early(request, conf)
     return Plan(conf, params, tool, arch, instance)
+
+
+def refuse_early(request: Request, conf: Settings) -> None:
+    """Refuse an unusable disk or unsafe hooks before anything is touched.
+
+    format_disk and hooks.run_all check again right before they act; checked
+    here too, a wrong DISK_0_PATH or a hooks directory others can write
+    fails at once, not after a cache image was built or after the disk was
+    partitioned and installed.
+    """
+    blockdev.check_disk_usable(request.disk_path)
+    if request.swap_device:
+        blockdev.check_disk_usable(request.swap_device)
+    blockdev.require_min_size(blockdev.size_bytes(request.disk_path), blockdev.MIN_DISK_MIB,
+                              f"The instance disk {request.disk_path}")
+    hooks.check_safe(conf.customize_dir)
 
 
 @dataclass(frozen=True)
@@ -104,7 +120,13 @@ def install_system(p: Plan, source: Source, target_dir: str) -> None:
     bootstrap.run(p.settings, p.tool, target_dir)
     bootstrap.clean_tree(target_dir)
     if p.settings.generate_cache:
-        source.store.store(source.key, target_dir)
+        try:
+            source.store.store(source.key, target_dir)
+        except DefinitionError as exc:
+            # The instance is complete: a cache that cannot be written (a
+            # full /var) must not fail it, and make Ganeti remove its disks.
+            logger.warning("Could not store the bootstrap cache, so the next create "
+                           "bootstraps again; the instance is fine. %s", exc)
 
 
 def run(request: Request, paths: Paths) -> None:
@@ -118,6 +140,8 @@ def run(request: Request, paths: Paths) -> None:
                                              p.arch, image=source.image)
             target_dir = stack.enter_context(mounts.temporary_mountpoint())
             stack.enter_context(mounts.mounted(disk.root_device, target_dir))
+            stack.enter_context(mounts.write_errors_reported(
+                target_dir, f"the instance's root filesystem on {request.disk_path}"))
             if disk.from_image:
                 logger.info("The system comes from the cache image %s",
                             source.image.path if source.image else "")
@@ -137,10 +161,11 @@ def run(request: Request, paths: Paths) -> None:
                 env = hooks.environment(request, conf, p.arch, target_dir,
                                         blockdev=disk.device, fsysdev=disk.root_device)
                 with mounts.api_filesystems(target_dir), hooks.daemons_prevented(target):
-                    hooks.run_all(conf.customize_dir, env)
+                    hooks.run_all(conf.customize_dir, env, timeout=conf.hook_timeout)
             bootloader.repair_config(target, request, conf, disk.root.uuid)
         # What is left to do is the ExitStack's: unmount (writeback) and
-        # release the mappings and loop devices.
-        released_from = time.monotonic()
-    logger.info("unmount and release: done in %.2f s", time.monotonic() - released_from)
+        # release the mappings and loop devices. Closed here, inside a phase,
+        # so that its time is logged like every other step's.
+        with log.phase("unmount and release"):
+            stack.close()
     logger.info("Instance %s created on %s", request.instance_name, request.disk_path)

@@ -51,8 +51,9 @@ class StreamPump:
     def start(self) -> None:
         self._thread.start()
 
-    def join(self) -> None:
-        self._thread.join()
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the pump to finish (at most ``timeout`` seconds)."""
+        self._thread.join(timeout)
 
     @property
     def complete(self) -> bool:

@@ -10,6 +10,7 @@ is reported in one error, so an administrator fixes them all in one go.
 from __future__ import annotations
 
 import getopt
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -104,26 +105,34 @@ class Request:
         return None
 
 
+def _whole_number(value: str) -> int | None:
+    """The value of an ASCII decimal integer, or None.
+
+    Stricter than int(), which also takes spaces, underscores and other
+    scripts' digits ("１０"): Ganeti writes plain ASCII numbers.
+    """
+    if re.fullmatch(r"-?[0-9]+", value):
+        return int(value)
+    return None
+
+
 def _int(env: Mapping[str, str], name: str, problems: list[str],
          default: int | None = None) -> int | None:
     value = env.get(name, "")
     if value == "":
         return default
-    try:
-        return int(value, 10)
-    except ValueError:
+    number = _whole_number(value)
+    if number is None:
         problems.append(f"{name}={value!r} is not a whole number")
         return default
+    return number
 
 
 def _api_version(env: Mapping[str, str]) -> int:
     raw = env.get("OS_API_VERSION", "")
     if raw == "":
         return 5
-    try:
-        version = int(raw)
-    except ValueError:
-        version = -1
+    version = _whole_number(raw)
     if version not in API_VERSIONS:
         raise ConfigError(
             f"OS_API_VERSION={raw!r} is not supported: this OS definition "
@@ -175,19 +184,32 @@ def _check_name(label: str, name: str, problems: list[str]) -> None:
         problems.append(f"{label}={name!r} is not a valid host name: {why}")
 
 
+def _check_path(label: str, path: str, problems: list[str]) -> None:
+    # A control character (a newline) in a device path is never Ganeti's,
+    # and would split every message naming the path over several lines.
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        problems.append(f"{label}={path!r} contains control characters; it is "
+                        f"not a device or file path Ganeti would pass")
+
+
+def _usage_then(script: str, problem: str) -> str:
+    """The usage text, then the problem: the last line of the log names it."""
+    return f"{usage(script)}\n{problem}"
+
+
 def _parse_api5(script: str, argv: Sequence[str],
                 env: Mapping[str, str]) -> Request:
     try:
         opts, rest = getopt.getopt(list(argv), "i:n:b:s:o:h", ["help"])
     except getopt.GetoptError as exc:
-        raise UsageError(f"{exc}.\n{usage(script)}") from None
+        raise UsageError(_usage_then(script, f"{exc}.")) from None
     values = {}
     for opt, val in opts:
         if opt in ("-h", "--help"):
             raise UsageError(usage(script))
         values["-i" if opt == "-n" else opt] = val
     if rest:
-        raise UsageError(f"Unexpected arguments {rest!r}.\n{usage(script)}")
+        raise UsageError(_usage_then(script, f"Unexpected arguments {rest!r}."))
     needed = ["-i", "-b"]
     if script != "export":
         needed.append("-s")
@@ -195,12 +217,15 @@ def _parse_api5(script: str, argv: Sequence[str],
         needed.append("-o")
     missing = [o for o in needed if not values.get(o)]
     if missing:
-        raise UsageError(f"Missing option(s) {' '.join(missing)} (Ganeti OS API "
-                         f"5, OS_API_VERSION unset).\n{usage(script)}")
+        raise UsageError(_usage_then(script, f"Missing option(s) {' '.join(missing)} "
+                                             f"(Ganeti OS API 5, OS_API_VERSION unset)."))
     problems: list[str] = []
     _check_name("-i", values["-i"], problems)
     if script == "rename":
         _check_name("-o", values["-o"], problems)
+    _check_path("-b", values["-b"], problems)
+    if values.get("-s"):
+        _check_path("-s", values["-s"], problems)
     if problems:
         raise ConfigError("Invalid arguments from Ganeti:\n  " + "\n  ".join(problems))
     return Request(script=script, api_version=5, instance_name=values["-i"],
@@ -226,9 +251,9 @@ def parse(script: str, argv: Sequence[str], env: Mapping[str, str]) -> Request:
     if api == 5:
         return _parse_api5(script, argv, env)
     if argv:
-        raise UsageError(f"Unexpected arguments {list(argv)!r}: with "
-                         f"OS_API_VERSION={api} everything comes from the "
-                         f"environment.\n{usage(script)}")
+        raise UsageError(_usage_then(script, f"Unexpected arguments {list(argv)!r}: with "
+                                             f"OS_API_VERSION={api} everything comes "
+                                             f"from the environment."))
     problems: list[str] = []
     missing: list[str] = []
     disks = _disks(env, problems)
@@ -246,10 +271,12 @@ def parse(script: str, argv: Sequence[str], env: Mapping[str, str]) -> Request:
         if env.get("DISK_COUNT", "") == "":
             missing.append("DISK_COUNT")
         elif not disks:
-            problems.append("DISK_COUNT=0: the instance needs at least one disk "
-                            "for its root filesystem")
+            problems.append(f"DISK_COUNT={env['DISK_COUNT']}: the instance needs at "
+                            f"least one disk for its root filesystem")
         if disks:
             disk_path = disks[0].path
+            if disk_path:
+                _check_path("DISK_0_PATH", disk_path, problems)
             if not disk_path:
                 if disks[0].uri:
                     problems.append(
@@ -271,16 +298,26 @@ def parse(script: str, argv: Sequence[str], env: Mapping[str, str]) -> Request:
                      or "")
         if not disk_path:
             missing.append(f"{prefix}_DISK_PATH (or {prefix}_DEVICE)")
+        else:
+            _check_path(f"{prefix}_DISK_PATH", disk_path, problems)
     if script == "export":
         exp_size_fd = _int(env, "EXP_SIZE_FD", problems)
+        if exp_size_fd is not None and exp_size_fd < 2:
+            # Standard output carries the backup itself: a size line written
+            # there would corrupt it (and standard input is not for writing).
+            problems.append(f"EXP_SIZE_FD={exp_size_fd} cannot take the size: it "
+                            f"must be a descriptor opened for it (2 or above; 1 "
+                            f"is standard output, which carries the backup)")
+            exp_size_fd = None
     if missing or problems:
-        lines = []
+        # The general advice first: Ganeti shows the last lines of the log,
+        # and the last line must name what is wrong.
+        lines = [f"The {script} script expects to be run by Ganeti (OS API {api}) "
+                 f"with the variables ganeti-os-interface(7) describes; if you "
+                 f"run it by hand, set them so."]
+        lines.extend(p + "." for p in problems)
         if missing:
             lines.append("Missing variable(s) from Ganeti: " + ", ".join(missing) + ".")
-        lines.extend(p + "." for p in problems)
-        lines.append(f"The {script} script expects to be run by Ganeti "
-                     f"(OS API {api}); if you run it by hand, set these "
-                     f"variables as ganeti-os-interface(7) describes.")
         raise ConfigError("\n".join(lines))
     return Request(
         script=script, api_version=api, instance_name=name,
@@ -298,12 +335,13 @@ def parse(script: str, argv: Sequence[str], env: Mapping[str, str]) -> Request:
 def _parse_verify(argv: Sequence[str], env: Mapping[str, str], api: int) -> Request:
     from .osparams import KNOWN_CHECKS
     if not argv:
-        raise UsageError(f"verify needs the checks to run as arguments.\n{usage('verify')}")
+        raise UsageError(_usage_then("verify", "verify needs the checks to run as "
+                                               "arguments."))
     unknown = [a for a in argv if a not in KNOWN_CHECKS]
     if unknown:
-        raise UsageError(
-            f"Unknown verify check(s): {', '.join(repr(a) for a in unknown)}; "
-            f"this OS definition knows: {', '.join(KNOWN_CHECKS)}.\n{usage('verify')}")
+        raise UsageError(_usage_then(
+            "verify", f"Unknown verify check(s): {', '.join(repr(a) for a in unknown)}; "
+                      f"this OS definition knows: {', '.join(KNOWN_CHECKS)}."))
     return Request(script="verify", api_version=api,
                    os_variant=env.get("OS_VARIANT", ""),
                    debug=env.get("DEBUG_LEVEL", "0") not in ("", "0"),

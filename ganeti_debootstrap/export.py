@@ -9,6 +9,7 @@ command's output goes to stderr (runner.py makes sure of that).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import sys
@@ -45,6 +46,20 @@ def estimate_bytes(root_dev: str) -> int:
     return int(out.split()[-1])
 
 
+def check_size_fd(fd: int) -> None:
+    """Refuse an EXP_SIZE_FD that is not open for writing, before the disk is opened."""
+    try:
+        mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    except OSError as exc:
+        raise DiskError(f"EXP_SIZE_FD={fd} is not an open file descriptor "
+                        f"({exc.strerror}). Ganeti passes an open descriptor; "
+                        f"unset EXP_SIZE_FD when running export by hand.") from None
+    if mode not in (os.O_WRONLY, os.O_RDWR):
+        raise DiskError(f"EXP_SIZE_FD={fd} is open for reading only, so the "
+                        f"expected size cannot be written to it. Pass a "
+                        f"descriptor open for writing, or unset EXP_SIZE_FD.")
+
+
 def write_expected_size(fd: int, size: int) -> None:
     """Tell Ganeti the stream size for its progress display (EXP_SIZE_FD)."""
     data = f"{size}\n".encode()
@@ -58,6 +73,8 @@ def write_expected_size(fd: int, size: int) -> None:
 
 def run(request: Request, paths: Paths) -> None:
     """Dump the root filesystem of the exported disk to stdout."""
+    if request.exp_size_fd is not None:
+        check_size_fd(request.exp_size_fd)
     with contextlib.ExitStack() as stack:
         with log.phase("open disk"):
             _, root_dev, _ = instance_disk.open_root(stack, request.disk_path,

@@ -18,11 +18,13 @@ import logging
 import os
 import pwd
 import re
+import signal
 import stat
 import subprocess
+import time
 from collections.abc import Collection, Iterator
 
-from . import runner
+from . import mounts, runner
 from .environment import Request
 from .errors import CommandError, HookError, MissingProgramError
 from .settings import Settings
@@ -206,8 +208,9 @@ def _failed(hook: str, what: str, tail: str = "") -> HookError:
     if tail.strip():
         lines.append("Its last output was:")
         lines.extend("  " + line for line in tail.rstrip().splitlines())
-    lines.append("Fix the hook (or remove its execute permission to skip it) "
-                 "and reinstall the instance.")
+    # Named again in the last line: Ganeti shows the log's last lines.
+    lines.append(f"Fix the hook {hook} (or remove its execute permission to skip "
+                 f"it) and reinstall the instance.")
     return HookError("\n".join(lines))
 
 
@@ -251,8 +254,129 @@ def run_all(directory: str, env: dict[str, str], *, timeout: float | None = None
         log.warning("Ignoring hook %s", entry)
     for hook in hooks:
         log.info("hook %s: running", os.path.basename(hook))
-        run_hook(hook, env, timeout=timeout)
+        with leftovers_stopped(hook, env.get("TARGET", "")):
+            run_hook(hook, env, timeout=timeout)
     return hooks
+
+
+# --- processes a hook leaves running -------------------------------------------
+
+# How long leftover processes get to exit after SIGTERM (then SIGKILL).
+LEFTOVER_GRACE_SECONDS = 3.0
+
+_sleep = time.sleep  # replaced by unit tests
+
+
+def leftover_processes(target_dir: str) -> list[tuple[int, str]]:
+    """Processes (pid, name) still running from the hooks of ``target_dir``.
+
+    Those using a file inside the instance (cwd, root, open or mapped file:
+    they keep its filesystem busy) and those a hook started, found by the
+    TARGET variable they inherited, even after setsid or a chroot.
+    """
+    found = dict(mounts.processes_using(target_dir))
+    found.update(_processes_with_variable("TARGET", target_dir))
+    found.pop(os.getpid(), None)
+    return sorted(found.items())
+
+
+def _processes_with_variable(name: str, value: str) -> dict[int, str]:
+    needle = f"{name}={value}".encode()
+    found = {}
+    for pid in (p for p in os.listdir(mounts.PROC) if p.isdigit()):
+        try:
+            with open(os.path.join(mounts.PROC, pid, "environ"), "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+        except OSError:
+            continue  # gone, or a kernel thread
+        found[int(pid)] = _command_name(int(pid))
+    return found
+
+
+def _command_name(pid: int) -> str:
+    try:
+        with open(os.path.join(mounts.PROC, str(pid), "comm"), encoding="utf-8",
+                  errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie waiting for its parent."""
+    try:
+        with open(os.path.join(mounts.PROC, str(pid), "stat"), encoding="ascii",
+                  errors="replace") as f:
+            # pid (comm) state ...: comm may hold spaces and parentheses.
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def stop_processes(pids: Collection[int]) -> list[int]:
+    """SIGTERM ``pids``, SIGKILL those still running after a grace period.
+
+    Returns the pids that survived even SIGKILL (stuck in the kernel).
+    """
+    alive = list(pids)
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        deadline = time.monotonic() + LEFTOVER_GRACE_SECONDS
+        while True:
+            alive = [pid for pid in alive if _running(pid)]
+            if not alive or time.monotonic() >= deadline:
+                break
+            _sleep(0.05)
+        if not alive:
+            break
+    return alive
+
+
+def _describe(processes: list[tuple[int, str]]) -> str:
+    return ", ".join(f"{name} (pid {pid})" for pid, name in processes)
+
+
+@contextlib.contextmanager
+def leftovers_stopped(hook: str, target_dir: str) -> Iterator[None]:
+    """Stop what ``hook`` left running in the instance when the block ends.
+
+    A process left behind keeps the instance's filesystem busy, so it is
+    stopped whatever happened. After a hook that succeeded, leaving one is
+    an error (HookError naming them): what it was doing is unfinished.
+    Without a target directory there is nothing to look at.
+    """
+    if not target_dir:
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        try:
+            left = leftover_processes(target_dir)
+            if left:
+                log.warning("Stopping what the hook %s left running: %s", hook,
+                            _describe(left))
+                stop_processes([pid for pid, _ in left])
+        except Exception:
+            log.exception("Could not stop what the hook %s left running", hook)
+        raise
+    left = leftover_processes(target_dir)
+    if not left:
+        return
+    stuck = stop_processes([pid for pid, _ in left])
+    fate = (f"; {', '.join(str(p) for p in stuck)} could not be killed"
+            if stuck else "")
+    raise HookError(
+        f"The customisation hook {hook} left processes running: "
+        f"{_describe(left)}. They were stopped so that the "
+        f"instance's filesystem can be unmounted{fate}, and what they were "
+        f"doing is unfinished, so the install failed. Fix the hook: wait for "
+        f"what it starts in the background, and start no daemon (while hooks "
+        f"run, the instance's policy-rc.d refuses service starts); then "
+        f"reinstall the instance.")
 
 
 # --- no daemons started from the instance while hooks run ---------------------

@@ -16,6 +16,7 @@ when they change. ``CACHE_IMAGE=no`` turns this off.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 from . import filesystems, runner
 from .cache import Cache, CacheEntry
-from .errors import CacheError
+from .errors import CacheError, DiskError
 
 log = logging.getLogger(__name__)
 
@@ -241,33 +242,65 @@ def write(image: FsImage, dest: str, offset: int = 0) -> int:
         out = os.open(dest, os.O_WRONLY | os.O_CLOEXEC)
         try:
             to_file = stat.S_ISREG(os.fstat(out).st_mode)
+            in_kernel_copy = to_file
             for start, length in _data_extents(src, image.size):
-                copied += _copy_range(src, out, start, length, offset, to_file)
+                done, in_kernel_copy = _copy_range(src, out, start, length, offset,
+                                                   in_kernel_copy)
+                copied += done
             if not to_file:
                 # A block device's page cache is not written back by close.
                 os.fsync(out)
         finally:
             os.close(out)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = (f"The storage holding it is full: a disk file is sparse and "
+                   f"needs room as it fills (df {os.path.dirname(dest)}). Free "
+                   f"space there, then reinstall.")
+        else:
+            fix = ("Check the disk and the image (remove the image to have it "
+                   "made again), or set CACHE_IMAGE=no to unpack the archive "
+                   "instead.")
+        raise DiskError(
+            f"Copying the cache's filesystem image {image.path} onto the instance "
+            f"disk {dest} failed: {exc.strerror}. {fix}") from None
     finally:
         os.close(src)
     return copied
 
 
+# copy_file_range cannot copy between some filesystems: EXDEV between
+# filesystems of different types (Linux 5.19 and later; the disk file's
+# filesystem is often not the cache's), ENOSYS, EOPNOTSUPP or EINVAL where
+# a kernel or filesystem lacks it. sendfile copies in the kernel too.
+_NO_COPY_FILE_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+
+
 def _copy_range(src: int, out: int, start: int, length: int, offset: int,
-                to_file: bool) -> int:
+                in_kernel_copy: bool) -> tuple[int, bool]:
+    """Copy one extent; returns the bytes copied and whether copy_file_range
+    may still be used (False once it proved impossible for this pair)."""
     done = 0
     while done < length:
-        if to_file:
-            n = os.copy_file_range(src, out, length - done, start + done,
-                                   offset + start + done)
-        else:
+        n = 0
+        if in_kernel_copy:
+            try:
+                n = os.copy_file_range(src, out, length - done, start + done,
+                                       offset + start + done)
+            except OSError as exc:
+                if exc.errno not in _NO_COPY_FILE_RANGE:
+                    raise
+                log.debug("copy_file_range onto the disk failed (%s); using sendfile",
+                          exc.strerror)
+                in_kernel_copy = False
+        if not in_kernel_copy:
             os.lseek(out, offset + start + done, os.SEEK_SET)
             n = os.sendfile(out, src, start + done, length - done)
         if n == 0:
             raise CacheError(f"Copying the filesystem image {image_name(src)} stopped "
                              f"early; is the instance disk smaller than it claims?")
         done += n
-    return done
+    return done, in_kernel_copy
 
 
 def image_name(fd: int) -> str:

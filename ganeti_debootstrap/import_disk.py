@@ -25,6 +25,10 @@ from .target import Target
 logger = logging.getLogger(__name__)
 
 
+# How long a failed or interrupted import waits for the stream pump to stop.
+PUMP_STOP_SECONDS = 1.0
+
+
 class ImportError_(DefinitionError):
     """The backup stream could not be restored."""
 
@@ -42,8 +46,14 @@ def restore_stream(target_dir: str, source_fd: int) -> int:
             runner.run(["restore", "-r", "-y", "-f", "-"], stdin=pipe, cwd=target_dir,
                        hint="The backup stream is damaged or is not a dump(8) "
                             "stream; check the export it came from.")
-    finally:
-        pump.join()
+    except BaseException:
+        # restore is gone (failed, or stopped by a signal) and its end of
+        # the pipe is closed; the pump may still wait for input that a
+        # stalled sender never writes. It is a daemon thread and ends with
+        # the process: waiting for it would hang the cleanup.
+        pump.join(timeout=PUMP_STOP_SECONDS)
+        raise
+    pump.join()
     if not pump.complete:
         raise ImportError_(
             f"The backup stream ended after {pump.total} bytes without dump's "
@@ -68,6 +78,8 @@ def run(request: Request, paths: Paths) -> None:
         disk = instance_disk.format_disk(stack, request, conf, params.filesystem, arch)
         target_dir = stack.enter_context(mounts.temporary_mountpoint())
         stack.enter_context(mounts.mounted(disk.root_device, target_dir))
+        stack.enter_context(mounts.write_errors_reported(
+            target_dir, f"the instance's root filesystem on {request.disk_path}"))
         with log.phase("restore"):
             size = restore_stream(target_dir, sys.stdin.fileno())
             logger.info("restored %d bytes of dump stream", size)

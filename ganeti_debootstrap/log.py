@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
 
 log = logging.getLogger("ganeti_debootstrap")
+
+# TEST ONLY: the fault tests (tests/root/test_faults.py) set this to a phase
+# name to stop the script when that phase starts, so that a signal reaches
+# it at a known point. Ganeti runs OS scripts with a clean environment that
+# never holds it; nothing else reads it.
+PAUSE_VARIABLE = "GIDB_TEST_PAUSE_AT"
 
 
 def setup(debug: bool) -> None:
@@ -33,6 +41,7 @@ def phase(name: str) -> Iterator[None]:
     start = time.monotonic()
     ok = False
     try:
+        _pause_if_asked(name)
         yield
         ok = True
     finally:
@@ -41,3 +50,19 @@ def phase(name: str) -> Iterator[None]:
             log.info("%s: done in %.2f s", name, took)
         else:
             log.info("%s: failed after %.2f s", name, took)
+
+
+def _pause_if_asked(name: str) -> None:
+    """Wait for a signal at the start of the phase GIDB_TEST_PAUSE_AT names.
+
+    A phase with a count ("hooks (2)") matches its bare name too. Only the
+    fault tests set the variable; see PAUSE_VARIABLE.
+    """
+    wanted = os.environ.get(PAUSE_VARIABLE)
+    if not wanted or wanted not in (name, name.split(" (", 1)[0]):
+        return
+    sys.stderr.write(f"PAUSED {name}\n")
+    sys.stderr.flush()
+    while True:
+        # The handlers of signals.py raise Interrupted out of here.
+        signal.pause()

@@ -13,6 +13,7 @@ under it busy with nothing left to show why.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import re
@@ -253,6 +254,35 @@ def mounted(device: str, mount_point: str, fstype: str | None = None,
         args += ["-o", ",".join(options)]
     with _mounted_with(device, mount_point, args):
         yield mount_point
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@contextlib.contextmanager
+def write_errors_reported(mount_point: str, what: str) -> Iterator[None]:
+    """Raise DiskError at the end of the block if a write to the filesystem
+    mounted on ``mount_point`` (``what``, for the message) failed in it.
+
+    A write the disk refuses (its storage is full: a thin pool, the
+    filesystem holding a disk file) fails in the background, after the
+    program that wrote succeeded; umount and sync(1) report nothing.
+    syncfs(2) reports every such error since the descriptor it is given was
+    opened (Linux 5.8 and later): it is opened when the block starts. Enter
+    it right after mounting: the descriptor is closed before the unmount.
+    """
+    fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise DiskError(
+                f"Writing to {what} failed: {os.strerror(err)}. Its disk, or the "
+                f"storage under it (a full thin pool, a full filesystem holding "
+                f"a disk file), refused writes, so what was written there is "
+                f"incomplete. Make room on that storage, then run this again.")
+    finally:
+        os.close(fd)
 
 
 # What hooks expect inside the instance, in mounting order: (source, path

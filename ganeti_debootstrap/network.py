@@ -297,11 +297,13 @@ def nic_configs(nics: Sequence[Nic], ipv6: str = "eui64") -> tuple[NicConfig, ..
                                  address4=address4, gateway4=gateway4,
                                  address6=address6, gateway6=gateway6, slaac=slaac))
     if check.problems:
+        # The advice first: Ganeti shows the log's last lines, and the last
+        # one must name the variable that is wrong.
         raise ConfigError(
-            "Invalid NIC settings from Ganeti:\n  " + "\n  ".join(check.problems)
-            + "\nFix the instance's NIC (gnt-instance modify --net N:...) or its "
-              "network (gnt-network info), or set the OS parameter network=none "
-              "to leave the instance's network unconfigured.")
+            "Invalid NIC settings from Ganeti: fix the instance's NIC (gnt-instance "
+            "modify --net N:...) or its network (gnt-network info), or set the OS "
+            "parameter network=none to leave the instance's network unconfigured."
+            "\n  " + "\n  ".join(check.problems))
     return _one_default_route(configs)
 
 

@@ -89,6 +89,8 @@ def run(request: Request, paths: Paths) -> None:
             _, root_dev, _ = instance_disk.open_root(stack, request.disk_path)
             target_dir = stack.enter_context(mounts.temporary_mountpoint())
             stack.enter_context(mounts.mounted(root_dev, target_dir))
+            stack.enter_context(mounts.write_errors_reported(
+                target_dir, f"the instance's root filesystem on {request.disk_path}"))
         with log.phase("rename"):
             changed = apply(Target(target_dir), old, new)
     logger.info("Renamed %s to %s (%s)", old, new, ", ".join(changed))

@@ -50,6 +50,14 @@ STDERR_TAIL_LINES = 12
 # How long a stopped command gets to exit after SIGTERM before SIGKILL.
 STOP_GRACE_SECONDS = 5.0
 
+# A finished command's stderr pipe reaches end-of-file at once, unless
+# processes it left running in the background (a hook's daemon, even one
+# that escaped its process group with setsid) inherited it. Waiting for
+# them would hang the script for as long as they run: after this long the
+# rest of their output is still forwarded, but nobody waits for it. Dealing
+# with such processes is the caller's business (hooks.leftovers_stopped).
+OUTPUT_DRAIN_SECONDS = 2.0
+
 
 @dataclass(frozen=True)
 class Result:
@@ -138,7 +146,10 @@ def real_runner(argv: Sequence[str], *, stdin: IO[bytes] | bytes | None,
         _stop_group(proc)
         forwarder.join(timeout=5)
         raise
-    forwarder.join()
+    forwarder.join(timeout=OUTPUT_DRAIN_SECONDS)
+    if forwarder.is_alive():
+        log.warning("%s exited, but processes it started keep its output open; "
+                    "not waiting for them", argv[0])
     result = Result(tuple(argv), proc.returncode, out or b"")
     if check and proc.returncode != 0:
         raise CommandError(argv, proc.returncode, "\n".join(tail), hint)

@@ -28,10 +28,16 @@ SHELL = "/bin/sh"
 NAMES = ("PROXY", "MIRROR", "ARCH", "SUITE", "EXTRA_PKGS", "COMPONENTS",
          "CUSTOMIZE_DIR", "VARIANTS_DIR", "GENERATE_CACHE", "CLEAN_CACHE",
          "PARTITION_STYLE", "PARTITION_ALIGNMENT", "BOOTSTRAP_TOOL",
-         "CACHE_IMAGE", "BOOTLOADER")
+         "CACHE_IMAGE", "BOOTLOADER", "HOOK_TIMEOUT")
 
 PARTITION_STYLES = ("none", "msdos", "gpt")
 BOOTSTRAP_TOOLS = ("auto", "debootstrap", "mmdebstrap")
+
+# Seconds a customisation hook may run. A hook that hangs (a prompt nobody
+# answers, a download that never ends) would otherwise keep the instance's
+# disk mounted and Ganeti's job and locks held forever; an hour leaves room
+# for hooks that install many packages over a slow link.
+DEFAULT_HOOK_TIMEOUT = 3600
 # none: Ganeti boots the node's kernel (kernel_path); grub: GRUB on disk 0.
 BOOTLOADERS = ("none", "grub")
 
@@ -54,6 +60,7 @@ class Settings:
     partition_alignment: int = 2048
     bootstrap_tool: str = "auto"
     cache_image: bool = True
+    hook_timeout: int | None = DEFAULT_HOOK_TIMEOUT  # None: no limit
     bootloader: str = "none"
     variant: str = ""
     # The files the values came from, for messages.
@@ -116,8 +123,8 @@ def read_shell_files(files: list[str], paths: Paths) -> dict[str, str]:
             f"Reading the settings in {shown} with {SHELL} failed "
             f"(exit status {proc.returncode}):\n  "
             + "\n  ".join(err.decode("utf-8", "replace").strip().splitlines()[-5:])
-            + "\nFix the shell syntax there; the file is sourced as shell, as "
-              "the shell edition did.")
+            + f"\nFix the shell syntax in {shown}: it is sourced as shell, as "
+              f"the shell edition did.")
     fields = data.split(b"\0")
     values = {}
     for i in range(0, len(fields) - 1, 2):
@@ -171,6 +178,11 @@ def load(paths: Paths, variant: str, api_version: int) -> Settings:
     """Read and validate the settings for ``variant`` (may be empty)."""
     base = read_shell_files([paths.defaults_file], paths)
     variants_dir = base.get("VARIANTS_DIR") or paths.default_variants_dir
+    if not variants_dir.startswith("/"):
+        # Checked now: it is used (to find the variant file) before validate.
+        where = _where("VARIANTS_DIR", [paths.defaults_file])
+        raise ConfigError(f"Invalid settings:\n  {where}: {variants_dir!r} must be an "
+                          f"absolute path")
     conf = variant_file(paths, variant, variants_dir)
     files = [paths.defaults_file] + ([conf] if conf else [])
     raw = read_shell_files(files, paths) if conf else base
@@ -248,6 +260,14 @@ def validate(raw: Mapping[str, str], files: list[str], api_version: int,
     tool = raw.get("BOOTSTRAP_TOOL", "auto") or "auto"
     if tool not in BOOTSTRAP_TOOLS:
         bad("BOOTSTRAP_TOOL", f"{tool!r} must be one of {', '.join(BOOTSTRAP_TOOLS)}")
+    timeout_raw = raw.get("HOOK_TIMEOUT", str(DEFAULT_HOOK_TIMEOUT))
+    hook_timeout: int | None = None
+    if timeout_raw != "":
+        if timeout_raw.isdigit() and int(timeout_raw) > 0:
+            hook_timeout = int(timeout_raw)
+        else:
+            bad("HOOK_TIMEOUT", f"{timeout_raw!r} must be a positive number of "
+                                f"seconds, or empty for no limit")
     for name in ("CUSTOMIZE_DIR", "VARIANTS_DIR"):
         value = raw.get(name, "")
         if value and not value.startswith("/"):
@@ -260,6 +280,7 @@ def validate(raw: Mapping[str, str], files: list[str], api_version: int,
         customize_dir=raw.get("CUSTOMIZE_DIR", ""),
         variants_dir=raw.get("VARIANTS_DIR", ""),
         generate_cache=gen == "yes", clean_cache_days=clean,
+        hook_timeout=hook_timeout,
         partition_style=style, partition_alignment=align,
         bootstrap_tool=tool, cache_image=image == "yes", bootloader=loader,
         variant=variant,
