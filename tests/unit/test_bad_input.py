@@ -388,6 +388,8 @@ BAD_SETTINGS = [
     ("CACHE_IMAGE", "sometimes"), ("BOOTSTRAP_TOOL", "busybox"),
     ("CUSTOMIZE_DIR", "relative/hooks"), ("VARIANTS_DIR", "variants"),
     ("HOOK_TIMEOUT", "0"), ("HOOK_TIMEOUT", "-5"), ("HOOK_TIMEOUT", "1h"),
+    # Unicode digits: isdigit() says yes, int() says no.
+    ("CLEAN_CACHE", "¹"), ("PARTITION_ALIGNMENT", "２０４８"), ("HOOK_TIMEOUT", "٣٦٠٠"),
 ]
 
 
@@ -501,10 +503,13 @@ def test_settings_validation_raises_only_config_errors(raw, api):
     except ConfigError as err:
         assert "/etc/default/x" in str(err)
         return
-    # Values that end up in paths or command lines are plain names.
+    # Values that end up in file names or command lines are plain names:
+    # no shell syntax, no way up a directory tree (a component may hold a
+    # slash, as in main/debian-installer; nothing else may).
     for value in (conf.suite, conf.arch, *conf.extra_pkgs, *conf.components):
-        assert ".." not in value and not set(value) & set(" ;|&$`\n/\\") - {"/"} \
-            or value in conf.components
+        assert ".." not in value and not set(value) & set(" \t\n;|&$`'\"\\<>*?")
+    for value in (conf.suite, conf.arch, *conf.extra_pkgs):
+        assert "/" not in value
     assert conf.partition_alignment > 0
     assert conf.hook_timeout is None or conf.hook_timeout > 0
 
