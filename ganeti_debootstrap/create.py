@@ -121,12 +121,20 @@ def install_system(p: Plan, source: Source, target_dir: str) -> None:
     bootstrap.clean_tree(target_dir)
     if p.settings.generate_cache:
         try:
-            source.store.store(source.key, target_dir)
+            entry = source.store.store(source.key, target_dir)
+            if p.settings.cache_image:
+                # Made now, from the tree at hand and under the lock, so
+                # that creates waiting for this cache copy the image at
+                # once instead of one of them unpacking and making it.
+                with log.phase("filesystem image"):
+                    image_cache.build(source.store, entry, p.params.filesystem,
+                                      tree=target_dir)
         except DefinitionError as exc:
             # The instance is complete: a cache that cannot be written (a
             # full /var) must not fail it, and make Ganeti remove its disks.
-            logger.warning("Could not store the bootstrap cache, so the next create "
-                           "bootstraps again; the instance is fine. %s", exc)
+            logger.warning("Could not store the bootstrap cache (or its image), so "
+                           "the next create makes it again; the instance is fine. "
+                           "%s", exc)
 
 
 def run(request: Request, paths: Paths) -> None:

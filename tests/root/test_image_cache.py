@@ -16,7 +16,8 @@ from tests.treecompare import differences
 # in the two creates, so their (and their directories') mtimes differ.
 WRITTEN_BY_CREATE = ("etc", "etc/network", "etc/hostname", "etc/hosts", "etc/mailname",
                      "etc/machine-id", "etc/network/interfaces", "etc/resolv.conf",
-                     "etc/shadow")
+                     "etc/shadow", "etc/apt", "etc/apt/sources.list",
+                     "etc/apt/sources.list.d", "etc/apt/sources.list.d/debian.sources")
 
 
 @pytest.fixture
