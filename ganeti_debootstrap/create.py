@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 
 from . import (blockdev, bootloader, bootstrap, cache, hooks, image_cache, instance_disk,
-               instance_files, log, mounts, osparams, settings)
+               instance_files, log, mounts, network, osparams, settings)
 from .errors import DefinitionError
 from .environment import Request
 from .paths import Paths
@@ -168,8 +168,10 @@ def run(request: Request, paths: Paths) -> None:
             with log.phase(f"hooks ({len(hook_list)})"):
                 env = hooks.environment(request, conf, p.arch, target_dir,
                                         blockdev=disk.device, fsysdev=disk.root_device)
+                interfaces = network.interfaces_snapshot(target)
                 with mounts.api_filesystems(target_dir), hooks.daemons_prevented(target):
                     hooks.run_all(conf.customize_dir, env, timeout=conf.hook_timeout)
+            network.yield_to_hooks(target, interfaces)
             bootloader.repair_config(target, request, conf, disk.root.uuid)
         # What is left to do is the ExitStack's: unmount (writeback) and
         # release the mappings and loop devices. Closed here, inside a phase,

@@ -629,3 +629,37 @@ def _enable_networkd(t: Target) -> list[str]:
     # only where the release ships it (its own package from bookworm on).
     links += enable_unit(t, "systemd-resolved.service")
     return links
+
+
+# --- sites' own network hooks ------------------------------------------------
+
+def interfaces_snapshot(t: Target) -> str | None:
+    """The instance's /etc/network/interfaces now (None: there is none)."""
+    try:
+        return t.read_text(INTERFACES)
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+
+
+def yield_to_hooks(t: Target, before: str | None) -> list[str]:
+    """Step back when a hook rewrote /etc/network/interfaces; return what was removed.
+
+    Sites have long configured the network in hooks, typically writing
+    ``eth0`` stanzas. Our .link files would rename that interface to
+    ``nic0`` and break such a hook's configuration, so when a hook replaced
+    the file we wrote, the interface naming is left to the site as well.
+    """
+    if before is None or interfaces_snapshot(t) == before:
+        return []
+    removed = []
+    directory = t.path(SYSTEMD_NETWORK_DIR)
+    if os.path.isdir(directory):
+        for name in sorted(os.listdir(directory)):
+            if name.startswith(FILE_PREFIX) and name.endswith(".link"):
+                inner = f"{SYSTEMD_NETWORK_DIR}/{name}"
+                if t.remove(inner):
+                    removed.append(inner)
+    if removed:
+        log.info("A hook rewrote %s: leaving the interface names to it too "
+                 "(removed %s)", INTERFACES, ", ".join(removed))
+    return removed

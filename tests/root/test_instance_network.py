@@ -159,3 +159,23 @@ def test_apt_sources_keep_leaves_the_bootstraps_sources_list(tree, disk):
     with mounted_root(disk) as root:
         assert not exists(root, "/etc/apt/sources.list.d/debian.sources")
         assert "deb http" in read(root, "/etc/apt/sources.list")
+
+
+def test_a_hook_that_writes_its_own_interfaces_keeps_the_kernel_names(tree, disk):
+    # The shell edition's sites configure eth0 in a hook: our nicN names
+    # must not break that, so the .link files go when a hook takes over.
+    tree.hook("50-eth0", 'printf "auto lo\\niface lo inet loopback\\n'
+                         'auto eth0\\niface eth0 inet dhcp\\n" > "$TARGET/etc/network/interfaces"\n')
+    run_script(tree, "create", create_env("hooknet", disk, NIC_COUNT="1",
+                                          NIC_0_MAC="aa:00:00:44:55:66"))
+    with mounted_root(disk) as root:
+        assert "eth0" in read(root, "/etc/network/interfaces")
+        links = os.listdir(os.path.join(root, "etc/systemd/network"))
+        assert not [f for f in links if f.endswith(".link")]
+
+
+def test_without_hooks_the_link_files_stay(tree, disk):
+    run_script(tree, "create", create_env("ownnet", disk, NIC_COUNT="1",
+                                          NIC_0_MAC="aa:00:00:44:55:67"))
+    with mounted_root(disk) as root:
+        assert os.path.exists(os.path.join(root, "etc/systemd/network/10-ganeti-nic0.link"))
