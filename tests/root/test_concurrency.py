@@ -99,7 +99,7 @@ def test_eight_creates_on_a_cold_cache_bootstrap_once_and_never_collide(tmp_path
     finished = ", ".join(f"{d:.1f}" for d in sorted(durations.values()))
     report(f"{N} creates at once on a cold cache: all done in {wall:.1f} s (each "
            f"finished after {finished} s); the one that bootstrapped took {cold:.1f} s "
-           f"({installed[0]}), the next one made the cache's filesystem image "
+           f"({installed[0]}), the cache's filesystem image was made once "
            f"({imaged[0] if imaged else 'no image'}); a warm create takes {warm:.2f} s; "
            f"one cold create plus {N - 1} warm ones in turn would take "
            f"{cold + (N - 1) * warm:.1f} s (plus the image)")
