@@ -167,7 +167,7 @@ def _nics(env: Mapping[str, str], problems: list[str]) -> tuple[Nic, ...]:
     count = _int(env, "NIC_COUNT", problems, 0) or 0
     nics = []
     for n in range(count):
-        def var(suffix: str) -> str:
+        def var(suffix: str, n: int = n) -> str:
             return env.get(f"NIC_{n}_{suffix}", "")
         nics.append(Nic(
             index=n, mac=var("MAC"), ip=var("IP"), mode=var("MODE"),

@@ -106,9 +106,11 @@ def open_root(stack: contextlib.ExitStack, path: str,
     fstype = filesystems.fs_type(root_dev)
     if fstype not in ROOT_FILESYSTEMS:
         found = f"a {fstype} filesystem" if fstype else "no filesystem we recognise"
+        where = ("the whole disk" if layout.style == "none"
+                 else f"partition 1 of its {layout.style} table")
         raise DiskError(
             f"The disk {path} holds {found} where this OS definition puts the "
-            f"instance's root ({'the whole disk' if layout.style == 'none' else 'partition 1 of its ' + layout.style + ' table'}); "
+            f"instance's root ({where}); "
             f"only ext2/3/4 roots made by create can be used. Was this "
             f"instance installed with another OS definition?")
     return dev, root_dev, fstype

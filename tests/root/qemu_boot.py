@@ -233,7 +233,8 @@ def boot_and_run(image: Path, *, workdir: Path, mode: Mode = "kernel",
 
     ``workdir`` receives the kernel files (kernel mode) and the console
     transcript (``console.log``). ``expect_hostname`` is checked against the
-    login prompt (up to its first dot, as agetty shows it). With ``check``, a command exiting non-zero fails the boot.
+    login prompt (up to its first dot, as agetty shows it). With ``check``, a
+    command exiting non-zero fails the boot.
     ``append`` replaces the kernel command line (kernel mode).
     Raises :class:`BootFailed` with the console's tail on any failure.
     """

@@ -249,7 +249,7 @@ def test_concurrent_creates_build_once_and_share_the_archive(store, tmp_path):
     marker = tmp_path / "builds"
     procs = [run_script(BUILD_ONCE, store.directory, str(marker)) for _ in range(2)]
     results = [p.communicate(timeout=60) for p in procs]
-    for proc, (out, err) in zip(procs, results):
+    for proc, (_out, err) in zip(procs, results):
         assert proc.returncode == 0, err
     assert len(marker.read_text().splitlines()) == 1
     assert {out.strip() for out, _ in results} == {store.archive_path(KEY)}

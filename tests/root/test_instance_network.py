@@ -165,7 +165,8 @@ def test_a_hook_that_writes_its_own_interfaces_keeps_the_kernel_names(tree, disk
     # The shell edition's sites configure eth0 in a hook: our nicN names
     # must not break that, so the .link files go when a hook takes over.
     tree.hook("50-eth0", 'printf "auto lo\\niface lo inet loopback\\n'
-                         'auto eth0\\niface eth0 inet dhcp\\n" > "$TARGET/etc/network/interfaces"\n')
+                         'auto eth0\\niface eth0 inet dhcp\\n" '
+                         '> "$TARGET/etc/network/interfaces"\n')
     run_script(tree, "create", create_env("hooknet", disk, NIC_COUNT="1",
                                           NIC_0_MAC="aa:00:00:44:55:66"))
     with mounted_root(disk) as root:

@@ -55,7 +55,8 @@ def test_variant_appends_to_defaults_with_shell_expansion(tree):
 def test_variant_sees_built_in_defaults_like_the_shell_edition(tree):
     write(os.path.join(tree.default_variants_dir, "default.conf"),
           'SUITE="$SUITE-backports-not-really"\n')
-    assert settings.load(tree, "default", 20).suite == settings.DEFAULT_SUITE + "-backports-not-really"
+    suite = settings.load(tree, "default", 20).suite
+    assert suite == settings.DEFAULT_SUITE + "-backports-not-really"
 
 
 def test_variants_dir_from_defaults_file_is_used(tree, tmp_path):
