@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 # In the order they run: parallel compares with the cold and warm medians
 # measured before it in the same invocation.
-SCENARIOS = ("warm", "cold", "startup", "parallel", "memory")
+SCENARIOS = ("warm", "cold", "startup", "parallel", "memory", "backup")
 # Scenarios that bootstrap from the mirror (minutes each): --quick skips them.
 COLD_SCENARIOS = ("cold", "parallel")
 
