@@ -39,6 +39,10 @@ HOSTNAME = "boot1.example.org"
 DISK_MIB = 2048  # the tree with a kernel and its initrd is about 1 GiB
 BOOT_TIMEOUT = 300.0  # a hard limit for each boot, login and commands included
 GPT_VARIANT = "bootgpt"
+# openssh-server too: the same one extra cache shows that instances made
+# from one cache get their own SSH host keys.
+BOOT_EXTRA_PKGS = "openssh-server"
+BOOT_VARIANT = f'BOOTLOADER="grub"\nEXTRA_PKGS="{BOOT_EXTRA_PKGS}"\n'
 
 
 @dataclass(frozen=True)
@@ -69,9 +73,9 @@ def boot_setup(tmp_path_factory: pytest.TempPathFactory) -> BootSetup:
     """
     base = tmp_path_factory.mktemp("boot")
     tree = scripts.make_os_tree(str(base / "os"), _localstatedir(tmp_path_factory))
-    tree.variant("boot", 'BOOTLOADER="grub"\n')
+    tree.variant("boot", BOOT_VARIANT)
     # GRUB through the OS parameter here, with the same packages: same cache.
-    tree.variant(GPT_VARIANT, 'PARTITION_STYLE="gpt"\n')
+    tree.variant(GPT_VARIANT, f'PARTITION_STYLE="gpt"\nEXTRA_PKGS="{BOOT_EXTRA_PKGS}"\n')
     disk = scripts.sparse_disk(str(base), DISK_MIB, "msdos.img")
     started = time.monotonic()
     res = run_script(tree, "create", create_env(
@@ -193,7 +197,7 @@ def test_import_reinstalls_grub_for_the_new_root(boot_setup, tmp_path):
 def test_update_grub_run_by_a_hook_does_not_leave_grub_without_entries(boot_setup, tmp_path):
     # Its own OS tree: the hook must not run in the other tests' creates.
     tree = scripts.make_os_tree(str(tmp_path / "os"), boot_setup.tree.localstatedir)
-    tree.variant("boot", 'BOOTLOADER="grub"\n')
+    tree.variant("boot", BOOT_VARIANT)
     # What installing a kernel in a hook does (its postinst runs update-grub).
     tree.hook("50-update-grub", 'chroot "$TARGET" update-grub\n'
                                 'cp "$TARGET/boot/grub/grub.cfg" "$TARGET/root/after-hook.cfg"\n')
@@ -208,3 +212,38 @@ def test_update_grub_run_by_a_hook_does_not_leave_grub_without_entries(boot_setu
     assert not re.search(r"(?m)^\s*linux\s", after_hook), after_hook
     assert "no entry booting Linux" in res.stderr.decode()
     check_grub_on_msdos(disk, uuid)
+
+
+def _host_keys(disk: str) -> dict[str, str]:
+    with mounted_root(disk) as root:
+        ssh = os.path.join(root, "etc/ssh")
+        return {name: read(root, f"/etc/ssh/{name}") for name in sorted(os.listdir(ssh))
+                if name.startswith("ssh_host_") and name.endswith(".pub")}
+
+
+def test_two_instances_from_one_cache_have_their_own_identity(boot_setup, tmp_path):
+    logs, keys = [], []
+    for i in range(2):
+        disk = scripts.sparse_disk(str(tmp_path), DISK_MIB, f"id{i}.img")
+        res = run_script(boot_setup.tree, "create", create_env(
+            f"id{i}.example.org", disk, OS_VARIANT="boot"))
+        logs.append(res.stderr.decode())
+        keys.append(_host_keys(disk))
+        with mounted_root(disk) as root:
+            # Empty: systemd makes the instance's own at its first boot.
+            assert read(root, "/etc/machine-id") == ""
+            for shared in ("var/lib/systemd/random-seed", "var/lib/dbus/machine-id"):
+                path = os.path.join(root, shared)
+                assert not os.path.isfile(path) or os.path.islink(path), shared
+    assert keys[0] and set(keys[0]) == set(keys[1])
+    for name in keys[0]:
+        assert keys[0][name] != keys[1][name], f"{name} shared by two instances"
+    # The create log shows each key's fingerprint, for the first login.
+    for i in range(2):
+        fingerprints = re.findall(r"SHA256:[A-Za-z0-9+/]{43}", logs[i])
+        assert len(fingerprints) == len(keys[i])
+        for name in keys[i]:
+            line = subprocess.run(["ssh-keygen", "-l", "-f", "/dev/stdin"],
+                                  input=keys[i][name], capture_output=True,
+                                  text=True, check=True).stdout
+            assert line.split()[1] in fingerprints
