@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from tests.root import scripts
+from tests.root import bootstrap_fixture, scripts
 from tests.root.scripts import create_env, mounted_root, read, root_device, run_script
 
 
@@ -207,7 +207,8 @@ def test_damaged_cache_is_detected_and_never_unpacked(tree, disk, tmp_path):
     own = str(tmp_path / "var")
     shutil.copytree(tree.localstatedir, own)
     damaged = scripts.OSTree(tree.sysconfdir, own, tree.os_dir)
-    archive = [f for f in os.listdir(damaged.cache_dir) if f.endswith(".tar")][0]
+    # The default settings' archive: the shared directory holds others too.
+    archive = bootstrap_fixture.default_key().stem + ".tar"
     path = os.path.join(damaged.cache_dir, archive)
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 3)
