@@ -45,19 +45,6 @@ _BLKSSZGET = 0x1268  # <linux/fs.h>: logical sector size, an int
 _sleep = time.sleep  # replaced by unit tests
 
 
-@contextlib.contextmanager
-def failure_logged(what: str) -> Iterator[None]:
-    """Log an error of a cleanup step instead of raising it.
-
-    Used while another error is on its way up: that one is what the
-    administrator must see, not a consequence of it.
-    """
-    try:
-        yield
-    except Exception as exc:  # noqa: BLE001 - logged, the first error wins
-        log.error("%s also failed: %s", what, exc)
-
-
 # --- sysfs --------------------------------------------------------------
 
 Devnum = tuple[int, int]
@@ -411,7 +398,7 @@ def loop_device(backing: str, offset: int = 0, size: int | None = None,
     try:
         yield dev
     except BaseException:
-        with failure_logged(f"detaching {dev}"):
+        with mounts.failure_logged(f"detaching {dev}"):
             detach_loop(dev)
         raise
     detach_loop(dev)

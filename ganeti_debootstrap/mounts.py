@@ -109,7 +109,7 @@ def is_mounted(path: str) -> bool:
 
 
 @contextlib.contextmanager
-def _failure_logged(what: str) -> Iterator[None]:
+def failure_logged(what: str) -> Iterator[None]:
     """Log an error of a cleanup step instead of raising it.
 
     Used while another error is on its way up: that one is what the
@@ -227,7 +227,7 @@ def temporary_mountpoint(prefix: str = "ganeti-debootstrap.") -> Iterator[str]:
     try:
         yield path
     except BaseException:
-        with _failure_logged(f"removing the mount point {path}"):
+        with failure_logged(f"removing the mount point {path}"):
             os.rmdir(path)
         raise
     try:
@@ -325,14 +325,14 @@ def _mounted_with(source: str, point: str, args: Sequence[str]) -> Iterator[None
     except BaseException:
         # A signal can arrive after the kernel mounted but before mount(8)
         # returned: do not leave that half-made mount behind.
-        with _failure_logged(f"unmounting {point}"):
+        with failure_logged(f"unmounting {point}"):
             if is_mounted(point):
                 unmount_tree(point)
         raise
     try:
         yield
     except BaseException:
-        with _failure_logged(f"unmounting {point}"):
+        with failure_logged(f"unmounting {point}"):
             unmount_tree(point)
         raise
     unmount_tree(point)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from . import blockdev, filesystems, runner
+from . import blockdev, filesystems, mounts, runner
 from .errors import CommandError, DiskError
 
 log = logging.getLogger(__name__)
@@ -358,7 +358,7 @@ def _kpartx_mapping(dev: str, read_only: bool) -> Iterator[str]:
         _wait_for_node(part)
         yield part
     except BaseException:
-        with blockdev.failure_logged(f"removing the partition mappings of {dev}"):
+        with mounts.failure_logged(f"removing the partition mappings of {dev}"):
             _kpartx_delete(dev)
         raise
     _kpartx_delete(dev)
