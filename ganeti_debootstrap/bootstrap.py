@@ -29,6 +29,16 @@ DEBOOTSTRAP_SCRIPTS = "/usr/share/debootstrap/scripts"
 # mmdebstrap's variant installing what debootstrap installs by default.
 MMDEBSTRAP_VARIANT = "important"
 
+# apt options for mmdebstrap's own apt runs. Without a source package cache
+# (srcpkgcache.bin, a second index of every package list built beside
+# pkgcache.bin), apt's peak memory during a trixie bootstrap drops from 108
+# to 75 MiB, measured here, at no cost in time: the largest process of a
+# cold create then stays under 100 MiB. mmdebstrap also writes --aptopt
+# options into the tree's apt.conf.d/99mmdebstrap; the customize hook
+# removes that file once apt is done, so instances keep Debian's defaults.
+MMDEBSTRAP_APT_OPTIONS = ('Dir::Cache::srcpkgcache ""',)
+MMDEBSTRAP_CLEANUP_HOOK = 'rm -f "$1/etc/apt/apt.conf.d/99mmdebstrap"'
+
 # Lines of debootstrap's own log kept in the error: its stderr usually only
 # says "see debootstrap.log", and that log goes away with the staging tree.
 DEBOOTSTRAP_LOG_LINES = 6
@@ -77,6 +87,8 @@ def command(settings: Settings, tool: str, dest: str) -> list[str]:
         # format explicitly, as mmdebstrap guesses it from the target name.
         argv = ["mmdebstrap", "--mode=root", "--format=directory",
                 f"--variant={MMDEBSTRAP_VARIANT}"]
+        argv += [f"--aptopt={option}" for option in MMDEBSTRAP_APT_OPTIONS]
+        argv.append(f"--customize-hook={MMDEBSTRAP_CLEANUP_HOOK}")
         if settings.arch:
             argv.append(f"--architectures={settings.arch}")
     else:
@@ -96,7 +108,7 @@ def proxy_environment(settings: Settings) -> dict[str, str]:
 
     Passed in the environment only: neither tool writes it into the tree
     (mmdebstrap's apt configuration in the target comes from --aptopt alone,
-    which we do not use, and its temporary one is removed at the end).
+    whose file we remove, and its temporary one is removed at the end).
     """
     if not settings.proxy:
         return {}

@@ -3,8 +3,9 @@
 An archive is ``cache-<suite>-<arch>-<digest>.tar`` (the shell edition's
 ``cache-<suite>-<arch>.tar`` plus a digest of every input that changes the
 tree), with ``<stem>.inputs.json`` beside it recording those inputs and the
-archive's size and mtime. A per-key lock file serialises concurrent creates
-on a node: one builds, the others wait and reuse.
+archive's size and mtime. A per-key lock file coordinates concurrent
+creates on a node: one builds (exclusive), the others wait, then read the
+finished cache side by side (shared).
 
 Archives are written under a temporary name and renamed into place, so the
 real name only ever holds a complete archive; leftovers of a killed run are
@@ -19,16 +20,18 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
+import random
 import re
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from . import runner
 from .bootstrap import packages, resolved_arch
@@ -82,6 +85,12 @@ TAR_EXTRACT_OPTIONS = ("--preserve-permissions", "--same-owner",
 
 TAR_BLOCK = 512
 SECONDS_PER_DAY = 86400
+
+# Failed attempts to convert a shared lock to an exclusive one without
+# waiting before a create waits for the conversion instead.
+_UPGRADE_TRIES = 3
+
+_Found = TypeVar("_Found")
 
 
 @dataclass(frozen=True)
@@ -152,7 +161,8 @@ class Cache:
     def __init__(self, directory: str, clean_days: int | None = None) -> None:
         self.directory = directory
         self.clean_days = clean_days
-        self._held: set[str] = set()
+        # The keys whose lock we hold: True if exclusively.
+        self._held: dict[str, bool] = {}
 
     def exists(self) -> bool:
         """Whether the cache directory exists (nothing was ever cached if not)."""
@@ -171,16 +181,78 @@ class Cache:
         return os.path.join(self.directory, stem + LOCK_SUFFIX)
 
     # -- locking ---------------------------------------------------------
+    #
+    # Each key has one lock file, flocked two ways. Exclusive: to build,
+    # repair, replace or expire the key's archive and images (and remove
+    # leftovers of killed runs). Shared: to read a cache found complete,
+    # so that creates copying the same image run side by side. A create
+    # starts shared; when what it needs is missing it tries to become the
+    # builder, and if another create already is, it waits (shared) until
+    # that one is done and then reads alongside the others.
 
     @contextlib.contextmanager
     def locked(self, key: CacheKey) -> Iterator[None]:
-        """Hold ``key``'s lock, waiting for another create holding it.
+        """Hold ``key``'s lock exclusively, waiting for any other holder.
 
         The lock is an flock on ``<stem>.lock``: it dies with its process,
         so a killed run never blocks the next. Once held, temporaries a
         killed run left for this key are removed. Not reentrant: flock
         locks belong to open files, so locking a held key again deadlocks.
         """
+        self._make_directory()
+        lock = _KeyLock(self._lock_file(key.stem))
+        try:
+            if not lock.acquire(exclusive=True, wait=False):
+                self._say_waiting(key.stem)
+                lock.acquire(exclusive=True, wait=True)
+            with self._holding(key.stem, lock):
+                yield
+        finally:
+            lock.release()
+
+    @contextlib.contextmanager
+    def using(self, key: CacheKey,
+              probe: Callable[[], _Found | None]) -> Iterator[KeyUse[_Found]]:
+        """Hold ``key``'s lock: shared if ``probe`` finds what is needed, else exclusive.
+
+        ``probe`` runs under the shared lock and must not change anything;
+        what it returns is the yielded ``found``. When it returns None, the
+        lock is taken exclusively (``found`` is None): the caller builds
+        or repairs, then may call ``share()`` so that others waiting read
+        alongside it. A create that cannot take it exclusively because
+        another is building waits for that one and probes again, so four
+        creates on a cold node bootstrap once and then copy in parallel.
+        """
+        self._make_directory()
+        lock = _KeyLock(self._lock_file(key.stem))
+        stem = key.stem
+        try:
+            for attempt in itertools.count():
+                if not lock.acquire(exclusive=False, wait=False):
+                    self._say_waiting(stem)
+                    lock.acquire(exclusive=False, wait=True)
+                self._held[stem] = False
+                found = probe()
+                if found is not None:
+                    use = KeyUse(self, stem, lock, found)
+                    yield use
+                    return
+                del self._held[stem]
+                # Converting our shared lock: without waiting, so that a
+                # create that lost the race waits (shared, above) for the
+                # builder rather than queueing behind it and every reader
+                # after it. Two readers converting at once may both fail;
+                # after a few tries, waiting settles it.
+                if lock.acquire(exclusive=True, wait=attempt >= _UPGRADE_TRIES):
+                    break
+                time.sleep(random.uniform(0.01, 0.05))
+            with self._holding(stem, lock):
+                yield KeyUse(self, stem, lock, None)
+        finally:
+            self._held.pop(stem, None)
+            lock.release()
+
+    def _make_directory(self) -> None:
         try:
             os.makedirs(self.directory, mode=0o755, exist_ok=True)
         except OSError as err:
@@ -188,60 +260,50 @@ class Cache:
                 f"Cannot create the cache directory {self.directory}: "
                 f"{err.strerror}. Make it writable by root, or set "
                 f"GENERATE_CACHE=no to bootstrap every instance afresh.") from err
-        with self._flock(key.stem, wait=True):
-            self._held.add(key.stem)
+
+    def _say_waiting(self, stem: str) -> None:
+        log.info("Waiting for another run using the cache %s (lock %s)",
+                 stem, self._lock_file(stem))
+
+    @contextlib.contextmanager
+    def _holding(self, stem: str, lock: _KeyLock) -> Iterator[None]:
+        """Mark ``stem`` held exclusively; tidy the key's files at both ends."""
+        self._held[stem] = True
+        try:
             try:
-                try:
-                    self._remove_leftovers(key.stem)
-                except (OSError, CacheError) as err:
-                    # A leftover (say, a tree with a mount left in it) does
-                    # not stop this run: its own files get other names.
-                    log.warning("Could not remove a leftover of an "
-                                "interrupted run: %s", err)
-                yield
-            finally:
-                self._held.discard(key.stem)
+                self._remove_leftovers(stem)
+            except (OSError, CacheError) as err:
+                # A leftover (say, a tree with a mount left in it) does
+                # not stop this run: its own files get other names.
+                log.warning("Could not remove a leftover of an "
+                            "interrupted run: %s", err)
+            yield
+        finally:
+            if lock.exclusive:
                 # A key that left no archive (a miss without GENERATE_CACHE,
                 # a failed build) leaves no lock file behind either.
                 with contextlib.suppress(OSError):
-                    self._forget_lock(key.stem)
+                    self._forget_lock(stem)
+            self._held.pop(stem, None)
 
     @contextlib.contextmanager
     def _flock(self, stem: str, wait: bool) -> Iterator[bool]:
-        """Lock ``stem``; yields False (not waiting) if another holds it."""
-        path = self._lock_file(stem)
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    if not wait:
-                        os.close(fd)
-                        fd = -1
-                        yield False
-                        return
-                    log.info("Waiting for another run using the cache %s "
-                             "(lock %s)", stem, path)
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-                # Expiry removes lock files while holding them: a file we
-                # locked after its removal is no longer the lock, try again.
-                if _same_file(fd, path):
-                    break
-            except BaseException:
-                if fd >= 0:
-                    os.close(fd)
-                raise
-            os.close(fd)
+        """Lock ``stem`` exclusively; yields False (not waiting) if another holds it."""
+        lock = _KeyLock(self._lock_file(stem))
         try:
-            yield True
+            yield lock.acquire(exclusive=True, wait=wait)
         finally:
-            # Closing releases the flock.
-            os.close(fd)
+            lock.release()
 
-    def _require_lock(self, key: CacheKey) -> None:
-        if key.stem not in self._held:
+    def _mark_shared(self, stem: str) -> None:
+        self._held[stem] = False
+
+    def _require_lock(self, key: CacheKey, exclusive: bool = True) -> None:
+        held = self._held.get(key.stem)
+        if held is None:
             raise RuntimeError(f"cache key {key.stem} used without its lock")
+        if exclusive and not held:
+            raise RuntimeError(f"cache key {key.stem} changed under a shared lock")
 
     def _remove_leftovers(self, stem: str) -> None:
         """Remove temporaries of ``stem`` (we hold its lock: none is in use)."""
@@ -253,6 +315,29 @@ class Cache:
                 _remove_path(os.path.join(self.directory, name))
 
     # -- lookup ----------------------------------------------------------
+
+    def peek(self, key: CacheKey) -> CacheEntry | None:
+        """The archive for ``key`` if its record vouches for it as it is; else None.
+
+        Changes nothing, so a shared lock is enough: an archive that is
+        missing, changed since it was recorded or recorded for other inputs
+        is for ``lookup`` (exclusive lock) to check, repair or remove.
+        """
+        self._require_lock(key, exclusive=False)
+        archive, inputs_file = self.archive_path(key), self.inputs_path(key)
+        try:
+            with open(inputs_file, encoding="utf-8") as f:
+                record = json.load(f)
+            st = os.stat(archive)
+        except (OSError, ValueError):
+            return None
+        if (not isinstance(record, dict) or record.get("key") != key.inputs()
+                or record.get("size") != st.st_size
+                or record.get("mtime_ns") != st.st_mtime_ns
+                or not stat.S_ISREG(st.st_mode)):
+            return None
+        log.info("Using the cache %s", archive)
+        return CacheEntry(key, archive, inputs_file)
 
     def lookup(self, key: CacheKey) -> CacheEntry | None:
         """The valid archive for ``key``, or None.
@@ -407,7 +492,7 @@ class Cache:
 
     def extract(self, entry: CacheEntry, dest: str) -> None:
         """Unpack ``entry`` into ``dest`` with owners, modes, ACLs, xattrs."""
-        self._require_lock(entry.key)
+        self._require_lock(entry.key, exclusive=False)
         runner.run(["tar", "--extract", "--file", entry.path,
                     "--directory", dest, *TAR_EXTRACT_OPTIONS],
                    hint=f"Unpacking the cache failed. If the instance disk is "
@@ -503,6 +588,72 @@ class Cache:
                for n in os.listdir(self.directory)):
             return
         _remove_if_exists(self._lock_file(stem))
+
+
+class KeyUse(Generic[_Found]):
+    """A held key lock, as ``Cache.using`` gives it."""
+
+    def __init__(self, store: Cache, stem: str, lock: _KeyLock,
+                 found: _Found | None) -> None:
+        self._store, self._stem, self._lock = store, stem, lock
+        self.found = found
+
+    @property
+    def exclusive(self) -> bool:
+        return self._lock.exclusive
+
+    def share(self) -> None:
+        """Turn the exclusive lock into a shared one: the cache is complete now.
+
+        Linux converts an exclusive flock to a shared one in one step (no
+        other run can take it exclusively in between), and waiting readers
+        start at once.
+        """
+        if self._lock.exclusive:
+            self._lock.acquire(exclusive=False, wait=True)
+            self._store._mark_shared(self._stem)
+
+
+class _KeyLock:
+    """One open lock file, locked shared or exclusive (or not at all)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1
+        self.exclusive = False
+
+    def acquire(self, exclusive: bool, wait: bool) -> bool:
+        """Lock (or convert our lock to) the wanted mode; False if busy and not waiting.
+
+        A conversion that fails has dropped the lock held before (flock
+        removes it first): the file is closed, nothing is held then.
+        Expiry removes lock files while holding them: a file we locked
+        after its removal is no longer the lock, so the path is opened
+        again and locked anew.
+        """
+        op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        while True:
+            if self.fd < 0:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(self.fd, op if wait else op | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.release()
+                return False
+            except BaseException:
+                self.release()
+                raise
+            if _same_file(self.fd, self.path):
+                self.exclusive = exclusive
+                return True
+            self.release()
+
+    def release(self) -> None:
+        """Close the file, which releases its flock."""
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+        self.exclusive = False
 
 
 def check_archive(path: str) -> str:

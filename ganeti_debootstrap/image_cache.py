@@ -82,7 +82,10 @@ def _source_stamp(entry: CacheEntry) -> dict[str, int]:
 
 
 def lookup(entry: CacheEntry, fstype: str) -> FsImage | None:
-    """The image of ``entry`` for ``fstype`` if it was made from the archive as it is."""
+    """The image of ``entry`` for ``fstype`` if it was made from the archive as it is.
+
+    Changes nothing (a shared lock on the key is enough).
+    """
     path, record = image_path(entry, fstype), record_path(entry, fstype)
     try:
         with open(record, encoding="utf-8") as f:
@@ -92,7 +95,6 @@ def lookup(entry: CacheEntry, fstype: str) -> FsImage | None:
         return None
     stamp = _source_stamp(entry)
     if any(data.get(k) != v for k, v in stamp.items()) or data.get("size") != st.st_size:
-        log.info("The filesystem image %s is older than its archive; making it again", path)
         return None
     return FsImage(path, fstype, st.st_size)
 
@@ -203,7 +205,13 @@ def _remove_leftovers(entry: CacheEntry) -> None:
 
 def ensure(store: Cache, entry: CacheEntry, fstype: str) -> FsImage:
     """The current image of ``entry`` for ``fstype``, made if needed (lock held)."""
-    return lookup(entry, fstype) or build(store, entry, fstype)
+    found = lookup(entry, fstype)
+    if found is not None:
+        return found
+    if os.path.exists(image_path(entry, fstype)):
+        log.info("The filesystem image %s is older than its archive; making it again",
+                 image_path(entry, fstype))
+    return build(store, entry, fstype)
 
 
 def prune(directory: str) -> list[str]:

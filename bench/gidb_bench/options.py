@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# In the order they run: parallel compares with the cold and warm medians
+# In the order they run: parallel compares with the warm median
 # measured before it in the same invocation.
 SCENARIOS = ("warm", "cold", "startup", "parallel", "memory", "backup")
 # Scenarios that bootstrap from the mirror (minutes each): --quick skips them.

@@ -77,13 +77,16 @@ def test_debootstrap_passes_every_setting_with_sorted_unique_packages():
 def test_mmdebstrap_defaults_install_debootstraps_package_set():
     assert bootstrap.command(Settings(), "mmdebstrap", "/t") == [
         "mmdebstrap", "--mode=root", "--format=directory",
-        "--variant=important", "trixie", "/t"]
+        "--variant=important", '--aptopt=Dir::Cache::srcpkgcache ""',
+        '--customize-hook=rm -f "$1/etc/apt/apt.conf.d/99mmdebstrap"', "trixie", "/t"]
 
 
 def test_mmdebstrap_passes_every_setting():
     assert bootstrap.command(FULL, "mmdebstrap", "/t") == [
         "mmdebstrap", "--mode=root", "--format=directory",
-        "--variant=important", "--architectures=i386", "--include=curl,vim",
+        "--variant=important", '--aptopt=Dir::Cache::srcpkgcache ""',
+        '--customize-hook=rm -f "$1/etc/apt/apt.conf.d/99mmdebstrap"',
+        "--architectures=i386", "--include=curl,vim",
         "--components=main,contrib", "bookworm", "/t",
         "http://mirror.invalid/debian"]
 

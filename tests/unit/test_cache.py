@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import stat
+import threading
 import time
 
 import pytest
@@ -387,18 +388,136 @@ def test_waiter_on_a_removed_lock_file_takes_the_new_one(store, monkeypatch):
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     real_flock = fcntl.flock
+    removed = []
 
     def flock(lock_fd, op):
-        if lock_fd != fd and op == fcntl.LOCK_EX:
+        if lock_fd != fd and op == fcntl.LOCK_EX and not removed:
             # While we "wait", expiry removes the lock file and releases it.
             os.unlink(path)
             os.close(fd)
+            removed.append(path)
         return real_flock(lock_fd, op)
 
     monkeypatch.setattr(fcntl, "flock", flock)
     with store.locked(KEY):
         held = os.stat(path)
-    assert held.st_nlink == 1
+    assert removed and held.st_nlink == 1
+
+
+# -- shared use ---------------------------------------------------------------
+
+def other_holds(store, key=KEY, exclusive=True):
+    """Whether another open file can NOT take ``key``'s lock (without waiting)."""
+    fd = os.open(store.lock_path(key), os.O_RDWR)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def test_a_complete_cache_is_read_under_a_shared_lock(store):
+    with store.using(KEY, lambda: "complete") as use:
+        assert use.found == "complete" and not use.exclusive
+        # Another reader gets in at once; a builder cannot.
+        assert not other_holds(store, exclusive=False)
+        assert other_holds(store, exclusive=True)
+        with Cache(store.directory).using(KEY, lambda: "complete") as second:
+            assert second.found == "complete"
+
+
+def test_a_missing_cache_is_made_under_an_exclusive_lock_then_shared(store):
+    with store.using(KEY, lambda: None) as use:
+        assert use.found is None and use.exclusive
+        assert other_holds(store, exclusive=False)
+        use.share()
+        assert not use.exclusive
+        assert not other_holds(store, exclusive=False)
+        assert other_holds(store, exclusive=True)
+    assert not other_holds(store, exclusive=True)
+
+
+def test_nothing_may_be_changed_under_a_shared_lock(fake_runner, store):
+    stored(store)
+    with store.using(KEY, lambda: store.peek(KEY)) as use:
+        assert use.found is not None
+        with pytest.raises(RuntimeError, match="shared lock"):
+            store.store(KEY, "/tree")
+        with pytest.raises(RuntimeError, match="shared lock"):
+            store.lookup(KEY)
+        # Reading is allowed.
+        fake_runner.expect("tar", "--extract")
+        store.extract(use.found, "/dest")
+
+
+def test_peek_trusts_only_an_archive_as_recorded_and_changes_nothing(fake_runner, store):
+    entry = stored(store)
+    with store.using(KEY, lambda: "x"):
+        assert store.peek(KEY) == entry
+    with open(entry.path, "ab") as f:
+        f.write(bytes(512))
+    before = sorted(os.listdir(store.directory))
+    with store.using(KEY, lambda: "x"):
+        assert store.peek(KEY) is None
+    assert sorted(os.listdir(store.directory)) == before
+    assert fake_runner.calls == []
+
+
+def test_a_shared_reader_keeps_its_archive_from_expiry(store):
+    entry = stored(store)
+    now = time.time()
+    age(entry.path, 15, now)
+    with store.using(KEY, lambda: "complete"):
+        assert Cache(store.directory, clean_days=14).expire(now) == []
+        assert os.path.exists(entry.path)
+    assert store.expire(now) == [entry.path]
+
+
+def test_creates_started_together_build_once_then_read_side_by_side(store):
+    """Four users of an empty key, as create uses it: all find it incomplete
+    at the same moment; one builds, the others wait for it, then all four
+    read at the same time (none queues behind another's shared lock)."""
+    os.makedirs(store.directory)
+    built = threading.Event()
+    builders: list[int] = []
+    first_probe = threading.Barrier(4, timeout=10)
+    reading = threading.Barrier(4, timeout=10)
+    errors: list[BaseException] = []
+
+    def create(n: int) -> None:
+        probed = []
+
+        def probe():
+            if not probed:
+                # All four hold the shared lock here, and all see no cache.
+                probed.append(True)
+                first_probe.wait()
+            return "complete" if built.is_set() else None
+
+        try:
+            with Cache(store.directory).using(KEY, probe) as use:
+                if use.found is None:
+                    assert use.exclusive
+                    if not built.is_set():
+                        builders.append(n)
+                        time.sleep(0.3)  # the bootstrap
+                        built.set()
+                    use.share()
+                # Every create reaches this point while the others hold
+                # their shared locks: the barrier breaks if they queue.
+                reading.wait()
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert len(builders) == 1
 
 
 # -- expiry -------------------------------------------------------------------
