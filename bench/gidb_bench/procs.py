@@ -210,8 +210,13 @@ def _read(path: str) -> str:
 
 
 def _children(pid: int) -> list[int]:
+    """The children of ``pid`` (none once it has exited: it may at any moment)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
     kids = []
-    for tid in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else ():
+    for tid in tids:
         kids += [int(p) for p in _read(f"/proc/{pid}/task/{tid}/children").split()]
     return kids
 

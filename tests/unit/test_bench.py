@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -330,3 +333,22 @@ def test_the_benchmark_refuses_to_run_without_root(monkeypatch, capsys):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert bench_main.main(["--quick"]) == bench_main.EXIT_ERROR
     assert "must run as root" in capsys.readouterr().err
+
+
+def test_the_memory_sampler_survives_a_child_that_exits_while_it_looks():
+    child = subprocess.Popen(["true"])
+    child.wait()
+    # Reaped: /proc has nothing of it any more. The sampler asks anyway
+    # (a process may exit between its parent's listing and this call).
+    assert procs._children(child.pid) == []
+    parent = subprocess.Popen(["sh", "-c", "sleep 30 & wait"], start_new_session=True)
+    try:
+        kids: list[int] = []
+        deadline = time.monotonic() + 10
+        while not kids and time.monotonic() < deadline:
+            kids = procs._children(parent.pid)
+            time.sleep(0.01)
+        assert len(kids) == 1
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
