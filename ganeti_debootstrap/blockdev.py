@@ -390,7 +390,16 @@ def loop_device(backing: str, offset: int = 0, size: int | None = None,
     if size is not None:
         argv += ["--sizelimit", str(size)]
     argv.append(backing)
-    dev = runner.output(argv)
+    before = loops_backed_by(backing)
+    try:
+        dev = runner.output(argv)
+    except BaseException:
+        # Interrupted (or failed) after losetup may have attached a device
+        # whose name we never read: release any that appeared on the file.
+        for new in sorted(loops_backed_by(backing) - before):
+            with mounts.failure_logged(f"detaching {new}"):
+                detach_loop(new)
+        raise
     if not dev.startswith("/dev/"):
         raise DiskError(f"losetup attached {backing} but printed {dev!r} instead "
                         f"of a device name; check 'losetup -a' for a device to "
@@ -402,6 +411,28 @@ def loop_device(backing: str, offset: int = 0, size: int | None = None,
             detach_loop(dev)
         raise
     detach_loop(dev)
+
+
+def loops_backed_by(path: str) -> set[str]:
+    """The loop devices whose backing file is ``path`` (after symlinks)."""
+    target = os.path.realpath(path)
+    found: set[str] = set()
+    try:
+        names = os.listdir(SYS_BLOCK)
+    except OSError:
+        return found
+    for name in names:
+        if not name.startswith("loop"):
+            continue
+        try:
+            with open(os.path.join(SYS_BLOCK, name, "loop", "backing_file"),
+                      encoding="utf-8", errors="surrogateescape") as f:
+                backing = f.read().rstrip("\n")
+        except OSError:  # not attached
+            continue
+        if backing == target:
+            found.add(f"/dev/{name}")
+    return found
 
 
 def detach_loop(dev: str) -> None:

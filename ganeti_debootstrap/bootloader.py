@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from . import log, mounts, partitions, runner
 from .environment import Request
 from .errors import ConfigError, DefinitionError
-from .settings import Settings
+from .settings import Settings, is_number
 from .target import Target
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def serial_console(request: Request) -> SerialConsole | None:
     if device is None:
         return None
     speed = request.hv_params.get("serial_speed", "")
-    return SerialConsole(device, speed if speed.isdigit() else DEFAULT_SERIAL_SPEED)
+    return SerialConsole(device, speed if is_number(speed) else DEFAULT_SERIAL_SPEED)
 
 
 def instance_disk_name(request: Request) -> str:

@@ -26,6 +26,7 @@ from . import apt_sources, network, runner
 from .environment import Request
 from .errors import DefinitionError
 from .names import short_hostname
+from .settings import is_number
 from .target import Target
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ class Instance:
             apt = apt_sources.SourcesPlan.from_settings(conf, mode)
         return cls(name=request.instance_name,
                    serial_console=request.serial_console,
-                   serial_speed=speed if speed.isdigit() else "",
+                   serial_speed=speed if is_number(speed) else "",
                    network_plan=plan, apt=apt)
 
 

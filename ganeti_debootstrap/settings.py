@@ -194,7 +194,7 @@ def _where(name: str, files: list[str]) -> str:
     return f"{name} (set in {' or '.join(files)})"
 
 
-def _is_number(value: str) -> bool:
+def is_number(value: str) -> bool:
     """Whether ``value`` is a whole number in ASCII digits.
 
     str.isdigit() alone also takes digits int() refuses ("¹", superscript
@@ -244,7 +244,7 @@ def validate(raw: Mapping[str, str], files: list[str], api_version: int,
     clean_raw = raw.get("CLEAN_CACHE", "14")
     clean: int | None = None
     if clean_raw != "":
-        if _is_number(clean_raw):
+        if is_number(clean_raw):
             clean = int(clean_raw)
         else:
             bad("CLEAN_CACHE", f"{clean_raw!r} must be a number of days, or "
@@ -255,7 +255,7 @@ def validate(raw: Mapping[str, str], files: list[str], api_version: int,
                                f"{', '.join(PARTITION_STYLES)}")
     align_raw = raw.get("PARTITION_ALIGNMENT", "2048") or "2048"
     align = 2048
-    if _is_number(align_raw) and int(align_raw) > 0:
+    if is_number(align_raw) and int(align_raw) > 0:
         align = int(align_raw)
     else:
         bad("PARTITION_ALIGNMENT", f"{align_raw!r} must be a positive whole "
@@ -272,7 +272,7 @@ def validate(raw: Mapping[str, str], files: list[str], api_version: int,
     timeout_raw = raw.get("HOOK_TIMEOUT", str(DEFAULT_HOOK_TIMEOUT))
     hook_timeout: int | None = None
     if timeout_raw != "":
-        if _is_number(timeout_raw) and int(timeout_raw) > 0:
+        if is_number(timeout_raw) and int(timeout_raw) > 0:
             hook_timeout = int(timeout_raw)
         else:
             bad("HOOK_TIMEOUT", f"{timeout_raw!r} must be a positive number of "

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from ganeti_debootstrap import blockdev
 from tests.root import faultkit, scripts
 from tests.root.bootstrap_fixture import default_key
 from tests.root.faultkit import Background
@@ -418,6 +419,34 @@ def fake_bootstrap(tmp_path, shared_localstatedir: str, stalled_store: bool = Fa
     elif tar.exists():
         tar.unlink()
     return str(fake_bin)
+
+
+# losetup, except that an attach stays running after the kernel gave it the
+# device: the script is caught after the attach and before it read the
+# device's name.
+STALLED_ATTACH = """#!/bin/sh
+case " $* " in
+*" --find "*) {losetup} "$@" || exit; exec sleep 600 ;;
+esac
+exec {losetup} "$@"
+"""
+
+
+@pytest.mark.parametrize("signum", SIGNALS)
+def test_interrupted_while_attaching_a_loop_device_detaches_it(scene, tmp_path, signum):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    losetup = shutil.which("losetup", path=scripts.GANETI_PATH)
+    assert losetup
+    (fake_bin / "losetup").write_text(STALLED_ATTACH.format(losetup=losetup))
+    (fake_bin / "losetup").chmod(0o755)
+    run = faultkit.start(scene.tree, "create",
+                         scene.env(PATH=f"{fake_bin}:{scripts.GANETI_PATH}"))
+    faultkit.child_running(run, "sleep", timeout=60)
+    # The disk file has its loop device, whose name create has not read.
+    assert blockdev.loops_backed_by(scene.disk), run.stderr[-2000:]
+    interrupt(scene, run, signum, "create while attaching a loop device")
+    assert blockdev.loops_backed_by(scene.disk) == set()
 
 
 def test_sigkill_while_storing_the_cache_never_leaves_a_partial_archive(

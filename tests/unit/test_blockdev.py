@@ -145,6 +145,41 @@ def test_offset_loop_device_gets_offset_and_size(fake_runner):
         "losetup --detach /dev/loop4"]
 
 
+def test_a_loop_attached_by_an_interrupted_losetup_is_detached(fake_runner, fake_system,
+                                                                disk_file):
+    sysfs = fake_system[0]
+    # Someone else's loop on the same file, there before: left alone.
+    attach_loop(sysfs, "loop1", "7:1", disk_file)
+
+    def attached_then_interrupted(argv):
+        # losetup claimed loop5 for the file, then SIGTERM arrived before
+        # its output (the device's name) was read.
+        attach_loop(sysfs, "loop5", "7:5", disk_file)
+        raise KeyboardInterrupt
+
+    def detached(argv):
+        shutil.rmtree(sysfs / "block" / argv[-1].removeprefix("/dev/") / "loop")
+    fake_runner.expect("losetup", "--find", "--show", action=attached_then_interrupted)
+    fake_runner.expect("losetup", "--detach", action=detached)
+    with pytest.raises(KeyboardInterrupt):
+        with blockdev.attached(disk_file):
+            pytest.fail("the attach was interrupted")
+    assert fake_runner.commands()[1:] == ["losetup --detach /dev/loop5"]
+    assert blockdev.loops_backed_by(disk_file) == {"/dev/loop1"}
+
+
+def test_loops_are_matched_to_their_backing_file_through_symlinks(fake_system, disk_file,
+                                                                  tmp_path):
+    sysfs = fake_system[0]
+    attach_loop(sysfs, "loop2", "7:2", disk_file)
+    attach_loop(sysfs, "loop3", "7:3", disk_file + ".other")
+    (sysfs / "block" / "vda").mkdir()
+    link = tmp_path / "link.img"
+    link.symlink_to(disk_file)
+    assert blockdev.loops_backed_by(str(link)) == {"/dev/loop2"}
+    assert blockdev.loops_backed_by(str(tmp_path / "none.img")) == set()
+
+
 def test_busy_detach_is_retried(fake_runner, fake_system):
     sysfs, _, slept = fake_system
     attach_loop(sysfs, "loop3", "7:3", "/some/file")

@@ -178,6 +178,10 @@ def test_serial_console_uses_ganeti_serial_speed_or_115200():
         == SerialConsole("ttyS0", "38400")
     assert bootloader.serial_console(request(serial_console="True")) == SerialConsole("ttyS0")
     assert bootloader.serial_console(request(serial_console="False")) is None
+    # Digits that are not ASCII ("¹", "٣") are not a speed.
+    for odd in ("\u00b9", "\u0663", "fast", "-9600"):
+        assert bootloader.serial_console(request(serial_console="True", serial_speed=odd)) \
+            == SerialConsole("ttyS0")
 
 
 def test_xen_pv_console_has_no_speed_and_no_grub_serial():

@@ -397,6 +397,8 @@ def test_no_console_asked_means_no_getty(tmp_path, node):
     ({"HYPERVISOR": "kvm", "INSTANCE_HV_serial_console": "True",
       "INSTANCE_HV_serial_speed": "38400"}, "ttyS0", "38400"),
     ({"HYPERVISOR": "kvm", "INSTANCE_HV_serial_console": "False"}, None, ""),
+    ({"HYPERVISOR": "kvm", "INSTANCE_HV_serial_console": "True",
+      "INSTANCE_HV_serial_speed": "\u00b9"}, "ttyS0", ""),
     ({"HYPERVISOR": "xen-pvm"}, "hvc0", "")])
 def test_instance_takes_its_console_from_ganeti(env, device, speed):
     request = environment.parse("create", [], {
