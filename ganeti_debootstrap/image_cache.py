@@ -167,13 +167,23 @@ def build(store: Cache, entry: CacheEntry, fstype: str,
     return FsImage(path, fstype, os.path.getsize(path))
 
 
-def _dumpe2fs_field(dev: str, field: str) -> str:
-    out = runner.output(["dumpe2fs", "-h", dev])
-    for line in out.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() == field:
-            return value.strip()
-    raise CacheError(f"dumpe2fs -h {dev} shows no {field!r}")
+def _dumpe2fs_field(dev: str, field: str, info: dict[str, str] | None = None) -> str:
+    """One superblock field of ``dev`` (from ``info`` when already read)."""
+    if info is None:
+        info = _superblock(dev)
+    if field not in info:
+        raise CacheError(f"dumpe2fs -h {dev} shows no {field!r}")
+    return info[field]
+
+
+def _superblock(dev: str) -> dict[str, str]:
+    """The superblock (and journal) fields dumpe2fs -h shows for ``dev``."""
+    found: dict[str, str] = {}
+    for line in runner.output(["dumpe2fs", "-h", dev]).splitlines():
+        name, sep, value = line.partition(":")
+        if sep:
+            found.setdefault(name.strip(), value.strip())
+    return found
 
 
 def _write_json(path: str, data: dict[str, object]) -> None:
@@ -394,8 +404,49 @@ def grow_and_renew(root_dev: str, fstype: str) -> str:
     # Chosen here rather than "random", so that no blkid run is needed to
     # learn it (fstab and the boot loader need it next).
     new_uuid = str(uuid.uuid4())
-    runner.run(["tune2fs", "-U", new_uuid, root_dev])
+    argv = ["tune2fs", "-U", new_uuid]
+    if fstype in JOURNALLED:
+        argv += _journal_resize_options(root_dev)
+    runner.run([*argv, root_dev])
     return new_uuid
+
+
+# The filesystem types whose images have a journal.
+JOURNALLED = ("ext3", "ext4")
+
+
+def default_journal_blocks(blocks: int) -> int:
+    """The journal mke2fs gives a filesystem of ``blocks`` blocks, in blocks.
+
+    e2fsprogs' own table (ext2fs_default_journal_size; a test checks it
+    against the node's mke2fs): 4 MiB of 4 KiB blocks up to 128 MiB,
+    doubling with the filesystem up to 1 GiB for 128 GiB and more.
+    """
+    for limit, size in ((32768, 1024), (256 * 1024, 4096), (512 * 1024, 8192),
+                        (4096 * 1024, 16384), (8192 * 1024, 32768),
+                        (16384 * 1024, 65536), (32768 * 1024, 131072)):
+        if blocks < limit:
+            return size
+    return 262144
+
+
+def _journal_resize_options(root_dev: str) -> list[str]:
+    """tune2fs options giving the grown filesystem the journal mkfs would.
+
+    The image's journal was sized for the small image (16 MiB); a 200 GiB
+    root would keep it, where mkfs gives 1 GiB and the shell edition's
+    instances had that. Removing the journal and adding one of the right
+    size costs milliseconds: tune2fs zeroes it with the disk's write-zeroes
+    operation, and places it mid-disk as mke2fs does.
+    """
+    info = _superblock(root_dev)
+    blocks = int(_dumpe2fs_field(root_dev, "Block count", info))
+    block_size = int(_dumpe2fs_field(root_dev, "Block size", info))
+    have = int(info.get("Total journal blocks", "0"))
+    want = default_journal_blocks(blocks)
+    if have == want:
+        return []
+    return ["-O", "^has_journal", "-J", f"size={want * block_size // 2**20}"]
 
 
 def fits(image: FsImage, partition_bytes: int) -> bool:

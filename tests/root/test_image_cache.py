@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from ganeti_debootstrap import image_cache
 from tests.root import bootstrap_fixture, scripts
 from tests.root.scripts import create_env, mounted_root, read, root_device, run_script
 from tests.treecompare import differences
@@ -131,3 +132,37 @@ def test_image_larger_than_the_partition_falls_back_to_the_archive(tree, tmp_pat
     else:
         assert "unpacking the archive instead" in log
         fsck_clean(disk)
+
+
+def journal_blocks(dev: str) -> int:
+    info = subprocess.run(["dumpe2fs", "-h", dev], capture_output=True, text=True,
+                          check=True).stdout
+    return int([ln for ln in info.splitlines()
+                if ln.startswith("Total journal blocks:")][0].split()[-1])
+
+
+@pytest.mark.parametrize("mib", [100, 700, 1500, 2047, 3000, 20480, 40960, 204800])
+def test_journal_table_matches_this_nodes_mke2fs(tmp_path, mib):
+    path = scripts.sparse_disk(str(tmp_path), mib, "fs.img")
+    subprocess.run(["mke2fs", "-F", "-q", "-t", "ext4", "-b", "4096", path], check=True)
+    assert journal_blocks(path) == image_cache.default_journal_blocks(mib * 256)
+
+
+@pytest.mark.parametrize("fstype,mib", [("ext4", 2048), ("ext4", 20480), ("ext3", 40960)])
+def test_image_path_gives_the_journal_mkfs_gives(tree, tmp_path, fstype, mib):
+    """A copied, grown image has the journal of an instance made by mkfs (the
+    archive path, the shell edition's way), not the small image's."""
+    journals = []
+    for image in ("no", "yes"):
+        disk = scripts.sparse_disk(str(tmp_path), mib, f"cache-image-{image}.img")
+        tree.settings(f'CACHE_IMAGE="{image}"\n')
+        log = run_script(tree, "create", create_env("journal1", disk,
+                                                    OSP_FILESYSTEM=fstype)).stderr.decode()
+        assert ("The system comes from the cache image" in log) == (image == "yes")
+        fsck_clean(disk)
+        with root_device(disk) as dev:
+            journals.append(journal_blocks(dev))
+        os.unlink(disk)
+    image_path_journal = journals[1]
+    assert image_path_journal == journals[0], journals
+    assert image_path_journal > 4096, "bigger than the image's own 16 MiB journal"
