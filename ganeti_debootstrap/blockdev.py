@@ -107,8 +107,8 @@ def _parent_disk(dev: Devnum) -> Devnum | None:
     return _read_devnum(os.path.join(os.path.realpath(base), "..", "dev"))
 
 
-def _loop_devices() -> Iterator[tuple[Devnum, str]]:
-    """Attached loop devices as (devnum, backing file path)."""
+def _attached_loops() -> Iterator[tuple[str, str]]:
+    """Attached loop devices as (name, backing file path)."""
     for name in _listdir(SYS_BLOCK):
         if not name.startswith("loop"):
             continue
@@ -118,6 +118,12 @@ def _loop_devices() -> Iterator[tuple[Devnum, str]]:
                 backing = f.read().rstrip("\n")
         except OSError:
             continue  # not attached
+        yield name, backing
+
+
+def _loop_devices() -> Iterator[tuple[Devnum, str]]:
+    """Attached loop devices as (devnum, backing file path)."""
+    for name, backing in _attached_loops():
         num = _read_devnum(os.path.join(SYS_BLOCK, name, "dev"))
         if num:
             yield num, backing
@@ -416,23 +422,7 @@ def loop_device(backing: str, offset: int = 0, size: int | None = None,
 def loops_backed_by(path: str) -> set[str]:
     """The loop devices whose backing file is ``path`` (after symlinks)."""
     target = os.path.realpath(path)
-    found: set[str] = set()
-    try:
-        names = os.listdir(SYS_BLOCK)
-    except OSError:
-        return found
-    for name in names:
-        if not name.startswith("loop"):
-            continue
-        try:
-            with open(os.path.join(SYS_BLOCK, name, "loop", "backing_file"),
-                      encoding="utf-8", errors="surrogateescape") as f:
-                backing = f.read().rstrip("\n")
-        except OSError:  # not attached
-            continue
-        if backing == target:
-            found.add(f"/dev/{name}")
-    return found
+    return {f"/dev/{name}" for name, backing in _attached_loops() if backing == target}
 
 
 def detach_loop(dev: str) -> None:
