@@ -326,15 +326,12 @@ class Cache:
         self._require_lock(key, exclusive=False)
         archive, inputs_file = self.archive_path(key), self.inputs_path(key)
         try:
-            with open(inputs_file, encoding="utf-8") as f:
-                record = json.load(f)
             st = os.stat(archive)
-        except (OSError, ValueError):
+        except OSError:
             return None
-        if (not isinstance(record, dict) or record.get("key") != key.inputs()
-                or record.get("size") != st.st_size
-                or record.get("mtime_ns") != st.st_mtime_ns
-                or not stat.S_ISREG(st.st_mode)):
+        record = _read_record(inputs_file, quiet=True)
+        if (not stat.S_ISREG(st.st_mode) or record is None
+                or record["key"] != key.inputs() or not _vouches(record, st)):
             return None
         log.info("Using the cache %s", archive)
         return CacheEntry(key, archive, inputs_file)
@@ -361,8 +358,7 @@ class Cache:
             self._discard(entry)
             return None
         st = os.stat(archive)
-        if (record is not None and record.get("size") == st.st_size
-                and record.get("mtime_ns") == st.st_mtime_ns):
+        if record is not None and _vouches(record, st):
             log.info("Using the cache %s", archive)
             return entry
         problem = check_archive(archive)
@@ -693,20 +689,30 @@ def _member_name(line: str) -> str:
     return name.rstrip("/")
 
 
-def _read_record(path: str) -> dict[str, Any] | None:
-    """The parsed inputs file, or None when missing or unreadable."""
+def _read_record(path: str, quiet: bool = False) -> dict[str, Any] | None:
+    """The parsed inputs file, or None when missing or unreadable.
+
+    ``quiet``: say nothing of an unusable record (a shared-lock peek: the
+    exclusive lookup that follows reports it).
+    """
+    warn = log.debug if quiet else log.warning
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:
-        log.warning("Ignoring the unreadable cache record %s: %s", path, err)
+        warn("Ignoring the unreadable cache record %s: %s", path, err)
         return None
     if not isinstance(data, dict) or not isinstance(data.get("key"), dict):
-        log.warning("Ignoring the cache record %s: it records no key", path)
+        warn("Ignoring the cache record %s: it records no key", path)
         return None
     return data
+
+
+def _vouches(record: dict[str, Any], st: os.stat_result) -> bool:
+    """Whether ``record`` describes the archive with status ``st`` as it is now."""
+    return record.get("size") == st.st_size and record.get("mtime_ns") == st.st_mtime_ns
 
 
 def _same_file(fd: int, path: str) -> bool:

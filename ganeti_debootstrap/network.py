@@ -145,30 +145,25 @@ class _Checker:
         return mac
 
     def network4(self, n: int, value: str) -> ipaddress.IPv4Network | None:
-        if not value:
-            return None
-        var = f"NIC_{n}_NETWORK_SUBNET"
-        try:
-            net = ipaddress.ip_network(value, strict=True)
-        except ValueError:
-            self.bad(var, value, "is not a network such as 192.0.2.0/24")
-            return None
-        if not isinstance(net, ipaddress.IPv4Network):
-            self.bad(var, value, "is not an IPv4 network")
-            return None
-        return net
+        net = self._network(f"NIC_{n}_NETWORK_SUBNET", value, 4, "192.0.2.0/24")
+        return net if isinstance(net, ipaddress.IPv4Network) else None
 
     def network6(self, n: int, value: str) -> ipaddress.IPv6Network | None:
+        net = self._network(f"NIC_{n}_NETWORK_SUBNET6", value, 6, "2001:db8::/64")
+        return net if isinstance(net, ipaddress.IPv6Network) else None
+
+    def _network(self, var: str, value: str, version: int,
+                 example: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+        """``value`` as an IP ``version`` network, or None (empty, or a problem noted)."""
         if not value:
             return None
-        var = f"NIC_{n}_NETWORK_SUBNET6"
         try:
             net = ipaddress.ip_network(value, strict=True)
         except ValueError:
-            self.bad(var, value, "is not a network such as 2001:db8::/64")
+            self.bad(var, value, f"is not a network such as {example}")
             return None
-        if not isinstance(net, ipaddress.IPv6Network):
-            self.bad(var, value, "is not an IPv6 network")
+        if net.version != version:
+            self.bad(var, value, f"is not an IPv{version} network")
             return None
         return net
 

@@ -39,8 +39,6 @@ def run(bench: Bench) -> None:
     source = bench.fresh_disk("backup-source.img", DISK_BYTES)
     bench.ours_create(source, "bk.example.org", "backup-create")
     offset = _root_offset(source)
-    size_mib = DISK_BYTES // MIB
-    script = os.path.join(bench.source_root, "bench", "reference-backup")
     times: dict[str, list[float]] = {k: [] for k in
                                      ("export by hand", "export ours",
                                       "import by hand", "import ours")}
@@ -49,27 +47,13 @@ def run(bench: Bench) -> None:
         stream = bench.path(f"backup-{label.replace(' ', '-')}.dump")
         bench.quiesce()
         with open(stream, "wb") as out:
-            if label == "ours":
-                env = install.create_env("bk.example.org", source, size_mib,
-                                         EXPORT_INDEX="0", EXPORT_DISK_PATH=source,
-                                         EXPORT_DEVICE=source)
-                result = bench.ours("export", env, f"backup-export-{round_no}", stdout=out)
-            else:
-                result = _by_hand(bench, script, "export", source, offset,
-                                  f"backup-export-ref-{round_no}", stdout=out)
+            result = _one(bench, label, "export", source, offset, round_no, stdout=out)
         times[f"export {label}"].append(result.seconds)
         sizes[label] = os.path.getsize(stream)
         target = bench.fresh_disk("backup-target.img", DISK_BYTES)
         bench.quiesce()
         with open(stream, "rb") as inp:
-            if label == "ours":
-                env = install.create_env("bk.example.org", target, size_mib,
-                                         IMPORT_INDEX="0", IMPORT_DISK_PATH=target,
-                                         IMPORT_DEVICE=target)
-                result = bench.ours("import", env, f"backup-import-{round_no}", stdin=inp)
-            else:
-                result = _by_hand(bench, script, "import", target, offset,
-                                  f"backup-import-ref-{round_no}", stdin=inp)
+            result = _one(bench, label, "import", target, offset, round_no, stdin=inp)
         times[f"import {label}"].append(result.seconds)
         os.unlink(stream)
         bench.say(f"  run {round_no + 1}/{runs} {label:8} export "
@@ -86,9 +70,18 @@ def run(bench: Bench) -> None:
               f"{sizes.get('by hand', 0) / MIB:.1f} MiB")
 
 
-def _by_hand(bench: Bench, script: str, action: str, disk: str, offset: int,
-             log_name: str, stdin: IO[bytes] | None = None,
-             stdout: IO[bytes] | None = None) -> procs.Result:
+def _one(bench: Bench, label: str, action: str, disk: str, offset: int, round_no: int,
+         stdin: IO[bytes] | None = None, stdout: IO[bytes] | None = None) -> procs.Result:
+    """One export or import of ``disk`` (root at byte ``offset``), ours or by hand."""
+    if label == "ours":
+        prefix = action.upper()
+        env = install.create_env("bk.example.org", disk, DISK_BYTES // MIB,
+                                 **{f"{prefix}_INDEX": "0", f"{prefix}_DISK_PATH": disk,
+                                    f"{prefix}_DEVICE": disk})
+        return bench.ours(action, env, f"backup-{action}-{round_no}", stdin=stdin,
+                          stdout=stdout)
+    script = os.path.join(bench.source_root, "bench", "reference-backup")
     return procs.run(["/bin/bash", script, action, disk, str(offset)],
-                     env=install.ganeti_env(), log_path=bench.log_path(log_name),
+                     env=install.ganeti_env(),
+                     log_path=bench.log_path(f"backup-{action}-ref-{round_no}"),
                      umask=0o077, stdin=stdin, stdout=stdout)

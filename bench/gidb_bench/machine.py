@@ -6,13 +6,7 @@ import os
 import platform
 import subprocess
 
-
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
+from .procs import read_text
 
 
 def cpu_model(cpuinfo: str) -> str:
@@ -33,7 +27,7 @@ def mem_total_gib(meminfo: str) -> float:
 
 def loadavg() -> str:
     """The 1, 5 and 15 minute load averages and the running/total tasks."""
-    fields = _read("/proc/loadavg").split()
+    fields = read_text("/proc/loadavg").split()
     return " ".join(fields[:4]) if fields else "unknown"
 
 
@@ -63,9 +57,9 @@ def package_version(name: str) -> str:
 def describe(workdir: str) -> list[str]:
     """Lines describing the machine, for the end of the report."""
     return [
-        f"CPU:        {cpu_model(_read('/proc/cpuinfo'))}",
+        f"CPU:        {cpu_model(read_text('/proc/cpuinfo'))}",
         f"cores:      {os.cpu_count()}",
-        f"memory:     {mem_total_gib(_read('/proc/meminfo')):.1f} GiB",
+        f"memory:     {mem_total_gib(read_text('/proc/meminfo')):.1f} GiB",
         f"kernel:     {platform.release()} ({platform.machine()})",
         f"work dir:   {workdir}: {filesystem_of(workdir)}",
         f"python:     /usr/bin/python3 {platform.python_version()}",

@@ -201,7 +201,8 @@ def status_kib(text: str, field_name: str) -> int | None:
     return None
 
 
-def _read(path: str) -> str:
+def read_text(path: str) -> str:
+    """A (/proc or /sys) file's text; empty when it cannot be read (it went away)."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             return f.read()
@@ -217,7 +218,7 @@ def _children(pid: int) -> list[int]:
         return []
     kids = []
     for tid in tids:
-        kids += [int(p) for p in _read(f"/proc/{pid}/task/{tid}/children").split()]
+        kids += [int(p) for p in read_text(f"/proc/{pid}/task/{tid}/children").split()]
     return kids
 
 
@@ -254,7 +255,7 @@ class MemorySampler:
             while pending:
                 pid = pending.pop()
                 program = _program(pid)
-                hwm = status_kib(_read(f"/proc/{pid}/status"), "VmHWM")
+                hwm = status_kib(read_text(f"/proc/{pid}/status"), "VmHWM")
                 if hwm is None or not program:
                     continue
                 if pid == self.root:
@@ -264,7 +265,7 @@ class MemorySampler:
                     # accounting, not a command of its own.
                     pending.extend(_children(pid))
                     continue
-                name = _read(f"/proc/{pid}/comm").strip() or str(pid)
+                name = read_text(f"/proc/{pid}/comm").strip() or str(pid)
                 old = self.peaks.get((pid, program), ("", 0))[1]
                 self.peaks[(pid, program)] = (name, max(old, hwm))
                 pending.extend(_children(pid))

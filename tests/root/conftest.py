@@ -125,4 +125,17 @@ def no_leaks(request, tmp_path_factory):
         pytest.fail(f"test left resources behind: {leaked}", pytrace=False)
 
 # One real bootstrap per session, shared by every test that needs a warm cache.
+from tests.root import scripts  # noqa: E402
 from tests.root.bootstrap_fixture import bootstrapped_localstatedir  # noqa: E402,F401
+
+
+@pytest.fixture
+def tree(tmp_path, bootstrapped_localstatedir):  # noqa: F811
+    """A scratch OS installation (settings, hooks, variants) on the session's warm cache."""
+    return scripts.make_os_tree(str(tmp_path / "os"), bootstrapped_localstatedir)
+
+
+@pytest.fixture
+def disk(tmp_path):
+    """A 1 GiB sparse instance disk file."""
+    return scripts.sparse_disk(str(tmp_path), 1024)

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import re
 import signal
 import socket
-import stat
 import subprocess
 import threading
 import time
@@ -288,38 +286,6 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
-
-
-def disk_digest(path: str) -> str:
-    """A digest of a (sparse) disk file or a block device's first 16 MiB.
-
-    For a file: its size, mtime and the contents of its data extents, so
-    that an untouched sparse file costs nothing to check.
-    """
-    h = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            h.update(os.pread(fd, 16 << 20, 0))
-            return h.hexdigest()
-        h.update(f"{st.st_size} {st.st_mtime_ns}".encode())
-        pos = 0
-        while pos < st.st_size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # no data after pos
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            h.update(f"{start}-{end}".encode())
-            while start < end:
-                chunk = os.pread(fd, min(end - start, 16 << 20), start)
-                h.update(chunk)
-                start += len(chunk)
-            pos = end
-    finally:
-        os.close(fd)
-    return h.hexdigest()
 
 
 # --- a proxy that never answers ------------------------------------------------

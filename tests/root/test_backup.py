@@ -25,11 +25,6 @@ CHANGED_BY_IMPORT = ("lost+found", "etc/fstab", "etc/machine-id")
 MTIME_CHANGED_BY_IMPORT = ("etc",)
 
 
-@pytest.fixture
-def tree(tmp_path, bootstrapped_localstatedir):
-    return scripts.make_os_tree(str(tmp_path / "os"), bootstrapped_localstatedir)
-
-
 def export_env(disk: str, **extra: str) -> dict[str, str]:
     return ganeti_env(INSTANCE_NAME="bk1.example.org", DISK_COUNT="1", DISK_0_PATH=disk,
                       EXPORT_INDEX="0", EXPORT_DISK_PATH=disk, EXPORT_DEVICE=disk, **extra)

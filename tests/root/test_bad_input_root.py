@@ -16,7 +16,8 @@ import subprocess
 
 import pytest
 
-from tests.root import faultkit, scripts
+from tests.diskdigest import disk_digest
+from tests.root import scripts
 from tests.root.scripts import create_env, ganeti_env, mounted_root, read, run_script
 
 
@@ -32,7 +33,7 @@ class Watched:
         self.base = str(tmp_path)
 
     def snapshot(self) -> tuple[str, list[str], list[str], list[str]]:
-        return (faultkit.disk_digest(self.disk), sorted(os.listdir(self.tmpdir)),
+        return (disk_digest(self.disk), sorted(os.listdir(self.tmpdir)),
                 sorted(os.listdir(self.tree.os_dir)), sorted(os.listdir(self.base)))
 
     def run(self, script: str, env: dict[str, str], args: tuple[str, ...] = (),

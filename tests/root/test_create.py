@@ -13,16 +13,6 @@ from tests.root import bootstrap_fixture, scripts
 from tests.root.scripts import create_env, mounted_root, read, root_device, run_script
 
 
-@pytest.fixture
-def tree(tmp_path, bootstrapped_localstatedir):
-    return scripts.make_os_tree(str(tmp_path / "os"), bootstrapped_localstatedir)
-
-
-@pytest.fixture
-def disk(tmp_path):
-    return scripts.sparse_disk(str(tmp_path), 1024)
-
-
 def check_instance(disk_path: str, name: str, fstype: str) -> str:
     """Assert what every created instance holds; returns the root UUID."""
     with root_device(disk_path) as dev:

@@ -21,11 +21,6 @@ WRITTEN_BY_CREATE = ("etc", "etc/network", "etc/hostname", "etc/hosts", "etc/mai
                      "etc/apt/sources.list.d", "etc/apt/sources.list.d/debian.sources")
 
 
-@pytest.fixture
-def tree(tmp_path, bootstrapped_localstatedir):
-    return scripts.make_os_tree(str(tmp_path / "os"), bootstrapped_localstatedir)
-
-
 def copy_out(disk: str, dest: str) -> None:
     os.makedirs(dest)
     with mounted_root(disk) as root:

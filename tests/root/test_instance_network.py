@@ -11,9 +11,7 @@ import ipaddress
 import os
 import subprocess
 
-import pytest
 
-from tests.root import scripts
 from tests.root.scripts import create_env, mounted_root, read, run_script
 
 NAME = "net1.example.org"
@@ -33,16 +31,6 @@ NIC_ENV = {
 LINK0 = "etc/systemd/network/10-ganeti-nic0.link"
 LINK1 = "etc/systemd/network/10-ganeti-nic1.link"
 NETWORKD_WANTS = "etc/systemd/system/multi-user.target.wants/systemd-networkd.service"
-
-
-@pytest.fixture
-def tree(tmp_path, bootstrapped_localstatedir):
-    return scripts.make_os_tree(str(tmp_path / "os"), bootstrapped_localstatedir)
-
-
-@pytest.fixture
-def disk(tmp_path):
-    return scripts.sparse_disk(str(tmp_path), 1024)
 
 
 def exists(root: str, inner: str) -> bool:

@@ -16,7 +16,6 @@ parsers and the path helper.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import signal
@@ -36,6 +35,7 @@ from ganeti_debootstrap import cli, environment, names, rename, settings, signal
 from ganeti_debootstrap.errors import ConfigError, UsageError
 from ganeti_debootstrap.paths import Paths
 from ganeti_debootstrap.target import Target, TargetPathError
+from tests.diskdigest import disk_digest
 
 DISK_MIB = 1024
 
@@ -121,35 +121,13 @@ class Outcome:
         return self.lines[-1] if self.lines else ""
 
 
-def checksum(path: str) -> str:
-    """A digest of a (sparse) disk file: its size, mtime, and data extents."""
-    h = hashlib.sha256()
-    st = os.stat(path)
-    h.update(f"{st.st_size} {st.st_mtime_ns}".encode())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        pos = 0
-        while pos < st.st_size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # no data after pos
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            h.update(f"{start}-{end}".encode())
-            h.update(os.pread(fd, end - start, start))
-            pos = end
-    finally:
-        os.close(fd)
-    return h.hexdigest()
-
-
 @pytest.fixture
 def call(node: Node, fake_runner, capsys, script_process_state):
     """Run a script as its entry point would; check that it changed nothing."""
     fake_runner.expect("dpkg", "--print-architecture", stdout="amd64")
 
     def run(script: str, env: dict[str, str], argv: tuple[str, ...] = ()) -> Outcome:
-        before_disk = checksum(node.disk)
+        before_disk = disk_digest(node.disk)
         before = node.listing()
         capsys.readouterr()
         status = cli.main(script, None, "", argv=list(argv), environ=env,
@@ -157,7 +135,7 @@ def call(node: Node, fake_runner, capsys, script_process_state):
         err = capsys.readouterr().err
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
         assert status != 70, f"internal error (a command ran?):\n{err}"
-        assert checksum(node.disk) == before_disk, "the disk was changed"
+        assert disk_digest(node.disk) == before_disk, "the disk was changed"
         assert node.listing() == before, "a file appeared outside the instance"
         assert not node.canary.exists(), "something the input held was executed"
         assert [c for c in fake_runner.commands()
