@@ -28,6 +28,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from .names import line_break_problem
 from .settings import DEFAULT_SUITE, Settings
 from .target import Target
 
@@ -122,6 +123,14 @@ class Source:
     suites: tuple[str, ...]
     components: tuple[str, ...]
     signed_by: str = ""
+
+    def __post_init__(self) -> None:
+        # Each field is one word of a line of the sources: a space would add
+        # a field, a line break a source. The settings are checked when read
+        # (settings.validate); this keeps the writer safe whatever it is given.
+        for value in (self.uri, *self.suites, *self.components, self.signed_by):
+            if re.search(r"\s", value) or line_break_problem(value) is not None:
+                raise ValueError(f"APT source field {value!r} is not one word")
 
 
 # --- what the tree says -------------------------------------------------------------

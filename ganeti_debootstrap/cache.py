@@ -29,11 +29,11 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, TypeVar
 
-from . import runner
+from . import runner, trust
 from .bootstrap import packages, resolved_arch
 from .errors import CacheError, CommandError
 from .settings import Settings
@@ -153,6 +153,23 @@ class CacheEntry:
     key: CacheKey
     path: str  # the archive
     inputs_file: str
+
+
+def check_trusted(directory: str, *, trusted_uids: Collection[int] | None = None) -> None:
+    """Refuse (CacheError) a cache directory that anyone but root can change.
+
+    The directory and everything above it must belong to root and not be
+    writable by group or others (trust.py); while it does not exist yet,
+    the directory it will be made in is checked.
+    """
+    trust.check_existing_part(directory, trust.Purpose(
+        action=f"use the bootstrap cache in {directory}",
+        reason="What the cache holds is unpacked as root into every new instance",
+        consequence="put their own programs, run as root, into every instance "
+                    "made from it",
+        error=CacheError,
+        alternative=" (or set GENERATE_CACHE=no to bootstrap every instance "
+                    "afresh)"), trusted_uids=trusted_uids)
 
 
 class Cache:

@@ -46,17 +46,18 @@ def plan(request: Request, paths: Paths) -> Plan:
     # With GRUB, its packages join EXTRA_PKGS, so the cache key too.
     conf = bootloader.resolve(conf, params.bootloader, arch)
     instance = instance_files.Instance.from_request(request, params, conf)
-    refuse_early(request, conf)
+    refuse_early(request, conf, paths)
     return Plan(conf, params, tool, arch, instance)
 
 
-def refuse_early(request: Request, conf: Settings) -> None:
-    """Refuse an unusable disk or unsafe hooks before anything is touched.
+def refuse_early(request: Request, conf: Settings, paths: Paths) -> None:
+    """Refuse an unusable disk, unsafe hooks or cache before anything is touched.
 
     format_disk and hooks.run_all check again right before they act; checked
     here too, a wrong DISK_0_PATH or a hooks directory others can write
     fails at once, not after a cache image was built or after the disk was
-    partitioned and installed.
+    partitioned and installed. The cache directory is checked only here,
+    just before find_source uses it.
     """
     blockdev.check_disk_usable(request.disk_path)
     if request.swap_device:
@@ -64,6 +65,8 @@ def refuse_early(request: Request, conf: Settings) -> None:
     blockdev.require_min_size(blockdev.size_bytes(request.disk_path), blockdev.MIN_DISK_MIB,
                               f"The instance disk {request.disk_path}")
     hooks.check_safe(conf.customize_dir)
+    if conf.generate_cache:
+        cache.check_trusted(paths.cache_dir)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .errors import ConfigError, UsageError
-from .names import hostname_problem
+from .names import hostname_problem, line_break_problem
 
 API_VERSIONS = (20, 15, 10, 5)
 SCRIPTS = ("create", "import", "export", "rename", "verify")
@@ -31,6 +31,32 @@ USAGE = {
               "rename -i NEWNAME -o OLDNAME -b BLOCKDEV -s SWAPDEV  (API 5)",
     "verify": "verify parameters  (checks the OSP_* variables)",
 }
+
+
+# Ganeti's own limits (src/Ganeti/HTools/Types.hs: maxDisks, maxNics; the
+# same in lib/constants.py as MAX_DISKS, MAX_NICS): an instance never has
+# more, so a larger count is not Ganeti's and is refused before any loop
+# over it (a million NICs took seconds and as many checks).
+MAX_DISKS = 16
+MAX_NICS = 8
+# Disk sizes come in MiB; 8 EiB (2**63 bytes) is the largest block device
+# Linux can address.
+MAX_DISK_MIB = 2**43
+# The highest descriptor a process can have open unless fs.nr_open was
+# raised: the kernel's default nr_open is 1048576. A larger EXP_SIZE_FD
+# made os.fstat raise OverflowError (a traceback).
+MAX_FD = 2**20 - 1
+# A decimal number longer than this is refused before int() sees it:
+# int() of a very long digit string is slow, and past 4300 digits raises.
+_MAX_DIGITS = 20
+
+# The variables whose values are checked for line breaks and control
+# characters (names.line_break_problem) before anything uses them: every
+# per-NIC and per-disk variable (network files are made from NIC_N_*, and
+# hooks get them all), the names and the variant, the disk paths.
+_TEXT_VARIABLES = re.compile(
+    r"(NIC|DISK)_[0-9]+_[A-Z0-9_]+|INSTANCE_NAME|OLD_INSTANCE_NAME|OS_VARIANT"
+    r"|(IMPORT|EXPORT)_(DISK_PATH|DEVICE)")
 
 
 def usage(script: str) -> str:
@@ -116,16 +142,57 @@ def _whole_number(value: str) -> int | None:
     return None
 
 
-def _int(env: Mapping[str, str], name: str, problems: list[str],
-         default: int | None = None) -> int | None:
+def _shown(value: str, limit: int = 40) -> str:
+    """``value`` for a message: repr, cut short (a value may be megabytes)."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + "..."
+
+
+def _int(env: Mapping[str, str], name: str, problems: list[str], low: int, high: int,
+         limit: str, default: int | None = None) -> int | None:
+    """``name`` as a whole number from ``low`` to ``high``, or ``default``.
+
+    A value that is not a number, or is out of range, is a problem (naming
+    the variable and, in ``limit``, why the range is what it is).
+    """
     value = env.get(name, "")
     if value == "":
         return default
+    digits = value.lstrip("-")
+    if re.fullmatch(r"-?[0-9]+", value) and len(digits.lstrip("0")) > _MAX_DIGITS:
+        problems.append(f"{name}={_shown(value)} is out of range: it must be "
+                        f"{low} to {high}; {limit}")
+        return default
     number = _whole_number(value)
     if number is None:
-        problems.append(f"{name}={value!r} is not a whole number")
+        problems.append(f"{name}={_shown(value)} is not a whole number")
+        return default
+    if not low <= number <= high:
+        problems.append(f"{name}={number} is out of range: it must be {low} to "
+                        f"{high}; {limit}")
         return default
     return number
+
+
+def _check_text(label: str, value: str, problems: list[str]) -> bool:
+    """Whether ``value`` is free of line breaks and control characters.
+
+    Checked once here, where Ganeti's variables are read, so that whatever
+    writes a value into a file of the instance (network files, hosts) can
+    rely on it: a newline in a value would add a line of its author's.
+    """
+    why = line_break_problem(value)
+    if why is None:
+        return True
+    problems.append(f"{label}={_shown(value)} {why}: Ganeti never passes such a "
+                    f"value, and written into the instance's files it would add "
+                    f"lines to them")
+    return False
+
+
+def _check_texts(env: Mapping[str, str], problems: list[str]) -> None:
+    for name in sorted(env):
+        if _TEXT_VARIABLES.fullmatch(name):
+            _check_text(name, env[name], problems)
 
 
 def _api_version(env: Mapping[str, str]) -> int:
@@ -151,20 +218,26 @@ def _prefixed(env: Mapping[str, str], prefix: str, lower: bool) -> dict[str, str
     return out
 
 
+_DISK_LIMIT = f"Ganeti gives an instance at most {MAX_DISKS} disks"
+
+
 def _disks(env: Mapping[str, str], problems: list[str]) -> tuple[Disk, ...]:
-    count = _int(env, "DISK_COUNT", problems, 0) or 0
+    count = _int(env, "DISK_COUNT", problems, 0, MAX_DISKS, _DISK_LIMIT, 0) or 0
     disks = []
     for n in range(count):
         disks.append(Disk(
             index=n, path=env.get(f"DISK_{n}_PATH", ""),
             uri=env.get(f"DISK_{n}_URI", ""),
-            size_mib=_int(env, f"DISK_{n}_SIZE", problems),
+            size_mib=_int(env, f"DISK_{n}_SIZE", problems, 0, MAX_DISK_MIB,
+                          "sizes are in MiB, and 8 EiB is the largest block "
+                          "device Linux addresses"),
             access=env.get(f"DISK_{n}_ACCESS", "rw")))
     return tuple(disks)
 
 
 def _nics(env: Mapping[str, str], problems: list[str]) -> tuple[Nic, ...]:
-    count = _int(env, "NIC_COUNT", problems, 0) or 0
+    count = _int(env, "NIC_COUNT", problems, 0, MAX_NICS,
+                 f"Ganeti gives an instance at most {MAX_NICS} NICs", 0) or 0
     nics = []
     for n in range(count):
         def var(suffix: str, n: int = n) -> str:
@@ -179,17 +252,12 @@ def _nics(env: Mapping[str, str], problems: list[str]) -> tuple[Nic, ...]:
 
 
 def _check_name(label: str, name: str, problems: list[str]) -> None:
+    # A line break was reported by _check_text already.
+    if line_break_problem(name) is not None:
+        return
     why = hostname_problem(name)
     if why:
-        problems.append(f"{label}={name!r} is not a valid host name: {why}")
-
-
-def _check_path(label: str, path: str, problems: list[str]) -> None:
-    # A control character (a newline) in a device path is never Ganeti's,
-    # and would split every message naming the path over several lines.
-    if any(ord(c) < 32 or ord(c) == 127 for c in path):
-        problems.append(f"{label}={path!r} contains control characters; it is "
-                        f"not a device or file path Ganeti would pass")
+        problems.append(f"{label}={_shown(name)} is not a valid host name: {why}")
 
 
 def _usage_then(script: str, problem: str) -> str:
@@ -220,12 +288,14 @@ def _parse_api5(script: str, argv: Sequence[str],
         raise UsageError(_usage_then(script, f"Missing option(s) {' '.join(missing)} "
                                              f"(Ganeti OS API 5, OS_API_VERSION unset)."))
     problems: list[str] = []
+    # A control character (a newline) in a device path is never Ganeti's,
+    # and would split every message naming the path over several lines.
+    for opt in ("-i", "-o", "-b", "-s"):
+        if opt in values:
+            _check_text(opt, values[opt], problems)
     _check_name("-i", values["-i"], problems)
     if script == "rename":
         _check_name("-o", values["-o"], problems)
-    _check_path("-b", values["-b"], problems)
-    if values.get("-s"):
-        _check_path("-s", values["-s"], problems)
     if problems:
         raise ConfigError("Invalid arguments from Ganeti:\n  " + "\n  ".join(problems))
     return Request(script=script, api_version=5, instance_name=values["-i"],
@@ -256,6 +326,7 @@ def parse(script: str, argv: Sequence[str], env: Mapping[str, str]) -> Request:
                                              f"from the environment."))
     problems: list[str] = []
     missing: list[str] = []
+    _check_texts(env, problems)
     disks = _disks(env, problems)
     nics = _nics(env, problems)
     name = env.get("INSTANCE_NAME", "")
@@ -275,8 +346,6 @@ def parse(script: str, argv: Sequence[str], env: Mapping[str, str]) -> Request:
                             f"least one disk for its root filesystem")
         if disks:
             disk_path = disks[0].path
-            if disk_path:
-                _check_path("DISK_0_PATH", disk_path, problems)
             if not disk_path:
                 if disks[0].uri:
                     problems.append(
@@ -293,22 +362,20 @@ def parse(script: str, argv: Sequence[str], env: Mapping[str, str]) -> Request:
             _check_name("OLD_INSTANCE_NAME", old_name, problems)
     if script in ("import", "export"):
         prefix = script.upper()
-        disk_index = _int(env, f"{prefix}_INDEX", problems, 0) or 0
+        disk_index = _int(env, f"{prefix}_INDEX", problems, 0, MAX_DISKS - 1,
+                          f"disks are numbered from 0, and {_DISK_LIMIT}", 0) or 0
         disk_path = (env.get(f"{prefix}_DISK_PATH") or env.get(f"{prefix}_DEVICE")
                      or "")
         if not disk_path:
             missing.append(f"{prefix}_DISK_PATH (or {prefix}_DEVICE)")
-        else:
-            _check_path(f"{prefix}_DISK_PATH", disk_path, problems)
     if script == "export":
-        exp_size_fd = _int(env, "EXP_SIZE_FD", problems)
-        if exp_size_fd is not None and exp_size_fd < 2:
-            # Standard output carries the backup itself: a size line written
-            # there would corrupt it (and standard input is not for writing).
-            problems.append(f"EXP_SIZE_FD={exp_size_fd} cannot take the size: it "
-                            f"must be a descriptor opened for it (2 or above; 1 "
-                            f"is standard output, which carries the backup)")
-            exp_size_fd = None
+        # Standard output carries the backup itself: a size line written
+        # there would corrupt it (and standard input is not for writing).
+        exp_size_fd = _int(env, "EXP_SIZE_FD", problems, 2, MAX_FD,
+                           f"it must be a descriptor opened for the size (1 is "
+                           f"standard output, which carries the backup), and "
+                           f"descriptors above {MAX_FD} exceed the kernel's "
+                           f"default limit of open files per process (fs.nr_open)")
     if missing or problems:
         # The general advice first: Ganeti shows the last lines of the log,
         # and the last line must name what is wrong.

@@ -7,8 +7,8 @@ went on with the next hook and failed at the end).
 
 Hooks run as root on the node with the instance's root filesystem mounted:
 a hook directory that someone else can change is a way to run code as root
-on every node, so it is refused (:func:`check_safe`), as sudo refuses a
-world-writable sudoers file.
+on every node, so it is refused (:func:`check_safe`, with trust.py's
+check), as sudo refuses a world-writable sudoers file.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pwd
 import re
 import signal
 import stat
@@ -24,7 +23,7 @@ import subprocess
 import time
 from collections.abc import Collection, Iterator
 
-from . import mounts, runner
+from . import mounts, runner, trust
 from .environment import Request
 from .errors import CommandError, HookError, MissingProgramError
 from .settings import Settings
@@ -43,10 +42,6 @@ HOOK_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 # run-parts sets this umask before running each script; Ganeti runs us with
 # 077, under which files a hook writes into the instance would be private.
 HOOK_UMASK = 0o022
-
-# More symlink hops than this while checking a path means a loop.
-_MAX_LINKS = 40
-
 
 def _scan(directory: str) -> tuple[list[str], list[str]]:
     """The hooks of ``directory`` and the entries run-parts would complain about."""
@@ -87,90 +82,30 @@ def list_hooks(directory: str) -> list[str]:
     return _scan(directory)[0]
 
 
-def _owner(uid: int) -> str:
-    try:
-        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except KeyError:
-        return f"uid {uid}"
+def _purpose(directory: str) -> trust.Purpose:
+    return trust.Purpose(
+        action=f"run the customisation hooks in {directory}",
+        reason="Hooks run as root on the node", consequence="run commands as root",
+        error=HookError,
+        alternative=" (or set CUSTOMIZE_DIR to a directory that only root can change)")
 
 
-def _refuse(directory: str, path: str, problem: str, fix: str) -> HookError:
-    return HookError(
-        f"Refusing to run the customisation hooks in {directory}: {path} "
-        f"{problem}. Hooks run as root on the node, so whoever can change "
-        f"{path} could run commands as root. Fix it with `{fix}` (or set "
-        f"CUSTOMIZE_DIR to a directory that only root can change).")
-
-
-def _check_entry(directory: str, path: str, st: os.stat_result, last: bool,
-                 trusted_uids: Collection[int]) -> None:
-    """One directory, file or symlink met on the way to a hook."""
-    is_link = stat.S_ISLNK(st.st_mode)
-    if st.st_uid not in trusted_uids:
-        flag = "-h " if is_link else ""
-        raise _refuse(directory, path, f"is owned by {_owner(st.st_uid)}, not root",
-                      f"chown {flag}root {path}")
-    if is_link:  # its own mode means nothing; its directory was checked
-        return
-    writable = st.st_mode & 0o022
-    if not writable:
-        return
-    # A sticky directory (/tmp) lets others add entries but not rename or
-    # remove ours: on the way to the hooks it is safe, since every entry we
-    # go through is checked to belong to root. The hook directory itself
-    # must not take new files from others, sticky or not.
-    if not last and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX:
-        return
-    who = {0o020: "its group", 0o002: "others", 0o022: "its group and others"}[writable]
-    raise _refuse(directory, path,
-                  f"is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})",
-                  f"chmod go-w {path}")
-
-
-def _check_path(directory: str, path: str, trusted_uids: Collection[int]) -> None:
-    """Check every directory, symlink and file met while resolving ``path``."""
-    pending = [p for p in os.path.abspath(path).split("/") if p]
-    pending.reverse()
-    current = "/"
-    _check_entry(directory, "/", os.lstat("/"), not pending, trusted_uids)
-    hops = 0
-    while pending:
-        part = pending.pop()
-        if part == ".":
-            continue
-        if part == "..":
-            current = os.path.dirname(current)
-            continue
-        candidate = os.path.join(current, part)
-        st = os.lstat(candidate)
-        _check_entry(directory, candidate, st, not pending, trusted_uids)
-        if stat.S_ISLNK(st.st_mode):
-            hops += 1
-            if hops > _MAX_LINKS:
-                raise HookError(f"Too many symbolic links resolving {path}; "
-                                f"fix the links under {directory}.")
-            link = os.readlink(candidate)
-            if link.startswith("/"):
-                current = "/"
-            pending.extend(reversed([p for p in link.split("/") if p]))
-            continue
-        current = candidate
-
-
-def check_safe(directory: str, *, trusted_uids: Collection[int] = (0,)) -> None:
+def check_safe(directory: str, *, trusted_uids: Collection[int] | None = None) -> None:
     """Refuse (HookError) hooks that anyone but root could have changed.
 
     The hook directory, each hook, and every directory and symlink on the
-    way from / must belong to root (or ``trusted_uids``; tests pass their
-    own uid) and not be writable by group or others. A sticky directory on
-    the way (/tmp) is accepted: others cannot replace what root owns in it.
-    A missing directory has no hooks and passes.
+    way from / must belong to root (or ``trusted_uids``; by default root and
+    the user running the script, see trust.default_uids) and not be
+    writable by group or others. A sticky directory on the way (/tmp) is
+    accepted: others cannot replace what root owns in it. A missing
+    directory has no hooks and passes.
     """
     if not directory or not os.path.lexists(directory):
         return
-    _check_path(directory, directory, trusted_uids)
+    purpose = _purpose(directory)
+    trust.check_path(directory, purpose, trusted_uids=trusted_uids)
     for hook in list_hooks(directory):
-        _check_path(directory, hook, trusted_uids)
+        trust.check_path(hook, purpose, trusted_uids=trusted_uids)
 
 
 def environment(request: Request, settings: Settings, arch: str, target_dir: str,
@@ -241,7 +176,7 @@ def run_hook(hook: str, env: dict[str, str], *, timeout: float | None = None) ->
 
 
 def run_all(directory: str, env: dict[str, str], *, timeout: float | None = None,
-            trusted_uids: Collection[int] = (0,)) -> list[str]:
+            trusted_uids: Collection[int] | None = None) -> list[str]:
     """Check, then run every hook of ``directory`` in order; return those run.
 
     A failing hook raises HookError naming it, with its status and the tail

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 from .environment import Nic
 from .errors import ConfigError
+from .names import one_line
 from .target import Target
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,13 @@ class NicConfig:
         return f"{INTERFACE_PREFIX}{self.index}"
 
     def describe(self) -> str:
-        where = f", network {self.network_name}" if self.network_name else ""
+        """One line for the comment above the NIC's settings.
+
+        The network name is a tenant's (gnt-network add): checked for line
+        breaks where Ganeti's variables are read, and escaped here as well,
+        so that the comment stays one line whatever the name holds.
+        """
+        where = f", network {one_line(self.network_name)}" if self.network_name else ""
         return f"Ganeti NIC {self.index}: MAC {self.mac}{where}"
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from .apt_sources import APT_SOURCES_MODES
 from .errors import ConfigError
+from .names import line_break_problem
 from .network import IPV6_MODES, NETWORK_MODES
 
 KNOWN_CHECKS = ("parameters",)
@@ -69,6 +70,21 @@ def validate(raw: Mapping[str, str]) -> OSParams:
     known = {p.name: p for p in PARAMETERS}
     values = {}
     for name, value in sorted(raw.items()):
+        # A tenant sets these (gnt-instance modify -O): a line break is
+        # refused first, by name, whatever the parameter, so that no value
+        # holding one gets further (not even into a message of ours).
+        why = line_break_problem(name)
+        if why is not None:
+            problems.append(f"the name of the OS parameter {name!r} {why}")
+            continue
+        why = line_break_problem(value)
+        if why is not None:
+            shown = repr(value) if len(value) <= 40 else repr(value[:40]) + "..."
+            problems.append(
+                f"OS parameter {name}={shown} (OSP_{name.upper()}) {why}; OS "
+                f"parameters are single-line values (gnt-instance modify -O "
+                f"{name}=VALUE INSTANCE)")
+            continue
         param = known.get(name)
         if param is None:
             problems.append(

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
+from . import trust
 from .errors import ConfigError
 from .names import (is_arch_name, is_component_name, is_package_name,
-                    is_suite_name, is_variant_name)
+                    is_suite_name, is_variant_name, line_break_problem)
 from .paths import Paths
 
 # A current Debian release that the debootstrap in bookworm and later knows.
@@ -174,16 +175,47 @@ def variant_file(paths: Paths, variant: str, variants_dir: str) -> str:
         f"it in variants.list.")
 
 
-def load(paths: Paths, variant: str, api_version: int) -> Settings:
-    """Read and validate the settings for ``variant`` (may be empty)."""
+def _settings_purpose(path: str, setting: str = "") -> trust.Purpose:
+    instead = f" (or set {setting} to a directory that only root can change)" \
+        if setting else ""
+    return trust.Purpose(
+        action=f"read the settings in {path}",
+        reason="The settings are shell code, sourced as root on the node",
+        consequence="run commands as root", error=ConfigError, alternative=instead)
+
+
+def check_trusted(path: str, *, setting: str = "",
+                  trusted_uids: Collection[int] | None = None) -> None:
+    """Refuse (ConfigError) a settings file or variants directory others can change.
+
+    A missing one passes: the built-in defaults apply (settings file) or
+    the variant is reported unknown (variants directory).
+    """
+    if os.path.lexists(path):
+        trust.check_path(path, _settings_purpose(path, setting),
+                         trusted_uids=trusted_uids)
+
+
+def load(paths: Paths, variant: str, api_version: int, *,
+         trusted_uids: Collection[int] | None = None) -> Settings:
+    """Read and validate the settings for ``variant`` (may be empty).
+
+    The settings file, the variants directory and the variant's file are
+    read only when only root can change them (:func:`check_trusted`).
+    """
+    check_trusted(paths.defaults_file, trusted_uids=trusted_uids)
     base = read_shell_files([paths.defaults_file], paths)
     variants_dir = base.get("VARIANTS_DIR") or paths.default_variants_dir
-    if not variants_dir.startswith("/"):
-        # Checked now: it is used (to find the variant file) before validate.
+    # Checked now: it is used (to find the variant file) before validate.
+    why = line_break_problem(variants_dir)
+    if why is not None or not variants_dir.startswith("/"):
         where = _where("VARIANTS_DIR", [paths.defaults_file])
-        raise ConfigError(f"Invalid settings:\n  {where}: {variants_dir!r} must be an "
-                          f"absolute path")
+        raise ConfigError(f"Invalid settings:\n  {where}: {variants_dir!r} "
+                          f"{why or 'must be an absolute path'}")
+    check_trusted(variants_dir, setting="VARIANTS_DIR", trusted_uids=trusted_uids)
     conf = variant_file(paths, variant, variants_dir)
+    if conf:
+        check_trusted(conf, setting="VARIANTS_DIR", trusted_uids=trusted_uids)
     files = [paths.defaults_file] + ([conf] if conf else [])
     raw = read_shell_files(files, paths) if conf else base
     chosen = os.path.basename(conf)[:-len(".conf")] if conf else ""
@@ -216,6 +248,20 @@ def validate(raw: Mapping[str, str], files: list[str], api_version: int,
     def bad(name: str, why: str) -> None:
         problems.append(f"{_where(name, files)}: {why}")
 
+    # First, for every setting: a line break or control character. MIRROR,
+    # PROXY, SUITE and COMPONENTS are written into the instance's APT
+    # sources, EXTRA_PKGS and the rest into commands and the hooks'
+    # environment; a newline in MIRROR would add an APT source line. A value
+    # refused here is not looked at further (its default stands in).
+    single_line = {}
+    for name, value in raw.items():
+        why = line_break_problem(value)
+        if why is None:
+            single_line[name] = value
+        else:
+            shown = repr(value) if len(value) <= 60 else repr(value[:60]) + "..."
+            bad(name, f"{shown} {why}; every setting is a single line")
+    raw = single_line
     suite = raw.get("SUITE", "") or DEFAULT_SUITE
     if not is_suite_name(suite):
         bad("SUITE", f"{suite!r} is not a release name such as trixie or stable")
@@ -227,9 +273,14 @@ def validate(raw: Mapping[str, str], files: list[str], api_version: int,
     if mirror and not mirror.startswith(("http://", "https://", "ftp://", "file:/")):
         bad("MIRROR", f"{mirror!r} is not an http://, https://, ftp:// or file:/ "
                       f"URL (empty: debootstrap's default mirror)")
+    elif " " in mirror:
+        # One word of an APT source line: a space would add a field to it.
+        bad("MIRROR", f"{mirror!r} contains a space; write it as %20 in a URL")
     proxy = raw.get("PROXY", "")
     if proxy and not proxy.startswith(("http://", "https://")):
         bad("PROXY", f"{proxy!r} is not an http:// or https:// proxy URL")
+    elif " " in proxy:
+        bad("PROXY", f"{proxy!r} contains a space; write it as %20 in a URL")
     components = _list(raw.get("COMPONENTS", ""))
     for comp in components:
         if not is_component_name(comp):
