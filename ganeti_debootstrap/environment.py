@@ -341,7 +341,7 @@ def parse(script: str, argv: Sequence[str], env: Mapping[str, str]) -> Request:
     if script in ("create", "rename"):
         if env.get("DISK_COUNT", "") == "":
             missing.append("DISK_COUNT")
-        elif not disks:
+        elif not disks and not any(p.startswith("DISK_COUNT=") for p in problems):
             problems.append(f"DISK_COUNT={env['DISK_COUNT']}: the instance needs at "
                             f"least one disk for its root filesystem")
         if disks:

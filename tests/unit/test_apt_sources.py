@@ -333,3 +333,16 @@ def test_a_file_mirror_is_written_with_a_warning(tmp_path, caplog):
     apt_sources.configure(t, SourcesPlan(suite="trixie", mirror="file:/srv/mirror/debian"))
     assert "URIs: file:/srv/mirror/debian\n" in read(t, "/etc/apt/sources.list.d/debian.sources")
     assert "a path on the node" in caplog.text
+
+
+@pytest.mark.parametrize("field", ["uri", "suite", "component"])
+@pytest.mark.parametrize("bad", ["\ndeb http://127.0.0.1/x sid main", " extra", "\t",
+                                 "\u2028"])
+def test_a_source_field_that_is_not_one_word_is_never_written(field, bad):
+    # settings.validate refuses these first; the writer does not rely on it.
+    uri, suite, comp = "http://127.0.0.1/debian", "trixie", "main"
+    values = {"uri": uri + bad if field == "uri" else uri,
+              "suite": suite + bad if field == "suite" else suite,
+              "component": comp + bad if field == "component" else comp}
+    with pytest.raises(ValueError, match="not one word"):
+        apt_sources.Source(values["uri"], (values["suite"],), (values["component"],))

@@ -432,6 +432,151 @@ def test_writable_hook_is_refused_before_the_disk(node, call, tmp_path):
     assert out.status != 0 and str(hooks) in out.last
 
 
+# --- no input adds a line to a file of the instance ---------------------------------
+
+LINE_BREAKS = [pytest.param("\n", id="LF"), pytest.param("\r", id="CR"),
+               pytest.param("\t", id="tab"), pytest.param("\x85", id="NEL"),
+               pytest.param("\u2028", id="LS"), pytest.param("\u2029", id="PS")]
+
+NIC_ENV = {"NIC_COUNT": "1", "NIC_0_MAC": "aa:00:00:00:00:01", "NIC_0_MODE": "bridged",
+           "NIC_0_LINK": "br0", "NIC_0_BRIDGE": "br0", "NIC_0_IP": "10.0.0.2",
+           "NIC_0_NAME": "front", "NIC_0_NETWORK_NAME": "net1",
+           "NIC_0_NETWORK_SUBNET": "10.0.0.0/24", "NIC_0_NETWORK_GATEWAY": "10.0.0.1",
+           "NIC_0_NETWORK_SUBNET6": "2001:db8::/64",
+           "NIC_0_NETWORK_GATEWAY6": "2001:db8::1", "NIC_0_NETWORK_TAGS": "web"}
+
+
+@pytest.mark.parametrize("char", LINE_BREAKS)
+@pytest.mark.parametrize("name", sorted(n for n in NIC_ENV if n != "NIC_COUNT"))
+def test_a_line_break_in_a_nic_variable_is_refused_naming_it(node, call, name, char):
+    env = node.env(**NIC_ENV)
+    env[name] += f"{char}pre-up touch {node.canary}"
+    out = call("create", env)
+    assert out.status == 1 and f"{name}=" in out.last
+
+
+@pytest.mark.parametrize("char", LINE_BREAKS)
+@pytest.mark.parametrize("script,name", [("create", "INSTANCE_NAME"),
+                                         ("rename", "OLD_INSTANCE_NAME"),
+                                         ("create", "OS_VARIANT")])
+def test_a_line_break_in_a_name_is_refused_naming_it(node, call, script, name, char):
+    env = node.env(OLD_INSTANCE_NAME="web0.example.org")
+    env[name] += f"{char}touch {node.canary}"
+    out = call(script, env)
+    assert out.status == 1 and f"{name}=" in out.last
+
+
+@pytest.mark.parametrize("char", LINE_BREAKS)
+@pytest.mark.parametrize("script", ["create", "verify"])
+def test_a_line_break_in_an_os_parameter_is_refused_naming_it(node, call, script, char):
+    argv = ("parameters",) if script == "verify" else ()
+    out = call(script, node.env(OSP_FILESYSTEM=f"ext4{char}touch {node.canary}"), argv)
+    assert out.status == 1 and "filesystem=" in out.last and "OSP_FILESYSTEM" in out.last
+
+
+TEXT_SETTINGS = [("MIRROR", "http://127.0.0.1:3142/debian"),
+                 ("PROXY", "http://127.0.0.1:3128"), ("COMPONENTS", "main"),
+                 ("SUITE", "trixie"), ("EXTRA_PKGS", "vim"), ("ARCH", "amd64"),
+                 ("CUSTOMIZE_DIR", "/etc/hooks"), ("VARIANTS_DIR", "/etc/variants"),
+                 ("BOOTLOADER", "none"), ("CLEAN_CACHE", "14")]
+
+
+@pytest.mark.parametrize("char", LINE_BREAKS)
+@pytest.mark.parametrize("name,legal", TEXT_SETTINGS)
+@pytest.mark.parametrize("where", ["defaults", "variant"])
+def test_a_line_break_in_a_setting_is_refused_naming_it_and_its_file(node, call, where,
+                                                                      name, legal, char):
+    target = (node.paths.defaults_file if where == "defaults"
+              else os.path.join(node.paths.default_variants_dir, "default.conf"))
+    value = f"{legal}{char}deb http://127.0.0.1/x trixie main"
+    Path(target).write_text(f"{name}='{value}'\n", encoding="utf-8")
+    out = call("create", node.env())
+    assert out.status == 1
+    assert name in out.last and target in out.last and "contains" in out.last
+
+
+@pytest.mark.parametrize("name,legal", TEXT_SETTINGS)
+@pytest.mark.parametrize("char", ["\x00", "\x1b", "\x7f"])
+def test_a_control_character_in_a_setting_is_refused(name, legal, char):
+    with pytest.raises(ConfigError, match=f"{name} .*contains"):
+        settings.validate({name: legal + char}, ["/etc/default/x"], 20)
+
+
+@pytest.mark.parametrize("name", ["MIRROR", "PROXY"])
+def test_a_space_in_a_url_setting_is_refused(name):
+    value = "http://127.0.0.1/debian trixie main"
+    with pytest.raises(ConfigError, match=f"{name} .*contains a space"):
+        settings.validate({name: value}, ["/etc/default/x"], 20)
+
+
+def test_settings_legal_before_are_still_accepted():
+    conf = settings.validate({"MIRROR": "file:/srv/mirror/debian", "PROXY":
+                              "http://127.0.0.1:3128/", "COMPONENTS": "main contrib",
+                              "EXTRA_PKGS": "vim, less,openssh-server",
+                              "SUITE": "bookworm-backports"}, ["/etc/default/x"], 20)
+    assert conf.extra_pkgs == ("vim", "less", "openssh-server")
+    assert conf.components == ("main", "contrib")
+
+
+# --- counts from Ganeti are bounded ---------------------------------------------------
+
+@pytest.mark.parametrize("name,value,limit", [
+    ("DISK_COUNT", "17", "16"), ("DISK_COUNT", "1000000", "16"),
+    ("NIC_COUNT", "9", "8"), ("NIC_COUNT", "1000000", "8"),
+    ("DISK_0_SIZE", "9" * 100, str(2**43)),
+])
+def test_counts_beyond_ganetis_limits_are_refused_naming_the_limit(node, call, name,
+                                                                   value, limit):
+    out = call("create", node.env(**{name: value}))
+    assert out.status == 1 and f"{name}=" in out.last and limit in out.last
+
+
+@pytest.mark.parametrize("value", ["1048576", str(2**63), "9" * 5000])
+def test_exp_size_fd_beyond_any_descriptor_is_refused_without_a_traceback(node, call,
+                                                                          value):
+    env = node.env(EXPORT_INDEX="0", EXPORT_DISK_PATH=node.disk, EXP_SIZE_FD=value)
+    out = call("export", env)
+    assert out.status == 1 and "EXP_SIZE_FD=" in out.last and "1048575" in out.last
+
+
+@pytest.mark.parametrize("script", ["import", "export"])
+def test_disk_index_beyond_ganetis_disk_limit_is_refused(node, call, script):
+    prefix = script.upper()
+    env = node.env(**{f"{prefix}_INDEX": "16", f"{prefix}_DISK_PATH": node.disk})
+    out = call(script, env)
+    assert out.status == 1 and f"{prefix}_INDEX=16" in out.last and "0 to 15" in out.last
+
+
+# --- what runs as root is owned by root ---------------------------------------------------
+
+@pytest.mark.parametrize("mode", [0o666, 0o664, 0o646])
+@pytest.mark.parametrize("which", ["settings file", "variants dir", "variant file"])
+def test_settings_others_can_change_are_refused_before_the_disk(node, call, which, mode):
+    path = {"settings file": node.paths.defaults_file,
+            "variants dir": node.paths.default_variants_dir,
+            "variant file": os.path.join(node.paths.default_variants_dir,
+                                         "default.conf")}[which]
+    # The code others could have put there: it must not run.
+    shell = (path if which == "settings file"
+             else os.path.join(node.paths.default_variants_dir, "default.conf"))
+    Path(shell).write_text(f"touch {node.canary}\n")
+    os.chmod(path, mode | (0o111 if os.path.isdir(path) else 0))
+    out = call("create", node.env())
+    assert out.status == 1
+    assert f"Refusing to read the settings in {path}" in out.last
+    assert f"chmod go-w {path}" in out.last
+
+
+def test_a_cache_directory_others_can_write_is_refused_before_the_disk(node, call):
+    cache_dir = node.paths.cache_dir
+    os.makedirs(cache_dir)
+    os.chmod(cache_dir, 0o777)
+    out = call("create", node.env())
+    assert out.status == 1
+    assert f"Refusing to use the bootstrap cache in {cache_dir}" in out.last
+    assert f"chmod go-w {cache_dir}" in out.last
+
+
 # --- property-based: parsers never fail in unexpected ways -----------------------------
 
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",),
@@ -546,3 +691,12 @@ def test_target_paths_never_leave_the_root(tmp_path, links, parts, absolute):
             follows = method == Target(root).path or result == root
             resolved = os.path.realpath(result if follows else os.path.dirname(result))
             assert os.path.commonpath([real_root, resolved]) == real_root, (inner, links)
+
+
+@hsettings(max_examples=500, deadline=None, database=None)
+@given(st.text(max_size=80))
+def test_one_line_text_never_splits_and_agrees_with_the_line_check(text):
+    line = names.one_line(text)
+    assert names.line_break_problem(line) is None
+    assert len(line.splitlines()) <= 1
+    assert (line == text) == (names.line_break_problem(text) is None)

@@ -552,3 +552,16 @@ def test_network_parameters_accept_their_choices_and_default(name, values, defau
         assert getattr(osparams.validate({name: value}), name) == value
     with pytest.raises(ConfigError, match=f"{name}='dhcp' is not accepted"):
         osparams.validate({name: "dhcp"})
+
+
+@pytest.mark.parametrize("name", ["net1\npre-up touch /pwned", "net1\rpre-up x",
+                                  "net1\u2028pre-up x", "net1\x85x", "net1\x00\x1b[2J"])
+def test_a_network_name_stays_in_its_comment_whatever_it_holds(name):
+    # Refused where Ganeti's variables are read; the writer is safe anyway.
+    config = network.NicConfig(0, MAC0, network_name=name)
+    for text in (network.interfaces_text([config]), network.link_text(config),
+                 network.network_text(config)):
+        comments = [ln for ln in text.splitlines() if "Ganeti NIC 0" in ln]
+        assert len(comments) == 1 and comments[0].startswith("# ")
+        assert not any(ln.lstrip().startswith("pre-up") for ln in text.splitlines())
+        assert len(text.splitlines()) == len(text.split("\n")) - 1

@@ -31,3 +31,11 @@ def test_undeclared_parameter_is_refused():
 def test_parameters_list_has_one_line_per_parameter():
     lines = osparams.parameters_list().splitlines()
     assert [ln.split(" ", 1)[0] for ln in lines] == [p.name for p in osparams.PARAMETERS]
+
+
+@pytest.mark.parametrize("char", ["\n", "\r", "\t", "\x00", "\u2028"])
+def test_a_line_break_in_a_parameter_name_or_value_is_refused_naming_it(char):
+    with pytest.raises(ConfigError, match=r"OS parameter network=.* \(OSP_NETWORK\) contains"):
+        osparams.validate({"network": "auto" + char + "x"})
+    with pytest.raises(ConfigError, match=r"the name of the OS parameter 'net.*' contains"):
+        osparams.validate({"net" + char + "work": "auto"})
