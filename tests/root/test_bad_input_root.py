@@ -146,6 +146,113 @@ def test_values_passed_through_to_the_instance_are_never_interpreted(node):
         assert read(root, "/root/hv") == f"$(touch {c})"
 
 
+# --- no input adds a line to a file of the instance; root's files are root's --------
+
+OTHER_UID = 1234
+
+
+@pytest.fixture
+def bare_node(tmp_path) -> Watched:
+    """A node whose localstatedir has no cache: what is refused here must be
+    refused before any cache is looked at (the shared cache stays untouched)."""
+    localstatedir = tmp_path / "var"
+    localstatedir.mkdir(mode=0o755)
+    return Watched(tmp_path, str(localstatedir))
+
+
+def test_create_refuses_a_settings_file_others_can_write(bare_node):
+    node = bare_node
+    node.tree.settings(f"touch {node.canary}\n")
+    os.chmod(node.tree.defaults_file, 0o666)
+    last = refused(node, "create", create_env("web1", node.disk), node.tree.defaults_file)
+    assert f"chmod go-w {node.tree.defaults_file}" in last
+
+
+@pytest.mark.parametrize("which", ["settings file", "variants dir", "variant file"])
+def test_create_refuses_settings_owned_by_another_user(bare_node, which):
+    node = bare_node
+    conf = os.path.join(node.tree.variants_dir, "default.conf")
+    path = {"settings file": node.tree.defaults_file,
+            "variants dir": node.tree.variants_dir, "variant file": conf}[which]
+    with open(node.tree.defaults_file if which == "settings file" else conf, "w") as f:
+        f.write(f"touch {node.canary}\n")
+    os.chown(path, OTHER_UID, 0)
+    last = refused(node, "create", create_env("web1", node.disk), path)
+    assert f"{path} is owned by uid {OTHER_UID}, not root" in last
+    assert f"chown root {path}" in last
+
+
+def test_create_refuses_a_cache_directory_owned_by_another_user(bare_node):
+    node = bare_node
+    os.makedirs(node.tree.cache_dir)
+    os.chown(node.tree.cache_dir, OTHER_UID, 0)
+    before = sorted(os.listdir(node.tree.cache_dir))
+    last = refused(node, "create", create_env("web1", node.disk), node.tree.cache_dir)
+    assert f"chown root {node.tree.cache_dir}" in last and "GENERATE_CACHE=no" in last
+    assert sorted(os.listdir(node.tree.cache_dir)) == before
+
+
+def test_create_refuses_a_cache_directory_others_can_write(bare_node):
+    node = bare_node
+    os.makedirs(node.tree.cache_dir)
+    os.chmod(node.tree.cache_dir, 0o777)
+    last = refused(node, "create", create_env("web1", node.disk), node.tree.cache_dir)
+    assert f"chmod go-w {node.tree.cache_dir}" in last
+    assert os.listdir(node.tree.cache_dir) == []
+
+
+def test_a_settings_file_in_a_directory_of_another_user_is_refused(tmp_path):
+    from ganeti_debootstrap import settings
+    from ganeti_debootstrap.errors import ConfigError
+    from ganeti_debootstrap.paths import Paths
+
+    tree = scripts.make_os_tree(str(tmp_path / "os"), str(tmp_path / "var"))
+    paths = Paths(tree.sysconfdir, tree.localstatedir, tree.os_dir)
+    settings.load(paths, "default", 20)  # root's, all the way: read
+    parent = os.path.dirname(tree.defaults_file)
+    os.chown(parent, OTHER_UID, 0)
+    with pytest.raises(ConfigError, match=f"{parent} is owned by uid {OTHER_UID}"):
+        settings.load(paths, "default", 20)
+
+
+def test_a_root_owned_cache_under_a_sticky_directory_is_accepted(tmp_path):
+    from ganeti_debootstrap import cache
+    from ganeti_debootstrap.errors import CacheError
+
+    sticky = tmp_path / "tmp-like"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    (sticky / "cache").mkdir(mode=0o755)
+    cache.check_trusted(str(sticky / "cache"))
+    os.chown(sticky / "cache", OTHER_UID, 0)  # they could swap its content
+    with pytest.raises(CacheError, match=f"owned by uid {OTHER_UID}"):
+        cache.check_trusted(str(sticky / "cache"))
+    # Missing, it would be made in the sticky directory, where anyone could
+    # make it first: refused.
+    with pytest.raises(CacheError, match="writable by its group and others"):
+        cache.check_trusted(str(sticky / "absent"))
+
+
+@pytest.mark.parametrize("char", ["\n", "\r", "\u2028"], ids=["LF", "CR", "LS"])
+def test_a_nic_network_name_with_a_line_break_is_refused_before_anything(bare_node, char):
+    node = bare_node
+    env = create_env("web1", node.disk, NIC_COUNT="1", NIC_0_MAC="aa:00:00:00:00:01",
+                     NIC_0_MODE="bridged", NIC_0_LINK="br0",
+                     NIC_0_NETWORK_NAME=f"net1{char}pre-up touch {node.canary}")
+    refused(node, "create", env, "NIC_0_NETWORK_NAME=")
+    assert not os.path.exists(node.tree.cache_dir)
+
+
+@pytest.mark.parametrize("char", ["\n", "\r", "\u2028"], ids=["LF", "CR", "LS"])
+def test_a_mirror_with_a_line_break_is_refused_before_anything(bare_node, char):
+    node = bare_node
+    node.tree.settings(f"MIRROR='http://127.0.0.1:9/debian{char}"
+                       f"deb http://127.0.0.1:9/evil trixie main'\n")
+    last = refused(node, "create", create_env("web1", node.disk), "MIRROR")
+    assert node.tree.defaults_file in last
+    assert not os.path.exists(node.tree.cache_dir)
+
+
 # --- the node's own root disk ------------------------------------------------------
 
 TRAPPED = ("wipefs", "sfdisk", "mke2fs", "mkfs.ext2", "mkfs.ext3", "mkfs.ext4", "mkswap",
