@@ -372,8 +372,8 @@ def parse(script: str, argv: Sequence[str], env: Mapping[str, str]) -> Request:
         # Standard output carries the backup itself: a size line written
         # there would corrupt it (and standard input is not for writing).
         exp_size_fd = _int(env, "EXP_SIZE_FD", problems, 2, MAX_FD,
-                           f"it must be a descriptor opened for the size (1 is "
-                           f"standard output, which carries the backup), and "
+                           f"the descriptor opened for the size is never 0 or 1 "
+                           f"(1 is standard output, which carries the backup), and "
                            f"descriptors above {MAX_FD} exceed the kernel's "
                            f"default limit of open files per process (fs.nr_open)")
     if missing or problems:
