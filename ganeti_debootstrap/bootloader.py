@@ -226,7 +226,12 @@ def read_instance_text(t: Target, inner: str, limit: int, *,
     the bounded Target.read_text being written for issue 11.)
     """
     path = t.path(inner) if follow_last else t.path_nofollow(inner)
-    before = os.lstat(path)
+    try:
+        before = os.lstat(path)
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # a file where a directory is expected on the way
+        raise _Unreadable(f"cannot be read ({e.strerror})") from None
     if not stat.S_ISREG(before.st_mode):
         raise _Unreadable(f"is {_kind(before.st_mode)}")
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
@@ -433,11 +438,11 @@ GRUB_DIR = "/boot/grub"
 GRUB_PLATFORM_DIR = f"{GRUB_DIR}/{GRUB_TARGET}"
 # What grub-install copies into /boot/grub/i386-pc besides core.img: the
 # modules core.img loads from there (normal, linux, serial, ...) and their
-# lists, and the boot sector image. Its clean-up removes the same kinds of
-# names (and core.img) before: modules of another GRUB version would not
-# load into this core.img.
+# lists, and the boot sector image. Like grub-install, modules the node's
+# GRUB does not have are removed first: a module of another GRUB version
+# does not load into this core.img. (boot.img and core.img are replaced.)
 _PLATFORM_FILES = ("*.mod", "*.lst", "boot.img", "modinfo.sh", "efiemu*.o")
-_STALE_PLATFORM_FILES = ("*.mod", "*.lst", "*.img", "*.o", "modinfo.sh")
+_STALE_PLATFORM_FILES = ("*.mod", "*.lst", "modinfo.sh", "efiemu*.o")
 CORE_IMG = "core.img"
 DEBCONF_CONFIG = "/var/cache/debconf/config.dat"
 INSTALL_DEVICES_QUESTION = f"{GRUB_PACKAGE}/install_devices"
@@ -510,6 +515,8 @@ class _GrubSkipped(Exception):
 def _inner(t: Target, path: str) -> str:
     """The instance's name of the node path ``path`` inside its root."""
     relative = os.path.relpath(path, t.root)
+    if relative == ".." or relative.startswith("../"):
+        return path  # a node path (the private work directory)
     return "/" if relative == "." else "/" + relative
 
 
@@ -661,10 +668,10 @@ def install_from_node(t: Target, request: Request, conf: Settings, *, disk_devic
     grub-mkimage and written to the disk by its grub-bios-setup; the
     modules, grub.cfg, the console drop-in and grub-pc's debconf answer are
     written into the instance through Target. Without a kernel in the
-    instance, without GRUB for BIOS on the node, or where GRUB's directory
-    cannot be made in the instance, the import goes on without a boot
-    loader and one warning says how to boot it. Returns whether GRUB was
-    installed.
+    instance, without GRUB for BIOS on the node, or where GRUB's files
+    cannot be written into the instance, the import goes on without a boot
+    loader (nothing written to the disk's boot area) and one warning says
+    how to boot it. Returns whether GRUB was installed.
     """
     if conf.bootloader != "grub":
         return False
@@ -682,25 +689,35 @@ def install_from_node(t: Target, request: Request, conf: Settings, *, disk_devic
                        NODE_GRUB_MODULES, NODE_GRUB_PACKAGE)
         return False
     with log.phase("boot loader"):
+        # Every file first, the disk's boot area last: a tenant's tree that
+        # GRUB's files cannot go into leaves a disk without boot code, not
+        # boot code without its files.
         try:
             platform_dir = _real_directory(t, GRUB_PLATFORM_DIR)
             core = _build_core(grub, conf.partition_style, root_uuid)
             _copy_platform_files(t, grub, platform_dir, core)
-        except (_GrubSkipped, TargetPathError) as e:
+            kernel = write_config(t, request, conf, root_uuid)
+            console = serial_console(request)
+            if console is not None:
+                t.write_text(GRUB_DEFAULTS_DROPIN, grub_defaults_text(console))
+        except (_GrubSkipped, TargetPathError, OSError) as e:
+            if isinstance(e, OSError):
+                # os.replace(temporary, file) names the file second.
+                name = e.filename2 or e.filename
+                why = (f"{_inner(t, os.fsdecode(name)) if name else 'a file'} in the "
+                       f"instance cannot be written ({e.strerror})")
+            else:
+                why = str(e)
             logger.warning("bootloader=grub, but %s: the instance is imported without "
                            "a boot loader; boot it with Ganeti's kernel_path, or fix "
-                           "that path in the instance, export and import it again.", e)
+                           "that path in the instance, export and import it again.", why)
             return False
         runner.run(bios_setup_argv(grub, platform_dir, disk_device),
                    hint=f"Installing the node's GRUB on {disk_device} failed; import "
                         f"with bootloader=none and boot the instance with Ganeti's "
                         f"kernel_path instead.")
-        console = serial_console(request)
-        if console is not None:
-            t.write_text(GRUB_DEFAULTS_DROPIN, grub_defaults_text(console))
         inside = instance_disk_name(request)
         record_install_devices(t, inside)
-        kernel = write_config(t, request, conf, root_uuid)
         logger.info("GRUB (the node's) installed on %s (%s in the instance), "
                     "booting %s", disk_device, inside, kernel)
     return True

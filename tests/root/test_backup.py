@@ -246,3 +246,84 @@ def test_rename_refuses_a_wrong_old_name_and_changes_nothing(tree, instance):
     with mounted_root(instance) as root:
         assert read(root, "/etc/hostname") == "bk1.example.org\n"
         assert "bk1.example.org" in read(root, "/etc/hosts")
+
+
+# Where a tool of the instance would be found, by chroot or on a PATH into it.
+TRAPPED = ("/usr/sbin/grub-install", "/usr/sbin/grub-probe", "/usr/sbin/grub-mkimage",
+           "/usr/bin/grub-mkimage", "/usr/sbin/grub-bios-setup", "/usr/sbin/update-grub",
+           "/usr/lib/grub/i386-pc/grub-bios-setup", "/usr/bin/debconf-set-selections",
+           "/usr/bin/debconf-communicate", "/usr/bin/sh")
+
+
+def _listing(path: str) -> list[tuple[str, int, int, bytes]]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in sorted(dirnames + filenames):
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            with open(full, "rb") if os.path.isfile(full) else open(os.devnull, "rb") as f:
+                found.append((full, st.st_mode, st.st_mtime_ns, f.read()))
+    return found
+
+
+def test_import_with_grub_runs_nothing_of_the_backup_and_writes_only_inside_it(
+        tree, instance, tmp_path):
+    markers = str(tmp_path / "markers")
+    node_dir = str(tmp_path / "node-dir")  # /boot/grub points here
+    os.makedirs(node_dir)
+    with open(os.path.join(node_dir, "grub.cfg"), "w") as f:
+        f.write("the node's\n")
+    node_debconf = str(tmp_path / "node-config.dat")
+    with open(node_debconf, "w") as f:
+        f.write("Name: grub-pc/install_devices\nValue: /dev/node\n\n")
+    with mounted_root(instance, read_only=False) as root:
+        # A trap where each tool would be: run on the node or in a chroot,
+        # it leaves a mark (the same path, on the node or in the instance).
+        for inner in TRAPPED:
+            path = os.path.join(root, inner.lstrip("/"))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if os.path.lexists(path):
+                os.unlink(path)
+            with open(path, "w") as f:
+                f.write(f'#!/bin/dash\nmkdir -p {markers}\necho "$0" >> {markers}/ran\n')
+            os.chmod(path, 0o755)
+        # A kernel to boot (data: never run, only linked to).
+        for name in ("vmlinuz", "initrd.img"):
+            with open(os.path.join(root, f"boot/{name}-6.1.0-trap"), "w") as f:
+                f.write("not a kernel\n")
+            os.symlink(f"boot/{name}-6.1.0-trap", os.path.join(root, name))
+        os.symlink(node_dir, os.path.join(root, "boot/grub"))
+        debconf = os.path.join(root, "var/cache/debconf/config.dat")
+        os.unlink(debconf)
+        os.symlink(node_debconf, debconf)
+    node_before = _listing(node_dir)
+    stream = str(tmp_path / "backup.dump")
+    export_to_file(tree, instance, stream)
+    new_disk = scripts.sparse_disk(str(tmp_path), 1024, "new.img")
+    res = import_from_file(tree, new_disk, stream, OSP_BOOTLOADER="grub", DEBUG_LEVEL="1")
+    log = res.stderr.decode()
+
+    assert not os.path.exists(markers), open(os.path.join(markers, "ran")).read()
+    assert _listing(node_dir) == node_before
+    with open(node_debconf) as f:
+        assert f.read() == "Name: grub-pc/install_devices\nValue: /dev/node\n\n"
+    assert "running: chroot" not in log and "running: /usr/bin/grub-mkimage" in log
+    assert "config.dat in the instance is a symbolic link: it is left alone" in log
+    with root_device(new_disk) as dev:
+        uuid = scripts.blkid(dev, "UUID")
+    with mounted_root(new_disk) as root:
+        assert not os.path.exists(os.path.join(root, markers.lstrip("/")))
+        # GRUB followed /boot/grub inside the instance, where GRUB at boot does too.
+        landed = os.path.join(root, node_dir.lstrip("/"))
+        assert os.readlink(os.path.join(root, "boot/grub")) == node_dir
+        cfg = read(root, f"{node_dir}/grub.cfg")
+        with open(os.path.join(landed, "i386-pc/core.img"), "rb") as f:
+            core = f.read()
+        assert os.path.isfile(os.path.join(landed, "i386-pc/normal.mod"))
+    assert f"search --no-floppy --fs-uuid --set=root {uuid}" in cfg
+    assert "linux /vmlinuz root=UUID=" in cfg
+    with open(new_disk, "rb") as f:
+        head = f.read(512 + len(core))
+    assert any(head[:440]) and head[510:512] == b"\x55\xaa"
+    # grub-bios-setup embeds core.img after the MBR, patching its first sectors.
+    assert head[512 + 1024:] == core[1024:]

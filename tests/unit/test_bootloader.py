@@ -573,7 +573,23 @@ def test_failed_grub_bios_setup_fails_the_import_with_its_output(
                        stderr="error: embedding is not possible")
     with pytest.raises(CommandError, match="embedding is not possible(.|\n)*kernel_path"):
         import_install(t)
-    assert not t.exists("/boot/grub/grub.cfg")
+
+
+@pytest.mark.parametrize("where", ["/boot/grub/grub.cfg", "/etc/default"])
+def test_grub_files_that_cannot_be_written_leave_the_disk_without_boot_code(
+        fake_runner, node_grub, tmp_path, caplog, where):
+    t = make_tree(tmp_path / "root")
+    if where.endswith(".cfg"):
+        os.makedirs(t.root + where)  # a directory where grub.cfg goes
+    else:
+        Path(t.root + where).write_text("a file where a directory belongs\n")
+    mkimage = FakeMkimage()
+    fake_runner.expect(node_grub.mkimage, action=mkimage)
+    assert not import_install(t, serial_console="True")
+    # grub-mkimage ran (on the node), grub-bios-setup did not.
+    assert [c[0] for c in fake_runner.calls] == [node_grub.mkimage]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and where in warnings[0] and "kernel_path" in warnings[0]
 
 
 def test_nothing_is_installed_at_import_without_grub(fake_runner, node_grub, tmp_path):
