@@ -421,8 +421,9 @@ def write_config(t: Target, request: Request, conf: Settings, root_uuid: str) ->
 # node's /etc, and the list of directories to check first changes with
 # GRUB's versions. Here only two node programs run, and neither writes a
 # file of the instance: grub-mkimage writes core.img into a private
-# directory of the node, grub-bios-setup writes the boot sector and core.img
-# onto the disk device. Every file the instance gets (modules, core.img,
+# directory of the node; grub-bios-setup reads boot.img and core.img back
+# from the instance's platform directory (just written there by us) and
+# writes them onto the disk device only. Every file the instance gets (modules, core.img,
 # grub.cfg, debconf's database) is written through Target, which resolves
 # each path inside the root and replaces a final symlink instead of
 # following it: with /boot/grub -> /etc, GRUB lands in the instance's /etc
