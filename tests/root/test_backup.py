@@ -7,6 +7,7 @@ restore(8), and what they hold must import here.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import tempfile
@@ -248,6 +249,7 @@ def test_rename_refuses_a_wrong_old_name_and_changes_nothing(tree, instance):
         assert "bk1.example.org" in read(root, "/etc/hosts")
 
 
+BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
 # Where a tool of the instance would be found, by chroot or on a PATH into it.
 TRAPPED = ("/usr/sbin/grub-install", "/usr/sbin/grub-probe", "/usr/sbin/grub-mkimage",
            "/usr/bin/grub-mkimage", "/usr/sbin/grub-bios-setup", "/usr/sbin/update-grub",
@@ -266,8 +268,9 @@ def _listing(path: str) -> list[tuple[str, int, int, bytes]]:
     return found
 
 
+@pytest.mark.parametrize("style", ["msdos", "gpt"])
 def test_import_with_grub_runs_nothing_of_the_backup_and_writes_only_inside_it(
-        tree, instance, tmp_path):
+        tree, instance, tmp_path, style):
     markers = str(tmp_path / "markers")
     node_dir = str(tmp_path / "node-dir")  # /boot/grub points here
     os.makedirs(node_dir)
@@ -295,6 +298,7 @@ def test_import_with_grub_runs_nothing_of_the_backup_and_writes_only_inside_it(
     stream = str(tmp_path / "backup.dump")
     export_to_file(tree, instance, stream)
     new_disk = scripts.sparse_disk(str(tmp_path), 1024, "new.img")
+    tree.settings(f'PARTITION_STYLE="{style}"\n')
     res = import_from_file(tree, new_disk, stream, OSP_BOOTLOADER="grub", DEBUG_LEVEL="1")
     log = res.stderr.decode()
 
@@ -323,7 +327,15 @@ def test_import_with_grub_runs_nothing_of_the_backup_and_writes_only_inside_it(
     assert f"search --no-floppy --fs-uuid --set=root {uuid}" in cfg
     assert "linux /vmlinuz root=UUID=" in cfg
     with open(new_disk, "rb") as f:
-        head = f.read(512 + len(core))
-    assert any(head[:440]) and head[510:512] == b"\x55\xaa"
-    # grub-bios-setup embeds core.img after the MBR, patching its first sectors.
-    assert head[512 + 1024:] == core[1024:]
+        mbr = f.read(512)
+    assert any(mbr[:440]) and mbr[510:512] == b"\x55\xaa"
+    # grub-bios-setup embeds core.img after the MBR (msdos) or in the BIOS
+    # boot partition (gpt), patching its first sectors.
+    table = json.loads(subprocess.run(["sfdisk", "--json", new_disk], capture_output=True,
+                                      text=True, check=True).stdout)["partitiontable"]
+    boot = [p["start"] for p in table["partitions"] if p["type"] == BIOS_BOOT]
+    start = 512 * (boot[0] if style == "gpt" else 1)
+    with open(new_disk, "rb") as f:
+        f.seek(start)
+        embedded = f.read(len(core))
+    assert embedded[1024:] == core[1024:]
