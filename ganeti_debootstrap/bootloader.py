@@ -3,9 +3,15 @@
 BOOTLOADER=grub (or the OS parameter ``bootloader=grub``) adds a kernel and
 grub-pc to the bootstrap's packages (:func:`resolve`), makes room before
 the root partition for GRUB's core image (partitions.py: the gap after the
-MBR, or a BIOS boot partition on gpt), and once create has written the
-instance's files installs GRUB for BIOS onto disk 0 from inside the
-instance, with the instance's own GRUB (:func:`install`).
+MBR, or a BIOS boot partition on gpt), and puts GRUB for BIOS on disk 0:
+
+- create (:func:`install`) runs the freshly bootstrapped system's own
+  grub-install and debconf in a chroot: that system is ours, made by this
+  run from the Debian archive.
+- import (:func:`install_from_node`) restores a tenant's backup: every byte
+  of it is hostile, so nothing of it runs. The node's own GRUB
+  (grub-pc-bin) builds core.img and writes it to the disk; the instance's
+  GRUB files and grub-pc's debconf answer are written as data.
 
 The configuration is written here, not by update-grub: on the node, the
 root filesystem sits on a file-backed loop device, and grub-mkconfig's
@@ -18,9 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import logging
 import os
 import re
+import stat
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,7 +37,7 @@ from . import log, mounts, partitions, runner
 from .environment import Request
 from .errors import ConfigError, DefinitionError
 from .settings import Settings, is_number
-from .target import Target
+from .target import Target, TargetPathError
 
 logger = logging.getLogger(__name__)
 
@@ -156,17 +165,17 @@ def instance_disk_name(request: Request) -> str:
 
 GRUB_INSTALL = "/usr/sbin/grub-install"
 
-# Why a system may lack GRUB or a kernel, for create and for import.
+# Why a freshly bootstrapped system may lack GRUB or a kernel.
 _WITHOUT_GRUB = (
     "A cache archive edited or made without them: remove it, and the next "
-    "create bootstraps one with them. An imported backup of an instance "
-    "made with bootloader=none: import it with bootloader=none and boot it "
-    "with kernel_path, or install grub-pc and a kernel in it and export "
-    "it again.")
+    "create bootstraps one with them.")
 
 
 def kernel_paths(t: Target) -> tuple[str, str] | None:
-    """The kernel and initrd links GRUB loads (paths inside the instance), or None."""
+    """The kernel and initrd links GRUB loads (paths inside the instance), or None.
+
+    Only looked at, never run or read: in an imported instance it is data.
+    """
     for kernel, initrd in KERNEL_LINKS:
         if t.exists(kernel) and t.exists(initrd):
             return kernel, initrd
@@ -183,16 +192,85 @@ def missing_for_grub(t: Target) -> str:
     return " and ".join(missing)
 
 
+# --- reading the instance's files as untrusted data -----------------------------
+
+MIB = 1024 * 1024
+OS_RELEASE_LIMIT = 64 * 1024
+# debconf's config.dat is about 100 KiB on a server, 1-2 MiB on a desktop
+# with many packages.
+DEBCONF_LIMIT = 16 * MIB
+
+
+class _Unreadable(Exception):
+    """A file of the instance that is not a small regular text file (why, as text)."""
+
+
+def _kind(mode: int) -> str:
+    for test, what in ((stat.S_ISREG, "a regular file"),
+                       (stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a device node"), (stat.S_ISBLK, "a device node")):
+        if test(mode):
+            return what
+    return "not a file or directory"
+
+
+def read_instance_text(t: Target, inner: str, limit: int, *,
+                       follow_last: bool = True) -> tuple[str, int]:
+    """The UTF-8 text of the regular file ``inner`` and its permission bits.
+
+    Raises FileNotFoundError when it does not exist, and _Unreadable when
+    it is a symlink (with ``follow_last`` false), a FIFO, a device, a
+    directory, larger than ``limit`` bytes or not UTF-8: nothing blocks,
+    nothing is opened that is not a regular file. (A local stand-in for
+    the bounded Target.read_text being written for issue 11.)
+    """
+    path = t.path(inner) if follow_last else t.path_nofollow(inner)
+    try:
+        before = os.lstat(path)
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # a file where a directory is expected on the way
+        raise _Unreadable(f"cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(before.st_mode):
+        raise _Unreadable(f"is {_kind(before.st_mode)}")
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise _Unreadable(f"cannot be opened ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode) or opened.st_ino != before.st_ino:
+            raise _Unreadable("changed while it was opened")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise _Unreadable(f"is larger than {limit} bytes")
+    try:
+        return data.decode("utf-8"), stat.S_IMODE(opened.st_mode)
+    except UnicodeDecodeError:
+        raise _Unreadable("is not UTF-8 text") from None
+
+
 def os_title(t: Target) -> str:
     """The system's PRETTY_NAME from os-release, for the menu entry."""
     try:
-        text = t.read_text("/etc/os-release")
-    except (FileNotFoundError, UnicodeDecodeError):
+        text, _ = read_instance_text(t, "/etc/os-release", OS_RELEASE_LIMIT)
+    except FileNotFoundError:
+        text = ""
+    except (_Unreadable, TargetPathError) as e:
+        logger.warning("/etc/os-release in the instance %s: it is left alone and the "
+                       "boot menu entry gets a generic title.", e)
         text = ""
     for line in text.splitlines():
         key, _, value = line.partition("=")
-        if key.strip() == "PRETTY_NAME" and value.strip():
-            return value.strip().strip("'\"")
+        value = value.strip().strip("'\"")
+        # A title GRUB shows on the console: no control characters.
+        if key.strip() == "PRETTY_NAME" and value and value.isprintable() \
+                and len(value) <= 100:
+            return value
     return "Debian GNU/Linux"
 
 
@@ -287,26 +365,22 @@ def debconf_install_devices(device: str) -> bytes:
 
 
 def install(t: Target, request: Request, conf: Settings, *, disk_device: str,
-            root_uuid: str, required: bool = True) -> bool:
-    """Install and configure GRUB on ``disk_device`` when ``conf`` says grub.
+            root_uuid: str) -> bool:
+    """create: install and configure GRUB on ``disk_device`` when ``conf`` says grub.
 
-    Runs the instance's own grub-install in a chroot with /proc, /sys and
-    the node's /dev (where ``disk_device`` is) mounted; writes grub.cfg and
-    the console drop-in, and grub-pc's debconf answer for later upgrades.
-    A system without GRUB or kernel is an error if ``required``, else
-    (import) a warning. Returns whether GRUB was installed.
+    Runs the freshly bootstrapped system's own grub-install in a chroot
+    with /proc, /sys and the node's /dev (where ``disk_device`` is)
+    mounted: that system is ours, and its GRUB matches its grub-pc
+    package. Writes grub.cfg and the console drop-in, and grub-pc's
+    debconf answer for later upgrades. A system without GRUB or kernel is
+    an error. Returns whether GRUB was installed.
     """
     if conf.bootloader != "grub":
         return False
     missing = missing_for_grub(t)
-    if missing and required:
+    if missing:
         raise BootloaderError(f"bootloader=grub, but the system on the disk "
                               f"lacks {missing}. {_WITHOUT_GRUB}")
-    if missing:
-        logger.warning("bootloader=grub, but the system on the disk lacks %s: "
-                       "no boot loader is installed, boot the instance with "
-                       "Ganeti's kernel_path.", missing)
-        return False
     with log.phase("boot loader"):
         console = serial_console(request)
         if console is not None:
@@ -328,12 +402,326 @@ def install(t: Target, request: Request, conf: Settings, *, disk_device: str,
 def write_config(t: Target, request: Request, conf: Settings, root_uuid: str) -> str:
     """Write and check grub.cfg for the instance at ``t``; return the kernel it boots."""
     kernel, initrd = kernel_paths(t) or KERNEL_LINKS[-1]
-    t.write_text(GRUB_CFG, grub_cfg_text(
+    text = grub_cfg_text(
         root_uuid=root_uuid, style=conf.partition_style,
         console=serial_console(request), kernel=kernel, initrd=initrd,
-        title=os_title(t)))
-    check_config(t.read_text(GRUB_CFG))
+        title=os_title(t))
+    check_config(text)
+    t.write_text(GRUB_CFG, text)
     return kernel
+
+
+# --- import: the node's GRUB, the instance's files as data --------------------------
+#
+# Why core.img is built here instead of running the node's grub-install on
+# the instance's tree (grub-install --boot-directory=<root>/boot): grub-install
+# writes into the tree itself (the platform directory, grubenv, fonts,
+# locale, device.map) and follows whatever symlinks the tenant left there:
+# /boot/grub -> /etc (or ../../../../etc) would make it write into the
+# node's /etc, and the list of directories to check first changes with
+# GRUB's versions. Here only two node programs run, and neither writes a
+# file of the instance: grub-mkimage writes core.img into a private
+# directory of the node; grub-bios-setup reads boot.img and core.img back
+# from the instance's platform directory (just written there by us) and
+# writes them onto the disk device only. Every file the instance gets (modules, core.img,
+# grub.cfg, debconf's database) is written through Target, which resolves
+# each path inside the root and replaces a final symlink instead of
+# following it: with /boot/grub -> /etc, GRUB lands in the instance's /etc
+# (where GRUB at boot finds it too, following the same link).
+
+NODE_GRUB_PACKAGE = "grub-pc-bin"
+# grub-pc-bin's modules and setup program, and grub-common's grub-mkimage
+# (a dependency of grub-pc-bin).
+NODE_GRUB_MODULES = "/usr/lib/grub/i386-pc"
+NODE_GRUB_MKIMAGE = "/usr/bin/grub-mkimage"
+NODE_GRUB_BIOS_SETUP = "/usr/lib/grub/i386-pc/grub-bios-setup"
+GRUB_DIR = "/boot/grub"
+GRUB_PLATFORM_DIR = f"{GRUB_DIR}/{GRUB_TARGET}"
+# What grub-install copies into /boot/grub/i386-pc besides core.img: the
+# modules core.img loads from there (normal, linux, serial, ...) and their
+# lists, and the boot sector image. Like grub-install, modules the node's
+# GRUB does not have are removed first: a module of another GRUB version
+# does not load into this core.img. (boot.img and core.img are replaced.)
+_PLATFORM_FILES = ("*.mod", "*.lst", "boot.img", "modinfo.sh", "efiemu*.o")
+_STALE_PLATFORM_FILES = ("*.mod", "*.lst", "modinfo.sh", "efiemu*.o")
+CORE_IMG = "core.img"
+DEBCONF_CONFIG = "/var/cache/debconf/config.dat"
+INSTALL_DEVICES_QUESTION = f"{GRUB_PACKAGE}/install_devices"
+
+
+@dataclass(frozen=True)
+class NodeGrub:
+    """The node's GRUB for BIOS: its module directory and the two programs run."""
+
+    modules: str
+    mkimage: str
+    bios_setup: str
+
+
+def node_grub() -> NodeGrub | None:
+    """The node's GRUB for BIOS, or None where grub-pc-bin is not installed."""
+    grub = NodeGrub(NODE_GRUB_MODULES, NODE_GRUB_MKIMAGE, NODE_GRUB_BIOS_SETUP)
+    files = [os.path.join(grub.modules, name) for name in ("boot.img", "kernel.img",
+                                                            "moddep.lst")]
+    programs = (grub.mkimage, grub.bios_setup)
+    if all(os.path.isfile(f) for f in files) and all(os.access(p, os.X_OK) for p in programs):
+        return grub
+    return None
+
+
+def core_modules(style: str) -> tuple[str, ...]:
+    """What core.img holds to find /boot/grub by itself.
+
+    The BIOS disk driver, the partition map (without it core.img cannot
+    read the table and stops at "grub rescue>"), the filesystem, and the
+    search by UUID its embedded configuration runs.
+    """
+    return ("biosdisk", PARTITION_MODULES[style], FILESYSTEM_MODULE, "search_fs_uuid")
+
+
+def core_config_text(root_uuid: str) -> str:
+    """core.img's embedded configuration: the root by UUID, GRUB's files in it.
+
+    By UUID, as grub-install does, so that it does not depend on which
+    BIOS disk the instance's disk 0 is.
+    """
+    return f"search.fs_uuid {root_uuid} root\nset prefix=($root){GRUB_DIR}\n"
+
+
+def mkimage_argv(grub: NodeGrub, style: str, config: str, output: str) -> list[str]:
+    """grub-mkimage building core.img for BIOS from the node's modules."""
+    return [grub.mkimage, f"--format={GRUB_TARGET}", f"--directory={grub.modules}",
+            f"--config={config}", f"--prefix={GRUB_DIR}", f"--output={output}",
+            *core_modules(style)]
+
+
+def bios_setup_argv(grub: NodeGrub, platform_dir: str, disk_device: str) -> list[str]:
+    """grub-bios-setup writing boot.img and core.img (read from ``platform_dir``).
+
+    It also takes "the root device" from the filesystem ``platform_dir`` is
+    on, which must be one GRUB can open: the instance's (not a temporary
+    directory of the node, whose root may be LVM, md or a whole disk).
+    Without --force it refuses to fall back to block lists (which would
+    write into core.img there): core.img is embedded in the gap after the
+    MBR or in the BIOS boot partition. The node's own device.map (its own
+    disks) has nothing to say about this disk: an empty one.
+    """
+    return [grub.bios_setup, "--device-map=", f"--directory={platform_dir}", disk_device]
+
+
+class _GrubSkipped(Exception):
+    """GRUB's files cannot be written into the instance (why, as text)."""
+
+
+def _inner(t: Target, path: str) -> str:
+    """The instance's name of the node path ``path`` inside its root."""
+    relative = os.path.relpath(path, t.root)
+    if relative == ".." or relative.startswith("../"):
+        return path  # a node path (the private work directory)
+    return "/" if relative == "." else "/" + relative
+
+
+def _real_directory(t: Target, inner: str) -> str:
+    """The node path of directory ``inner``, made a real directory inside the root.
+
+    Symlinks on the way are followed inside the instance (Target); a
+    component that exists but is no directory stops it (_GrubSkipped).
+    """
+    try:
+        path = t.path(inner)
+    except TargetPathError as e:
+        raise _GrubSkipped(str(e)) from None
+    current = os.path.normpath(t.root)
+    for part in os.path.relpath(path, current).split(os.sep):
+        current = os.path.join(current, part)
+        try:
+            mode = os.lstat(current).st_mode
+        except FileNotFoundError:
+            saved = os.umask(0o022)
+            try:
+                os.mkdir(current, 0o755)
+            finally:
+                os.umask(saved)
+            continue
+        if not stat.S_ISDIR(mode):
+            raise _GrubSkipped(f"{_inner(t, current)} in the instance is "
+                               f"{_kind(mode)}, where GRUB's directory {inner} belongs")
+    return path
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _copy_platform_files(t: Target, grub: NodeGrub, platform_dir: str, core: bytes) -> None:
+    """Put the node's modules and ``core`` into the instance's /boot/grub/i386-pc."""
+    names = sorted(n for n in os.listdir(grub.modules) if _matches(n, _PLATFORM_FILES))
+    for name in sorted(os.listdir(platform_dir)):
+        path = os.path.join(platform_dir, name)
+        if (name not in names and _matches(name, _STALE_PLATFORM_FILES)
+                and not stat.S_ISDIR(os.lstat(path).st_mode)):
+            os.unlink(path)
+    for name in names:
+        with open(os.path.join(grub.modules, name), "rb") as f:
+            data = f.read()
+        t.write_bytes(f"{GRUB_PLATFORM_DIR}/{name}", data)
+    t.write_bytes(f"{GRUB_PLATFORM_DIR}/{CORE_IMG}", core)
+
+
+def _build_core(grub: NodeGrub, style: str, root_uuid: str) -> bytes:
+    """core.img for the root ``root_uuid``, built in a private directory of the node."""
+    with tempfile.TemporaryDirectory(prefix="gidb-grub-") as work:
+        config = os.path.join(work, "load.cfg")
+        with open(config, "w", encoding="ascii") as f:
+            f.write(core_config_text(root_uuid))
+        output = os.path.join(work, CORE_IMG)
+        runner.run(mkimage_argv(grub, style, config, output),
+                   hint=f"The node's GRUB ({NODE_GRUB_PACKAGE}) could not build its "
+                        f"core image; check that {NODE_GRUB_PACKAGE} is fully "
+                        f"installed, or import with bootloader=none and boot the "
+                        f"instance with Ganeti's kernel_path.")
+        with open(output, "rb") as f:
+            return f.read()
+
+
+def set_install_devices(text: str, device: str) -> str:
+    """debconf's config.dat ``text`` with grub-pc/install_devices set to ``device``.
+
+    What ``debconf-set-selections`` does with "grub-pc
+    grub-pc/install_devices multiselect DEVICE": the question's Value
+    replaced (or its record added), grub-pc among its owners, flagged as
+    seen so that upgrades do not ask again. Every other record stays as it
+    was (records are separated by blank lines, fields are "Key: value"
+    lines, continuation lines start with a space).
+    """
+    body = text.strip("\n")
+    records = [r.split("\n") for r in re.split(r"\n{2,}", body)] if body else []
+    name_line = f"Name: {INSTALL_DEVICES_QUESTION}"
+    ours = [lines for lines in records if name_line in lines]
+    if not ours:
+        records.append([name_line, f"Template: {INSTALL_DEVICES_QUESTION}"])
+        ours = records[-1:]
+    for lines in ours:
+        _set_field(lines, "Value", device, after="Template")
+        owners = _field_list(lines, "Owners")
+        _set_field(lines, "Owners", ", ".join(
+            owners + [GRUB_PACKAGE] * (GRUB_PACKAGE not in owners)), after="Value")
+        flags = _field_list(lines, "Flags")
+        _set_field(lines, "Flags", ", ".join(flags + ["seen"] * ("seen" not in flags)),
+                   after="Owners")
+    return "".join("\n".join(lines) + "\n\n" for lines in records)
+
+
+def _field_at(lines: list[str], key: str) -> int | None:
+    """The index of field ``key``'s line in a debconf record, or None."""
+    for i, line in enumerate(lines):
+        if not line.startswith((" ", "\t")) and line.partition(":")[0] == key:
+            return i
+    return None
+
+
+def _field_list(lines: list[str], key: str) -> list[str]:
+    """The comma-separated values of field ``key`` of a debconf record."""
+    at = _field_at(lines, key)
+    if at is None:
+        return []
+    return [v.strip() for v in lines[at].partition(":")[2].split(",") if v.strip()]
+
+
+def _set_field(lines: list[str], key: str, value: str, *, after: str) -> None:
+    """Replace field ``key`` of a record, or add it after field ``after`` (or last)."""
+    at = _field_at(lines, key)
+    if at is not None:
+        lines[at] = f"{key}: {value}"
+        return
+    before = _field_at(lines, after)
+    lines.insert(len(lines) if before is None else before + 1, f"{key}: {value}")
+
+
+def record_install_devices(t: Target, device: str) -> bool:
+    """Set grub-pc's install_devices answer in the instance's debconf database.
+
+    Edited as text, never by running debconf: a database that is not a
+    regular file of sane size (a symlink, a FIFO, a huge file) is left
+    alone with a warning. Returns whether it was written.
+    """
+    try:
+        text, mode = read_instance_text(t, DEBCONF_CONFIG, DEBCONF_LIMIT,
+                                        follow_last=False)
+    except FileNotFoundError:
+        logger.info("The instance has no debconf database (%s): grub-pc's "
+                    "install_devices answer is not recorded.", DEBCONF_CONFIG)
+        return False
+    except (_Unreadable, TargetPathError) as e:
+        logger.warning("debconf's database %s in the instance %s: it is left alone, "
+                       "and upgrading grub-pc inside the instance will ask which disk "
+                       "to install GRUB on.", DEBCONF_CONFIG, e)
+        return False
+    t.write_text(DEBCONF_CONFIG, set_install_devices(text, device), mode=mode)
+    return True
+
+
+def install_from_node(t: Target, request: Request, conf: Settings, *, disk_device: str,
+                      root_uuid: str) -> bool:
+    """import: put the node's GRUB on ``disk_device`` for the restored system at ``t``.
+
+    Nothing of the instance runs: core.img is built by the node's
+    grub-mkimage and written to the disk by its grub-bios-setup; the
+    modules, grub.cfg, the console drop-in and grub-pc's debconf answer are
+    written into the instance through Target. Without a kernel in the
+    instance, without GRUB for BIOS on the node, or where GRUB's files
+    cannot be written into the instance, the import goes on without a boot
+    loader (nothing written to the disk's boot area) and one warning says
+    how to boot it. Returns whether GRUB was installed.
+    """
+    if conf.bootloader != "grub":
+        return False
+    if kernel_paths(t) is None:
+        logger.warning("bootloader=grub, but the imported system lacks a kernel (the "
+                       "/vmlinuz and /initrd.img links): no boot loader is installed; "
+                       "boot the instance with Ganeti's kernel_path.")
+        return False
+    grub = node_grub()
+    if grub is None:
+        logger.warning("bootloader=grub, but this node has no GRUB for BIOS (%s, "
+                       "which provides %s): the instance is imported without a boot "
+                       "loader. Install %s on the node and import again, or boot the "
+                       "instance with Ganeti's kernel_path.", NODE_GRUB_PACKAGE,
+                       NODE_GRUB_MODULES, NODE_GRUB_PACKAGE)
+        return False
+    with log.phase("boot loader"):
+        # Every file first, the disk's boot area last: a tenant's tree that
+        # GRUB's files cannot go into leaves a disk without boot code, not
+        # boot code without its files.
+        try:
+            platform_dir = _real_directory(t, GRUB_PLATFORM_DIR)
+            core = _build_core(grub, conf.partition_style, root_uuid)
+            _copy_platform_files(t, grub, platform_dir, core)
+            kernel = write_config(t, request, conf, root_uuid)
+            console = serial_console(request)
+            if console is not None:
+                t.write_text(GRUB_DEFAULTS_DROPIN, grub_defaults_text(console))
+        except (_GrubSkipped, TargetPathError, OSError) as e:
+            if isinstance(e, OSError):
+                # os.replace(temporary, file) names the file second.
+                name = e.filename2 or e.filename
+                why = (f"{_inner(t, os.fsdecode(name)) if name else 'a file'} in the "
+                       f"instance cannot be written ({e.strerror})")
+            else:
+                why = str(e)
+            logger.warning("bootloader=grub, but %s: the instance is imported without "
+                           "a boot loader; boot it with Ganeti's kernel_path, or fix "
+                           "that path in the instance, export and import it again.", why)
+            return False
+        runner.run(bios_setup_argv(grub, platform_dir, disk_device),
+                   hint=f"Installing the node's GRUB on {disk_device} failed; import "
+                        f"with bootloader=none and boot the instance with Ganeti's "
+                        f"kernel_path instead.")
+        inside = instance_disk_name(request)
+        record_install_devices(t, inside)
+        logger.info("GRUB (the node's) installed on %s (%s in the instance), "
+                    "booting %s", disk_device, inside, kernel)
+    return True
 
 
 def repair_config(t: Target, request: Request, conf: Settings, root_uuid: str) -> bool:

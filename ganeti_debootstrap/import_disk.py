@@ -88,7 +88,8 @@ def run(request: Request, paths: Paths) -> None:
             instance_files.rewrite_fstab(target, root=disk.root, swap=disk.swap)
             instance_files.remove_persistent_net_rules(target)
             instance_files.reset_identity(target)
-        # The old GRUB looked for the old root UUID on the old disk.
-        bootloader.install(target, request, conf, disk_device=disk.device,
-                           root_uuid=disk.root.uuid, required=False)
+        # The old GRUB looked for the old root UUID on the old disk. The
+        # node's GRUB: nothing of the restored system runs.
+        bootloader.install_from_node(target, request, conf, disk_device=disk.device,
+                                     root_uuid=disk.root.uuid)
     logger.info("Instance %s imported onto %s", request.instance_name, request.disk_path)

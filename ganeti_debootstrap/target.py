@@ -90,6 +90,10 @@ class Target:
         A symlink in the final place is replaced, not followed: the file is
         written next to where it belongs and renamed over it.
         """
+        self.write_bytes(inner, text.encode("utf-8"), mode)
+
+    def write_bytes(self, inner: str, data: bytes, mode: int = 0o644) -> None:
+        """Like :meth:`write_text`, for bytes (GRUB's modules, core.img)."""
         dest = self.path_nofollow(inner)
         directory = os.path.dirname(dest)
         if not os.path.isdir(directory):
@@ -101,8 +105,8 @@ class Target:
                 os.umask(saved_umask)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".gidb-")
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             os.chmod(tmp, mode)
             os.replace(tmp, dest)
         except BaseException:

@@ -7,6 +7,7 @@ restore(8), and what they hold must import here.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import tempfile
@@ -246,3 +247,95 @@ def test_rename_refuses_a_wrong_old_name_and_changes_nothing(tree, instance):
     with mounted_root(instance) as root:
         assert read(root, "/etc/hostname") == "bk1.example.org\n"
         assert "bk1.example.org" in read(root, "/etc/hosts")
+
+
+BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
+# Where a tool of the instance would be found, by chroot or on a PATH into it.
+TRAPPED = ("/usr/sbin/grub-install", "/usr/sbin/grub-probe", "/usr/sbin/grub-mkimage",
+           "/usr/bin/grub-mkimage", "/usr/sbin/grub-bios-setup", "/usr/sbin/update-grub",
+           "/usr/lib/grub/i386-pc/grub-bios-setup", "/usr/bin/debconf-set-selections",
+           "/usr/bin/debconf-communicate", "/usr/bin/sh")
+
+
+def _listing(path: str) -> list[tuple[str, int, int, bytes]]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in sorted(dirnames + filenames):
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            with open(full, "rb") if os.path.isfile(full) else open(os.devnull, "rb") as f:
+                found.append((full, st.st_mode, st.st_mtime_ns, f.read()))
+    return found
+
+
+@pytest.mark.parametrize("style", ["msdos", "gpt"])
+def test_import_with_grub_runs_nothing_of_the_backup_and_writes_only_inside_it(
+        tree, instance, tmp_path, style):
+    markers = str(tmp_path / "markers")
+    node_dir = str(tmp_path / "node-dir")  # /boot/grub points here
+    os.makedirs(node_dir)
+    with open(os.path.join(node_dir, "grub.cfg"), "w") as f:
+        f.write("the node's\n")
+    with mounted_root(instance, read_only=False) as root:
+        # A trap where each tool would be: run on the node or in a chroot,
+        # it leaves a mark (the same path, on the node or in the instance).
+        for inner in TRAPPED:
+            path = os.path.join(root, inner.lstrip("/"))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if os.path.lexists(path):
+                os.unlink(path)
+            with open(path, "w") as f:
+                f.write(f'#!/bin/dash\nmkdir -p {markers}\necho "$0" >> {markers}/ran\n')
+            os.chmod(path, 0o755)
+        # A kernel to boot (data: never run, only linked to).
+        for name in ("vmlinuz", "initrd.img"):
+            with open(os.path.join(root, f"boot/{name}-6.1.0-trap"), "w") as f:
+                f.write("not a kernel\n")
+            os.symlink(f"boot/{name}-6.1.0-trap", os.path.join(root, name))
+        os.symlink(node_dir, os.path.join(root, "boot/grub"))
+        debconf_before = read(root, "/var/cache/debconf/config.dat")
+    node_before = _listing(node_dir)
+    stream = str(tmp_path / "backup.dump")
+    export_to_file(tree, instance, stream)
+    new_disk = scripts.sparse_disk(str(tmp_path), 1024, "new.img")
+    tree.settings(f'PARTITION_STYLE="{style}"\n')
+    res = import_from_file(tree, new_disk, stream, OSP_BOOTLOADER="grub", DEBUG_LEVEL="1")
+    log = res.stderr.decode()
+
+    assert not os.path.exists(markers), open(os.path.join(markers, "ran")).read()
+    assert _listing(node_dir) == node_before
+    assert "running: chroot" not in log and "running: /usr/bin/grub-mkimage" in log
+    with root_device(new_disk) as dev:
+        uuid = scripts.blkid(dev, "UUID")
+    with mounted_root(new_disk) as root:
+        assert not os.path.exists(os.path.join(root, markers.lstrip("/")))
+        # GRUB followed /boot/grub inside the instance, where GRUB at boot does too.
+        landed = os.path.join(root, node_dir.lstrip("/"))
+        assert os.readlink(os.path.join(root, "boot/grub")) == node_dir
+        cfg = read(root, f"{node_dir}/grub.cfg")
+        with open(os.path.join(landed, "i386-pc/core.img"), "rb") as f:
+            core = f.read()
+        assert os.path.isfile(os.path.join(landed, "i386-pc/normal.mod"))
+        debconf_after = read(root, "/var/cache/debconf/config.dat")
+    # grub-pc is not installed in this instance: its answer is added, for
+    # when it is; every other record is kept as it was.
+    assert "grub-pc/install_devices" not in debconf_before
+    added = ("Name: grub-pc/install_devices\nTemplate: grub-pc/install_devices\n"
+             "Value: /dev/vda\nOwners: grub-pc\nFlags: seen")
+    assert debconf_after.split("\n\n") == \
+        debconf_before.rstrip("\n").split("\n\n") + [added, ""]
+    assert f"search --no-floppy --fs-uuid --set=root {uuid}" in cfg
+    assert "linux /vmlinuz root=UUID=" in cfg
+    with open(new_disk, "rb") as f:
+        mbr = f.read(512)
+    assert any(mbr[:440]) and mbr[510:512] == b"\x55\xaa"
+    # grub-bios-setup embeds core.img after the MBR (msdos) or in the BIOS
+    # boot partition (gpt), patching its first sectors.
+    table = json.loads(subprocess.run(["sfdisk", "--json", new_disk], capture_output=True,
+                                      text=True, check=True).stdout)["partitiontable"]
+    boot = [p["start"] for p in table["partitions"] if p["type"] == BIOS_BOOT]
+    start = 512 * (boot[0] if style == "gpt" else 1)
+    with open(new_disk, "rb") as f:
+        f.seek(start)
+        embedded = f.read(len(core))
+    assert embedded[1024:] == core[1024:]

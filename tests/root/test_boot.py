@@ -7,11 +7,12 @@ made by the first create with that variant, once per session (kept between
 runs under GIDB_TEST_LOCALSTATEDIR). The other instances come from the same
 cache: a gpt variant turning GRUB on through the OS parameter, and an import.
 
-Two boots per run, about 40 s each under software emulation: the msdos
+Three boots per run, about 40 s each under software emulation: the msdos
 instance the way Ganeti's KVM boots by default (kernel and initrd given to
-qemu), and the gpt instance from its own GRUB through its BIOS boot
-partition. GRUB on msdos is checked on the disk itself (boot code in the
-MBR, core.img embedded after it).
+qemu), the gpt instance from its own GRUB through its BIOS boot partition,
+and an exported and imported instance from the GRUB the node's tools put
+on its disk. GRUB on msdos is also checked on the disk itself (boot code in
+the MBR, core.img embedded after it).
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def test_msdos_instance_has_grub_in_the_mbr_gap_and_a_config_for_its_root(boot_s
     check_grub_on_msdos(boot_setup.msdos_disk, boot_setup.root_uuid)
 
 
-def test_import_reinstalls_grub_for_the_new_root(boot_setup, tmp_path):
+def test_imported_instance_boots_from_the_node_grub(boot_setup, tmp_path):
     dump = str(tmp_path / "dump")
     env = dict(INSTANCE_NAME=HOSTNAME, DISK_COUNT="1", OS_VARIANT="boot",
                INSTANCE_HV_serial_console="True")
@@ -185,13 +186,25 @@ def test_import_reinstalls_grub_for_the_new_root(boot_setup, tmp_path):
             EXPORT_DISK_PATH=boot_setup.msdos_disk, **env), stdout=out.fileno())
     disk = scripts.sparse_disk(str(tmp_path), DISK_MIB, "imported.img")
     with open(dump, "rb") as inp:
-        run_script(boot_setup.tree, "import", scripts.ganeti_env(
-            DISK_0_PATH=disk, IMPORT_INDEX="0", IMPORT_DISK_PATH=disk, **env),
-            stdin=inp.fileno())
+        res = run_script(boot_setup.tree, "import", scripts.ganeti_env(
+            DISK_0_PATH=disk, IMPORT_INDEX="0", IMPORT_DISK_PATH=disk, DEBUG_LEVEL="1",
+            **env), stdin=inp.fileno())
+    log = res.stderr.decode()
+    # GRUB comes from the node: nothing of the restored system ran.
+    assert "running: chroot" not in log
+    assert "running: /usr/lib/grub/i386-pc/grub-bios-setup" in log
     with scripts.root_device(disk) as dev:
         uuid = scripts.blkid(dev, "UUID")
     assert uuid != boot_setup.root_uuid
     check_grub_on_msdos(disk, uuid)
+    # No -kernel: the BIOS runs the MBR's GRUB, the node's, for the new root.
+    result = boot_and_run(Path(disk), workdir=tmp_path / "qemu", mode="disk",
+                          expect_hostname=HOSTNAME, timeout=BOOT_TIMEOUT,
+                          commands=["findmnt -no SOURCE,UUID /; cat /proc/cmdline"])
+    _report("GRUB boot (imported, the node's GRUB)", result.seconds, result.login_seconds)
+    root, cmdline = result.outputs[0].splitlines()
+    assert root.split() == ["/dev/vda1", uuid]
+    assert cmdline.startswith(f"BOOT_IMAGE=/vmlinuz root=UUID={uuid} ")
 
 
 def test_update_grub_run_by_a_hook_does_not_leave_grub_without_entries(boot_setup, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -342,14 +343,6 @@ def test_system_without_kernel_or_grub_is_refused_at_create(fake_runner, tmp_pat
     assert fake_runner.calls == []
 
 
-def test_imported_system_without_grub_is_left_to_kernel_path(fake_runner, tmp_path, caplog):
-    t = make_tree(tmp_path / "root", grub=False)
-    assert not bootloader.install(t, request(), grub_settings(), disk_device="/dev/loop3",
-                                  root_uuid=UUID, required=False)
-    assert fake_runner.calls == []
-    assert "kernel_path" in caplog.text
-
-
 def test_config_emptied_by_update_grub_in_a_hook_is_written_again(tmp_path, caplog):
     t = make_tree(tmp_path / "root")
     t.write_text("/boot/grub/grub.cfg", "### BEGIN /etc/grub.d/10_linux ###\n### END\n")
@@ -366,3 +359,324 @@ def test_config_a_hook_changed_but_kept_bootable_is_left_alone(tmp_path):
     assert not bootloader.repair_config(t, request(), grub_settings(), UUID)
     assert t.read_text("/boot/grub/grub.cfg") == site
     assert not bootloader.repair_config(t, request(), Settings(), UUID)
+
+
+# --- import: the node's GRUB, the instance as data -----------------------------------
+
+CORE = b"core.img built by the node's grub-mkimage"
+# What a real i386-pc directory holds: what grub-install copies, and what it does not.
+NODE_COPIED = ("boot.img", "normal.mod", "linux.mod", "part_msdos.mod", "command.lst",
+               "moddep.lst", "modinfo.sh", "efiemu32.o")
+NODE_NOT_COPIED = ("kernel.img", "lzma_decompress.img", "diskboot.img", "config.h",
+                   "grub-bios-setup")
+DEBCONF = "/var/cache/debconf/config.dat"
+OTHER_RECORDS = ("Name: debconf/frontend\nTemplate: debconf/frontend\nValue: Dialog\n"
+                 "Owners: debconf\nFlags: seen\n\n"
+                 "Name: tzdata/Areas\nTemplate: tzdata/Areas\nValue: Etc\n"
+                 "Owners: tzdata\nFlags: seen\nVariables:\n zone = UTC\n\n")
+
+
+@pytest.fixture
+def node_grub(tmp_path, monkeypatch) -> bootloader.NodeGrub:
+    """A stand-in for the node's grub-pc-bin and grub-mkimage."""
+    modules = tmp_path / "node-grub/i386-pc"
+    modules.mkdir(parents=True)
+    for name in NODE_COPIED + NODE_NOT_COPIED:
+        (modules / name).write_bytes(f"node {name}".encode())
+    mkimage = tmp_path / "node-grub/grub-mkimage"
+    mkimage.write_text("")
+    for program in (mkimage, modules / "grub-bios-setup"):
+        program.chmod(0o755)
+    monkeypatch.setattr(bootloader, "NODE_GRUB_MODULES", str(modules))
+    monkeypatch.setattr(bootloader, "NODE_GRUB_MKIMAGE", str(mkimage))
+    monkeypatch.setattr(bootloader, "NODE_GRUB_BIOS_SETUP", str(modules / "grub-bios-setup"))
+    grub = bootloader.node_grub()
+    assert grub is not None
+    return grub
+
+
+class FakeMkimage:
+    """grub-mkimage's part in the fake runner: writes core.img, keeps its config."""
+
+    def __init__(self) -> None:
+        self.config = ""
+
+    def __call__(self, argv) -> None:
+        options = dict(a[2:].split("=", 1) for a in argv if a.startswith("--"))
+        with open(options["config"]) as f:
+            self.config = f.read()
+        with open(options["output"], "wb") as f:
+            f.write(CORE)
+
+
+def expect_node_grub(fake_runner, grub: bootloader.NodeGrub) -> FakeMkimage:
+    mkimage = FakeMkimage()
+    fake_runner.expect(grub.mkimage, action=mkimage)
+    fake_runner.expect(grub.bios_setup)
+    return mkimage
+
+
+def import_install(t: Target, style: str = "msdos", **hv: str) -> bool:
+    return bootloader.install_from_node(t, request(**hv), grub_settings(style),
+                                        disk_device="/dev/loop3", root_uuid=UUID)
+
+
+def with_debconf(t: Target, text: str) -> Target:
+    os.makedirs(os.path.join(t.root, "var/cache/debconf"))
+    with open(os.path.join(t.root, DEBCONF[1:]), "w") as f:
+        f.write(text)
+    return t
+
+
+def tree_listing(path: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every entry below ``path`` with its mode, mtime and content (files)."""
+    found = {}
+    for entry in sorted(path.rglob("*")):
+        st = entry.lstat()
+        data = entry.read_bytes() if entry.is_file() and not entry.is_symlink() else b""
+        found[str(entry.relative_to(path))] = (st.st_mode, st.st_mtime_ns, data)
+    return found
+
+
+@pytest.mark.parametrize("style,module", [("msdos", "part_msdos"), ("gpt", "part_gpt")])
+def test_import_puts_the_node_grub_on_the_disk_and_runs_nothing_of_the_instance(
+        fake_runner, node_grub, tmp_path, style, module):
+    t = with_debconf(make_tree(tmp_path / "root"), OTHER_RECORDS)
+    mkimage = expect_node_grub(fake_runner, node_grub)
+    assert import_install(t, style, serial_console="True")
+    platform = f"{t.root}/boot/grub/i386-pc"
+    workdir = os.path.dirname(fake_runner.calls[0][3].partition("=")[2])
+    assert fake_runner.commands() == [
+        f"{node_grub.mkimage} --format=i386-pc --directory={node_grub.modules} "
+        f"--config={workdir}/load.cfg --prefix=/boot/grub --output={workdir}/core.img "
+        f"biosdisk {module} ext2 search_fs_uuid",
+        f"{node_grub.bios_setup} --device-map= --directory={platform} /dev/loop3",
+    ]
+    # Node programs only, fed nothing; the private work directory is gone.
+    assert not any("chroot" in c or c.startswith(t.root) for c in fake_runner.commands())
+    assert fake_runner.stdins == [None, None]
+    assert not os.path.exists(workdir)
+    assert mkimage.config == f"search.fs_uuid {UUID} root\nset prefix=($root)/boot/grub\n"
+    # The modules and core.img, as grub-install would leave them.
+    assert sorted(os.listdir(platform)) == sorted(NODE_COPIED + ("core.img",))
+    for name in NODE_COPIED:
+        assert Path(platform, name).read_bytes() == f"node {name}".encode()
+    assert Path(platform, "core.img").read_bytes() == CORE
+    assert t.read_text("/boot/grub/grub.cfg") == bootloader.grub_cfg_text(
+        root_uuid=UUID, style=style, console=SerialConsole("ttyS0"),
+        title="Debian GNU/Linux 13 (trixie)")
+    assert "console=ttyS0,115200" in t.read_text(bootloader.GRUB_DEFAULTS_DROPIN)
+    assert t.read_text(DEBCONF) == OTHER_RECORDS + (
+        "Name: grub-pc/install_devices\nTemplate: grub-pc/install_devices\n"
+        "Value: /dev/vda\nOwners: grub-pc\nFlags: seen\n\n")
+
+
+def test_import_replaces_old_modules_and_planted_links_in_the_platform_directory(
+        fake_runner, node_grub, tmp_path):
+    t = make_tree(tmp_path / "root")
+    platform = tmp_path / "root/boot/grub/i386-pc"
+    platform.mkdir(parents=True)
+    (platform / "old-only.mod").write_bytes(b"GRUB 2.02")
+    (platform / "normal.mod").write_bytes(b"GRUB 2.02")
+    (platform / "notes.txt").write_text("the tenant's\n")
+    node_file = tmp_path / "node-secret"
+    node_file.write_text("node\n")
+    os.symlink(str(node_file), platform / "linux.mod")
+    os.symlink("../../../../../../node-secret", platform / "core.img")
+    expect_node_grub(fake_runner, node_grub)
+    assert import_install(t)
+    assert node_file.read_text() == "node\n"
+    assert not (platform / "old-only.mod").exists()
+    assert (platform / "notes.txt").read_text() == "the tenant's\n"
+    for name in ("normal.mod", "linux.mod", "core.img"):
+        assert not (platform / name).is_symlink()
+    assert (platform / "linux.mod").read_bytes() == b"node linux.mod"
+    assert (platform / "core.img").read_bytes() == CORE
+
+
+@pytest.mark.parametrize("link", ["absolute", "relative", "platform"])
+def test_import_with_grub_directories_linked_at_the_node_writes_inside_the_instance(
+        fake_runner, node_grub, tmp_path, link):
+    # Each link, joined naively to the instance's root, is the node's node-etc.
+    node_dir = tmp_path / "node-etc"
+    node_dir.mkdir()
+    (node_dir / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    before = tree_listing(node_dir)
+    t = make_tree(tmp_path / "root")
+    if link == "absolute":
+        os.symlink(str(node_dir), tmp_path / "root/boot/grub")
+        grub_dir = tmp_path / f"root/{str(node_dir).lstrip('/')}"
+        platform = grub_dir / "i386-pc"
+    elif link == "relative":
+        os.symlink("../../node-etc", tmp_path / "root/boot/grub")
+        grub_dir = tmp_path / "root/node-etc"
+        platform = grub_dir / "i386-pc"
+    else:
+        (tmp_path / "root/boot/grub").mkdir()
+        os.symlink("../../../node-etc", tmp_path / "root/boot/grub/i386-pc")
+        grub_dir = tmp_path / "root/boot/grub"
+        platform = tmp_path / "root/node-etc"
+    expect_node_grub(fake_runner, node_grub)
+    assert import_install(t)
+    assert tree_listing(node_dir) == before
+    assert (grub_dir / "grub.cfg").is_file() and (platform / "core.img").is_file()
+    assert fake_runner.calls[-1][-2:] == (f"--directory={platform}", "/dev/loop3")
+
+
+def test_import_where_grub_directory_is_a_file_goes_on_without_grub(
+        fake_runner, node_grub, tmp_path, caplog):
+    t = make_tree(tmp_path / "root")
+    (tmp_path / "root/boot/grub").write_text("not a directory\n")
+    assert not import_install(t)
+    assert fake_runner.calls == []
+    assert (tmp_path / "root/boot/grub").read_text() == "not a directory\n"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "/boot/grub in the instance is a regular file" in warnings[0]
+    assert "kernel_path" in warnings[0]
+
+
+def test_import_on_a_node_without_grub_pc_bin_goes_on_with_one_warning(
+        fake_runner, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(bootloader, "NODE_GRUB_MODULES", str(tmp_path / "no-grub"))
+    t = make_tree(tmp_path / "root")
+    assert bootloader.node_grub() is None
+    assert not import_install(t)
+    assert fake_runner.calls == []
+    assert not t.exists("/boot/grub")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "Install grub-pc-bin on the node and import again" in warnings[0]
+    assert "kernel_path" in warnings[0]
+
+
+def test_imported_system_without_kernel_is_left_to_kernel_path(
+        fake_runner, node_grub, tmp_path, caplog):
+    t = make_tree(tmp_path / "root", kernel=False, grub=False)
+    assert not import_install(t)
+    assert fake_runner.calls == []
+    assert "lacks a kernel" in caplog.text and "kernel_path" in caplog.text
+
+
+def test_imported_system_without_its_own_grub_gets_the_node_one(
+        fake_runner, node_grub, tmp_path):
+    t = make_tree(tmp_path / "root", grub=False)
+    expect_node_grub(fake_runner, node_grub)
+    assert import_install(t)
+
+
+def test_failed_grub_bios_setup_fails_the_import_with_its_output(
+        fake_runner, node_grub, tmp_path):
+    t = make_tree(tmp_path / "root")
+    expect_node_grub(fake_runner, node_grub)
+    fake_runner.expect(node_grub.bios_setup, returncode=1,
+                       stderr="error: embedding is not possible")
+    with pytest.raises(CommandError, match="embedding is not possible(.|\n)*kernel_path"):
+        import_install(t)
+
+
+@pytest.mark.parametrize("where", ["/boot/grub/grub.cfg", "/etc/default"])
+def test_grub_files_that_cannot_be_written_leave_the_disk_without_boot_code(
+        fake_runner, node_grub, tmp_path, caplog, where):
+    t = make_tree(tmp_path / "root")
+    if where.endswith(".cfg"):
+        os.makedirs(t.root + where)  # a directory where grub.cfg goes
+    else:
+        Path(t.root + where).write_text("a file where a directory belongs\n")
+    mkimage = FakeMkimage()
+    fake_runner.expect(node_grub.mkimage, action=mkimage)
+    assert not import_install(t, serial_console="True")
+    # grub-mkimage ran (on the node), grub-bios-setup did not.
+    assert [c[0] for c in fake_runner.calls] == [node_grub.mkimage]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and where in warnings[0] and "kernel_path" in warnings[0]
+
+
+def test_nothing_is_installed_at_import_without_grub(fake_runner, node_grub, tmp_path):
+    t = make_tree(tmp_path / "root")
+    assert not bootloader.install_from_node(t, request(), Settings(),
+                                            disk_device="/dev/loop3", root_uuid=UUID)
+    assert fake_runner.calls == [] and not t.exists("/boot/grub")
+
+
+# --- grub-pc's debconf answer, edited as text ------------------------------------------
+
+GRUB_RECORD = ("Name: grub-pc/install_devices\nTemplate: grub-pc/install_devices\n"
+               "Value: /dev/disk/by-id/ata-OLD_DISK\nOwners: grub-pc\n"
+               "Flags: seen\nVariables:\n name = x\n\n")
+
+
+def test_debconf_answer_replaces_the_old_one_and_keeps_every_other_record():
+    text = OTHER_RECORDS + GRUB_RECORD + "Name: zz/last\nTemplate: zz/last\nValue: 1\n\n"
+    assert bootloader.set_install_devices(text, "/dev/vda") == text.replace(
+        "Value: /dev/disk/by-id/ata-OLD_DISK", "Value: /dev/vda")
+
+
+def test_debconf_answer_gets_owner_and_seen_flag_like_debconf_set_selections():
+    text = ("Name: grub-pc/install_devices\nTemplate: grub-pc/install_devices\n"
+            "Owners: other\n\n")
+    assert bootloader.set_install_devices(text, "/dev/sda") == (
+        "Name: grub-pc/install_devices\nTemplate: grub-pc/install_devices\n"
+        "Value: /dev/sda\nOwners: other, grub-pc\nFlags: seen\n\n")
+
+
+def test_debconf_answer_is_added_to_an_empty_database():
+    assert bootloader.set_install_devices("", "/dev/xvda") == (
+        "Name: grub-pc/install_devices\nTemplate: grub-pc/install_devices\n"
+        "Value: /dev/xvda\nOwners: grub-pc\nFlags: seen\n\n")
+
+
+def test_debconf_database_is_rewritten_with_its_mode(tmp_path):
+    t = with_debconf(make_tree(tmp_path / "root"), OTHER_RECORDS + GRUB_RECORD)
+    os.chmod(os.path.join(t.root, DEBCONF[1:]), 0o600)
+    assert bootloader.record_install_devices(t, "/dev/vda")
+    assert "Value: /dev/vda\n" in t.read_text(DEBCONF)
+    assert os.stat(os.path.join(t.root, DEBCONF[1:])).st_mode & 0o7777 == 0o600
+
+
+def test_missing_debconf_database_is_not_made(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    t = make_tree(tmp_path / "root")
+    assert not bootloader.record_install_devices(t, "/dev/vda")
+    assert not t.exists(DEBCONF)
+    assert "no debconf database" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "huge", "directory", "binary"])
+def test_hostile_debconf_database_is_left_alone_with_a_warning(tmp_path, caplog, kind):
+    t = make_tree(tmp_path / "root")
+    path = tmp_path / "root/var/cache/debconf/config.dat"
+    path.parent.mkdir(parents=True)
+    node_file = tmp_path / "node-config"
+    node_file.write_text(GRUB_RECORD)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink":
+        os.symlink(str(node_file), path)
+    elif kind == "huge":
+        with open(path, "wb") as f:
+            f.truncate(bootloader.DEBCONF_LIMIT + 1)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(b"Name: \xff\xfe\n\n")
+    before = tree_listing(tmp_path / "root/var")
+    assert not bootloader.record_install_devices(t, "/dev/vda")
+    assert tree_listing(tmp_path / "root/var") == before
+    assert node_file.read_text() == GRUB_RECORD
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and DEBCONF in warnings[0] and "left alone" in warnings[0]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "huge", "control"])
+def test_hostile_os_release_gives_the_generic_title(tmp_path, kind):
+    t = make_tree(tmp_path / "root")
+    path = tmp_path / "root/etc/os-release"
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "huge":
+        path.write_text('PRETTY_NAME="big"\n' + "#" * bootloader.OS_RELEASE_LIMIT)
+    else:
+        path.write_text('PRETTY_NAME="Debian\x1b[2J"\n')
+    assert bootloader.os_title(t) == "Debian GNU/Linux"

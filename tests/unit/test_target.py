@@ -69,6 +69,16 @@ def test_write_replaces_a_symlink_pointing_out_instead_of_following_it(root, out
     assert (root / "etc/hostname").read_text() == "web1\n"
 
 
+def test_write_bytes_replaces_a_symlink_and_keeps_every_byte(root, outside):
+    os.symlink(str(outside), root / "etc/core.img")
+    data = bytes(range(256)) * 4
+    Target(str(root)).write_bytes("/etc/core.img", data, mode=0o600)
+    assert outside.read_text() == "node\n"
+    assert not os.path.islink(root / "etc/core.img")
+    assert (root / "etc/core.img").read_bytes() == data
+    assert stat.S_IMODE(os.stat(root / "etc/core.img").st_mode) == 0o600
+
+
 def test_write_through_a_linked_directory_stays_inside(root, outside):
     # etc -> /<the node's directory>: resolved as the instance would see it.
     (root / "etc").rmdir()
