@@ -28,7 +28,7 @@ from . import log, mounts, partitions, runner
 from .environment import Request
 from .errors import ConfigError, DefinitionError
 from .settings import Settings, is_number
-from .target import Target
+from .target import Target, UnsafeFileError
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def os_title(t: Target) -> str:
     """The system's PRETTY_NAME from os-release, for the menu entry."""
     try:
         text = t.read_text("/etc/os-release")
-    except (FileNotFoundError, UnicodeDecodeError):
+    except (FileNotFoundError, UnsafeFileError):
         text = ""
     for line in text.splitlines():
         key, _, value = line.partition("=")
@@ -348,7 +348,9 @@ def repair_config(t: Target, request: Request, conf: Settings, root_uuid: str) -
     try:
         check_config(t.read_text(GRUB_CFG))
         return False
-    except BootloaderError:
+    except (BootloaderError, UnsafeFileError):
+        # No entry, or something no grub.cfg is (huge, a FIFO...): ours
+        # replaces it (a directory there is refused by write_text).
         pass
     logger.warning("After the hooks, %s had no entry booting Linux (update-grub "
                    "does not find the kernel while the root is on the node's "

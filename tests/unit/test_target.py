@@ -99,10 +99,12 @@ def test_missing_directories_are_made_0755_under_ganetis_umask(root):
 
 
 def test_a_failed_write_leaves_no_temporary_file(root):
-    (root / "etc/hostname").mkdir()
-    with pytest.raises(OSError):
-        Target(str(root)).write_text("/etc/hostname", "web1\n")
+    (root / "etc/hostname").write_text("old\n")
+    with pytest.raises(UnicodeEncodeError):
+        # A lone surrogate cannot be encoded: the write fails midway.
+        Target(str(root)).write_text("/etc/hostname", "web1\udc80\n")
     assert os.listdir(root / "etc") == ["hostname"]
+    assert (root / "etc/hostname").read_text() == "old\n"
 
 
 def test_remove_takes_files_and_links_but_not_directories(root):
