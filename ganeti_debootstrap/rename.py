@@ -63,7 +63,7 @@ def read_optional(target: Target, inner: str) -> str | None:
     except FileNotFoundError:
         return None
     except UnsafeFileError as exc:
-        logger.warning("%s %s; rename leaves it alone (make it a regular text "
+        logger.warning("%s in the instance %s; rename leaves it alone (make it a regular text "
                        "file and correct the name in it by hand).",
                        exc.inner, exc.reason)
         return None

@@ -246,7 +246,7 @@ def test_rename_warns_about_a_hostile_optional_file_and_leaves_it(root, name, ki
     assert snapshot(root)[f"etc/{name}"] == before
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert warnings[0].startswith(f"/etc/{name} ")
+    assert warnings[0].startswith(f"/etc/{name} in the instance ")
     assert "rename leaves it alone" in warnings[0]
 
 
