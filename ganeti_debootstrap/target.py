@@ -116,12 +116,12 @@ class Target:
             if os.path.islink(candidate) and (follow_last or not is_last):
                 hops += 1
                 if hops > _MAX_LINKS:
-                    raise TargetPathError(
-                        f"Too many symbolic links resolving {inner} inside "
-                        f"the instance (a loop of links). Replace the links "
-                        f"on that path by the files they stand for (inside "
-                        f"the instance, or with its disk mounted by hand), "
-                        f"then run this again.")
+                    raise UnsafeFileError(
+                        inner, f"cannot be resolved: too many symbolic links "
+                        f"(more than {_MAX_LINKS}, a loop)",
+                        "Replace the links on that path by the files they "
+                        "stand for (inside the instance, or with its disk "
+                        "mounted by hand), then run this again.")
                 link = os.readlink(candidate)
                 if link.startswith("/"):
                     resolved = []

@@ -250,6 +250,16 @@ def test_rename_warns_about_a_hostile_optional_file_and_leaves_it(root, name, ki
     assert "rename leaves it alone" in warnings[0]
 
 
+def test_rename_warns_about_a_link_loop_at_hosts(root, caplog):
+    (root / "etc/hostname").write_text(f"{OLD}\n")
+    os.symlink("../../etc/hosts", root / "etc/hosts")
+    with caplog.at_level(logging.WARNING):
+        assert rename.apply(Target(str(root)), OLD, NEW) == ["/etc/hostname"]
+    assert "/etc/hosts in the instance cannot be resolved: too many symbolic links" \
+        in caplog.text
+    assert os.readlink(root / "etc/hosts") == "../../etc/hosts"
+
+
 def test_rename_quotes_a_long_unexpected_hostname_briefly(root):
     (root / "etc/hostname").write_text("x" * 100_000 + "\n")
     with pytest.raises(rename.RenameError) as caught:
