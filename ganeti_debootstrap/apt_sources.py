@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from .names import line_break_problem
 from .settings import DEFAULT_SUITE, Settings
-from .target import Target
+from .target import Target, UnsafeFileError
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def read_os_release(t: Target) -> dict[str, str]:
     for inner in (OS_RELEASE, "/usr/lib/os-release"):
         try:
             return parse_os_release(t.read_text(inner))
-        except (FileNotFoundError, UnicodeDecodeError):
+        except (FileNotFoundError, UnsafeFileError):
             continue
     return {}
 
@@ -283,7 +283,7 @@ def remove_proxy(t: Target, proxy: str) -> list[str]:
             continue
         try:
             text = t.read_text(inner)
-        except UnicodeDecodeError:
+        except UnsafeFileError:
             continue
         kept = [ln for ln in text.splitlines(keepends=True)
                 if not ((m := _PROXY_LINE.match(ln)) and m.group(2).rstrip("/")
@@ -314,7 +314,7 @@ def configure(t: Target, plan: SourcesPlan) -> list[str]:
         return changed
     try:
         existing = t.read_text(SOURCES_LIST)
-    except (FileNotFoundError, UnicodeDecodeError):
+    except (FileNotFoundError, UnsafeFileError):
         existing = ""
     mirror = plan.mirror or bootstrap_mirror(existing)
     if not mirror and release.distribution == "debian":

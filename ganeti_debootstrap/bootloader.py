@@ -37,7 +37,7 @@ from . import log, mounts, partitions, runner
 from .environment import Request
 from .errors import ConfigError, DefinitionError
 from .settings import Settings, is_number
-from .target import Target, TargetPathError
+from .target import Target, TargetPathError, UnsafeFileError
 
 logger = logging.getLogger(__name__)
 
@@ -201,68 +201,15 @@ OS_RELEASE_LIMIT = 64 * 1024
 DEBCONF_LIMIT = 16 * MIB
 
 
-class _Unreadable(Exception):
-    """A file of the instance that is not a small regular text file (why, as text)."""
-
-
-def _kind(mode: int) -> str:
-    for test, what in ((stat.S_ISREG, "a regular file"),
-                       (stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
-                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a device node"), (stat.S_ISBLK, "a device node")):
-        if test(mode):
-            return what
-    return "not a file or directory"
-
-
-def read_instance_text(t: Target, inner: str, limit: int, *,
-                       follow_last: bool = True) -> tuple[str, int]:
-    """The UTF-8 text of the regular file ``inner`` and its permission bits.
-
-    Raises FileNotFoundError when it does not exist, and _Unreadable when
-    it is a symlink (with ``follow_last`` false), a FIFO, a device, a
-    directory, larger than ``limit`` bytes or not UTF-8: nothing blocks,
-    nothing is opened that is not a regular file. (A local stand-in for
-    the bounded Target.read_text being written for issue 11.)
-    """
-    path = t.path(inner) if follow_last else t.path_nofollow(inner)
-    try:
-        before = os.lstat(path)
-    except FileNotFoundError:
-        raise
-    except OSError as e:  # a file where a directory is expected on the way
-        raise _Unreadable(f"cannot be read ({e.strerror})") from None
-    if not stat.S_ISREG(before.st_mode):
-        raise _Unreadable(f"is {_kind(before.st_mode)}")
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        raise _Unreadable(f"cannot be opened ({e.strerror})") from None
-    with os.fdopen(fd, "rb") as f:
-        opened = os.fstat(fd)
-        if not stat.S_ISREG(opened.st_mode) or opened.st_ino != before.st_ino:
-            raise _Unreadable("changed while it was opened")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise _Unreadable(f"is larger than {limit} bytes")
-    try:
-        return data.decode("utf-8"), stat.S_IMODE(opened.st_mode)
-    except UnicodeDecodeError:
-        raise _Unreadable("is not UTF-8 text") from None
-
-
 def os_title(t: Target) -> str:
     """The system's PRETTY_NAME from os-release, for the menu entry."""
     try:
-        text, _ = read_instance_text(t, "/etc/os-release", OS_RELEASE_LIMIT)
+        text = t.read_text("/etc/os-release", limit=OS_RELEASE_LIMIT)
     except FileNotFoundError:
         text = ""
-    except (_Unreadable, TargetPathError) as e:
+    except UnsafeFileError as e:
         logger.warning("/etc/os-release in the instance %s: it is left alone and the "
-                       "boot menu entry gets a generic title.", e)
+                       "boot menu entry gets a generic title.", e.reason)
         text = ""
     for line in text.splitlines():
         key, _, value = line.partition("=")
@@ -646,16 +593,20 @@ def record_install_devices(t: Target, device: str) -> bool:
     alone with a warning. Returns whether it was written.
     """
     try:
-        text, mode = read_instance_text(t, DEBCONF_CONFIG, DEBCONF_LIMIT,
-                                        follow_last=False)
+        text = t.read_text(DEBCONF_CONFIG, limit=DEBCONF_LIMIT, follow_last=False)
+        mode = stat.S_IMODE(os.lstat(t.path_nofollow(DEBCONF_CONFIG)).st_mode)
     except FileNotFoundError:
         logger.info("The instance has no debconf database (%s): grub-pc's "
                     "install_devices answer is not recorded.", DEBCONF_CONFIG)
         return False
-    except (_Unreadable, TargetPathError) as e:
+    except UnsafeFileError as e:
         logger.warning("debconf's database %s in the instance %s: it is left alone, "
                        "and upgrading grub-pc inside the instance will ask which disk "
-                       "to install GRUB on.", DEBCONF_CONFIG, e)
+                       "to install GRUB on.", DEBCONF_CONFIG, e.reason)
+    except TargetPathError as e:
+        logger.warning("debconf's database %s in the instance cannot be reached (%s): "
+                       "it is left alone, and upgrading grub-pc inside the instance "
+                       "will ask which disk to install GRUB on.", DEBCONF_CONFIG, e)
         return False
     t.write_text(DEBCONF_CONFIG, set_install_devices(text, device), mode=mode)
     return True
@@ -736,7 +687,9 @@ def repair_config(t: Target, request: Request, conf: Settings, root_uuid: str) -
     try:
         check_config(t.read_text(GRUB_CFG))
         return False
-    except BootloaderError:
+    except (BootloaderError, UnsafeFileError):
+        # No entry, or something no grub.cfg is (huge, a FIFO...): ours
+        # replaces it (a directory there is refused by write_text).
         pass
     logger.warning("After the hooks, %s had no entry booting Linux (update-grub "
                    "does not find the kernel while the root is on the node's "

@@ -33,7 +33,7 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, TypeVar
 
-from . import runner, trust
+from . import mounts, runner, trust
 from .bootstrap import packages, resolved_arch
 from .errors import CacheError, CommandError
 from .settings import Settings
@@ -418,11 +418,9 @@ class Cache:
         as the instance's / must be.
         """
         self._require_lock(key)
-        parent = tempfile.mkdtemp(dir=self.directory, prefix=key.stem + STAGING_TAG)
+        root = mounts.make_private_root(key.stem + STAGING_TAG, self.directory)
+        parent = os.path.dirname(root)
         try:
-            root = os.path.join(parent, "root")
-            os.mkdir(root)
-            os.chmod(root, 0o755)
             yield root
         except BaseException:
             # The original error matters more than a failed cleanup; the

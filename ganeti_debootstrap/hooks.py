@@ -27,7 +27,7 @@ from . import mounts, runner, trust
 from .environment import Request
 from .errors import CommandError, HookError, MissingProgramError
 from .settings import Settings
-from .target import Target
+from .target import Target, UnsafeFileError
 
 log = logging.getLogger(__name__)
 
@@ -328,11 +328,13 @@ _SAVED_SUFFIX = ".ganeti-saved"
 
 
 def _is_ours(t: Target) -> bool:
-    path = t.path_nofollow(POLICY_RC_D)
-    if os.path.islink(path) or not os.path.isfile(path):
+    if os.path.islink(t.path_nofollow(POLICY_RC_D)):
         return False
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read() == DENY_ALL
+    try:
+        # A hook may have left anything there: read no more than ours holds.
+        return t.read_text(POLICY_RC_D, limit=len(DENY_ALL)) == DENY_ALL
+    except (FileNotFoundError, UnsafeFileError):
+        return False
 
 
 def _restore_policy(t: Target, saved: bool) -> None:

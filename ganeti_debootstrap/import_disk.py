@@ -77,7 +77,10 @@ def run(request: Request, paths: Paths) -> None:
     with contextlib.ExitStack() as stack:
         disk = instance_disk.format_disk(stack, request, conf, params.filesystem, arch)
         target_dir = stack.enter_context(mounts.temporary_mountpoint())
-        stack.enter_context(mounts.mounted(disk.root_device, target_dir))
+        # The stream is the tenant's: its setuid programs and device nodes
+        # must mean nothing on the node (restore still makes them).
+        stack.enter_context(mounts.mounted(disk.root_device, target_dir, disk.root.fstype,
+                                           mounts.UNTRUSTED_OPTIONS))
         stack.enter_context(mounts.write_errors_reported(
             target_dir, f"the instance's root filesystem on {request.disk_path}"))
         with log.phase("restore"):

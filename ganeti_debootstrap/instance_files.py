@@ -27,7 +27,7 @@ from .environment import Request
 from .errors import DefinitionError
 from .names import short_hostname
 from .settings import is_number
-from .target import Target
+from .target import Target, UnsafeFileError
 
 if TYPE_CHECKING:
     from .osparams import OSParams
@@ -245,10 +245,16 @@ def fstab_text(existing: str, root: FsEntry, swap: FsEntry | None) -> str:
     return text
 
 
+FSTAB_ADVICE = ("It cannot be pointed at the instance's new disks, so the "
+                "instance would not boot. Make it a regular text file in the "
+                "system it came from (the exported instance, or the cache), "
+                "then export and import again (or create again).")
+
+
 def rewrite_fstab(t: Target, *, root: FsEntry, swap: FsEntry | None = None) -> None:
     """Point the tree's /etc/fstab at ``root`` and ``swap`` (see :func:`fstab_text`)."""
     try:
-        existing = t.read_text("/etc/fstab")
+        existing = t.read_text("/etc/fstab", advice=FSTAB_ADVICE)
     except FileNotFoundError:
         existing = ""
     t.write_text("/etc/fstab", fstab_text(existing, root, swap))
@@ -376,7 +382,7 @@ def serial_getty_unit(t: Target) -> str | None:
     """
     try:
         listed = set(t.read_text(SYSTEMD_FILE_LIST).splitlines())
-    except (FileNotFoundError, UnicodeDecodeError):
+    except (FileNotFoundError, UnsafeFileError):
         listed = set()
     for unit in SERIAL_GETTY_UNITS:
         if unit in listed and os.path.isfile(t.path(unit)):

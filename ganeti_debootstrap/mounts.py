@@ -220,22 +220,58 @@ def _busy_error(mount_point: str, top: str, exc: CommandError) -> DiskError:
         f"(losetup -a) before retrying.")
 
 
+# How an instance the tenant has used (import, rename) is mounted: its
+# setuid programs and device nodes mean nothing on the node. export never
+# mounts (dump reads the device); a mount for reading only adds "ro".
+UNTRUSTED_OPTIONS = ("nosuid", "nodev")
+
+
+def make_private_root(prefix: str, directory: str | None = None) -> str:
+    """A new empty directory ``root`` (0755) inside a new private (0700) one.
+
+    Whatever is mounted or unpacked on ``root`` takes its own permissions
+    (an instance's / is 0755): the private parent keeps the node's other
+    users from walking in and running its setuid programs, even for a
+    moment. The parent is named ``prefix`` plus random characters, in
+    ``directory`` (default: the temporary directory); the caller removes
+    both.
+    """
+    parent = tempfile.mkdtemp(prefix=prefix, dir=directory)  # always 0700
+    root = os.path.join(parent, "root")
+    try:
+        os.mkdir(root)
+        os.chmod(root, 0o755)  # whatever the umask (Ganeti's is 077)
+    except BaseException:
+        with failure_logged(f"removing {parent}"):
+            if os.path.isdir(root):
+                os.rmdir(root)
+            os.rmdir(parent)
+        raise
+    return root
+
+
+def _remove_mountpoint(path: str) -> None:
+    os.rmdir(path)
+    os.rmdir(os.path.dirname(path))
+
+
 @contextlib.contextmanager
 def temporary_mountpoint(prefix: str = "ganeti-debootstrap.") -> Iterator[str]:
-    """A new empty directory to mount on, removed on exit."""
-    path = tempfile.mkdtemp(prefix=prefix)
+    """A new empty directory to mount on, inside a 0700 one; both removed on exit."""
+    path = make_private_root(prefix)
     try:
         yield path
     except BaseException:
         with failure_logged(f"removing the mount point {path}"):
-            os.rmdir(path)
+            _remove_mountpoint(path)
         raise
     try:
-        os.rmdir(path)
+        _remove_mountpoint(path)
     except OSError as exc:
+        parent = os.path.dirname(path)
         raise DiskError(f"Cannot remove the temporary mount point {path}: "
                         f"{exc.strerror}. Unmount whatever is still mounted "
-                        f"there (umount -R {path}) and remove it.") from exc
+                        f"there (umount -R {path}) and remove {parent}.") from exc
 
 
 @contextlib.contextmanager
@@ -243,7 +279,8 @@ def mounted(device: str, mount_point: str, fstype: str | None = None,
             options: Sequence[str] = ()) -> Iterator[str]:
     """Mount ``device`` on ``mount_point``; on exit unmount everything below it.
 
-    Yields the mount point. ``fstype`` None lets mount(8) probe the type.
+    Yields the mount point. ``fstype`` None lets mount(8) probe the type:
+    never for an instance's filesystem, whose type we made or checked.
     """
     if isinstance(options, str):
         options = (options,)

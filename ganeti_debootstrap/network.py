@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from .environment import Nic
 from .errors import ConfigError
 from .names import one_line
-from .target import Target
+from .target import Target, UnsafeFileError
 
 log = logging.getLogger(__name__)
 
@@ -639,7 +639,7 @@ def interfaces_snapshot(t: Target) -> str | None:
     """The instance's /etc/network/interfaces now (None: there is none)."""
     try:
         return t.read_text(INTERFACES)
-    except (FileNotFoundError, IsADirectoryError):
+    except (FileNotFoundError, UnsafeFileError):
         return None
 
 

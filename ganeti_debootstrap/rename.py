@@ -17,7 +17,7 @@ from .environment import Request
 from .errors import DefinitionError
 from .names import short_hostname
 from .paths import Paths
-from .target import Target
+from .target import Target, UnsafeFileError
 
 logger = logging.getLogger(__name__)
 
@@ -52,28 +52,53 @@ def rename_hosts(text: str, old: str, new: str) -> str:
     return "".join(out)
 
 
+# How much of an unexpected /etc/hostname the refusal quotes.
+SHOWN_CHARS = 80
+
+
+def read_optional(target: Target, inner: str) -> str | None:
+    """The text of ``inner``, or None (with a warning if it cannot be read safely)."""
+    try:
+        return target.read_text(inner)
+    except FileNotFoundError:
+        return None
+    except UnsafeFileError as exc:
+        logger.warning("%s in the instance %s; rename leaves it alone (make it a regular text "
+                       "file and correct the name in it by hand).",
+                       exc.inner, exc.reason)
+        return None
+
+
 def apply(target: Target, old: str, new: str) -> list[str]:
     """Rename inside a mounted instance; return the files changed."""
     try:
-        current = target.read_text("/etc/hostname")
+        current = target.read_text(
+            "/etc/hostname",
+            advice=(f"Rename changes nothing. Make it a regular file holding the "
+                    f"old name {old!r} and rename again, or set the name inside "
+                    f"the instance yourself (hostnamectl set-hostname {new})."))
     except FileNotFoundError:
         current = ""
     hostname = renamed(current, old, new)
     if hostname is None:
+        shown = current.strip()
+        if len(shown) > SHOWN_CHARS:
+            shown = shown[:SHOWN_CHARS] + "..."
         raise RenameError(
-            f"/etc/hostname in the instance holds {current.strip()!r}, not the "
+            f"/etc/hostname in the instance holds {shown!r}, not the "
             f"old name {old!r}: it was changed inside the instance, so rename "
             f"leaves it alone and changes nothing. Set the name inside the "
             f"instance yourself (hostnamectl set-hostname {new}).")
     changed = ["/etc/hostname"]
     target.write_text("/etc/hostname", hostname + "\n")
-    if target.exists("/etc/mailname"):
-        mailname = renamed(target.read_text("/etc/mailname"), old, new)
+    mailname_text = read_optional(target, "/etc/mailname")
+    if mailname_text is not None:
+        mailname = renamed(mailname_text, old, new)
         if mailname is not None:
             target.write_text("/etc/mailname", mailname + "\n")
             changed.append("/etc/mailname")
-    if target.exists("/etc/hosts"):
-        hosts = target.read_text("/etc/hosts")
+    hosts = read_optional(target, "/etc/hosts")
+    if hosts is not None:
         updated = rename_hosts(hosts, old, new)
         if updated != hosts:
             target.write_text("/etc/hosts", updated)
@@ -86,9 +111,10 @@ def run(request: Request, paths: Paths) -> None:
     old, new = request.old_instance_name, request.instance_name
     with contextlib.ExitStack() as stack:
         with log.phase("open disk"):
-            _, root_dev, _ = instance_disk.open_root(stack, request.disk_path)
+            _, root_dev, fstype = instance_disk.open_root(stack, request.disk_path)
             target_dir = stack.enter_context(mounts.temporary_mountpoint())
-            stack.enter_context(mounts.mounted(root_dev, target_dir))
+            stack.enter_context(mounts.mounted(root_dev, target_dir, fstype,
+                                               mounts.UNTRUSTED_OPTIONS))
             stack.enter_context(mounts.write_errors_reported(
                 target_dir, f"the instance's root filesystem on {request.disk_path}"))
         with log.phase("rename"):

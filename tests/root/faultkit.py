@@ -215,7 +215,10 @@ def held_locks(cache_dir: str) -> list[str]:
 
 
 def mount_points_left(tmpdir: str) -> list[str]:
-    """Temporary mount point directories (mounts.temporary_mountpoint) left in ``tmpdir``."""
+    """Temporary mount point directories (mounts.temporary_mountpoint) left in ``tmpdir``.
+
+    Each is the private (0700) directory holding the mount point ``root``.
+    """
     return sorted(os.path.join(tmpdir, n) for n in os.listdir(tmpdir)
                   if n.startswith("ganeti-debootstrap."))
 
@@ -269,6 +272,9 @@ def release_leftovers(left: Leftovers) -> None:
         subprocess.run(["losetup", "--detach", dev], check=False, capture_output=True)
     for point in left.mount_points:
         with contextlib.suppress(OSError):
+            inner = os.path.join(point, "root")
+            if os.path.isdir(inner) and not os.path.islink(inner):
+                os.rmdir(inner)
             os.rmdir(point)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Sequence
 
 import pytest
@@ -268,3 +269,34 @@ def test_temporary_mountpoint_is_removed_also_on_error():
             assert os.path.isdir(path) and os.listdir(path) == []
             raise RuntimeError("boom")
     assert not os.path.exists(path)
+
+
+def test_temporary_mountpoint_lies_inside_a_root_only_directory():
+    saved = os.umask(0o077)  # Ganeti's
+    try:
+        with mounts.temporary_mountpoint() as path:
+            parent = os.path.dirname(path)
+            assert os.path.basename(parent).startswith("ganeti-debootstrap.")
+            assert stat.S_IMODE(os.stat(parent).st_mode) == 0o700
+            assert os.stat(parent).st_uid == os.geteuid()
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o755
+    finally:
+        os.umask(saved)
+    assert not os.path.exists(parent)
+
+
+def test_a_mountpoint_left_busy_is_named_with_its_private_parent(monkeypatch):
+    with pytest.raises(DiskError, match=r"umount -R .*/root\) and remove "):
+        with mounts.temporary_mountpoint() as path:
+            with open(os.path.join(path, "left"), "w"):
+                pass  # something left in it: rmdir fails as with a mount
+    os.unlink(os.path.join(path, "left"))
+    os.rmdir(path)
+    os.rmdir(os.path.dirname(path))
+
+
+def test_private_root_is_made_in_the_directory_asked(tmp_path):
+    root = mounts.make_private_root("stage.", str(tmp_path))
+    assert os.path.dirname(os.path.dirname(root)) == str(tmp_path)
+    assert stat.S_IMODE(os.stat(os.path.dirname(root)).st_mode) == 0o700
+    assert os.listdir(root) == []
