@@ -48,8 +48,9 @@ NOT_FOUND = 127
 ASSEMBLY_POINT = "/tmp"
 # The target's place in the new root (restore works relative to it).
 INSIDE_TARGET = "/instance"
-# restore's temporary tables: about 40 bytes per directory entry. A quarter
-# of the memory bounds what a hostile stream can take from the node.
+# restore's temporary tables (rstdir*, rstmode*: a few tens of bytes per
+# directory entry and per directory) live in memory here, never on the
+# node's disks; a quarter of the memory bounds what a hostile stream takes.
 SCRATCH_SIZE = "25%"
 
 # Capabilities restore keeps (linux/capability.h numbers).
