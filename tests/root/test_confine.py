@@ -206,7 +206,20 @@ SLEEPER = ("import sys, time\nopen('started', 'w').close()\n"
            "sys.stdout.write('ready\\n'); sys.stdout.flush()\ntime.sleep(600)\n")
 
 
-def test_only_the_target_and_scratch_space_are_writable_and_all_goes_with_sigkill(target):
+@pytest.fixture
+def nested_read_only(target) -> Iterator[str]:
+    """A read-only filesystem mounted below the target."""
+    path = os.path.join(target, "nested")
+    os.mkdir(path)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", path], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", path], check=True)
+
+
+def test_only_the_target_and_scratch_space_are_writable_and_all_goes_with_sigkill(
+        target, nested_read_only):
     before = node_mounts()
     proc = subprocess.Popen(confined(target, PYTHON, "-I", "-c", SLEEPER),
                             stdout=subprocess.PIPE, text=True)
@@ -215,10 +228,14 @@ def test_only_the_target_and_scratch_space_are_writable_and_all_goes_with_sigkil
         assert os.path.exists(os.path.join(target, "started"))
         seen = mounts_of(proc.pid)
         points = [p for p, _ in seen]
-        assert {confine.INSIDE_TARGET, "/tmp", "/usr", "/dev/null"} <= set(points)
+        assert {confine.INSIDE_TARGET, confine.INSIDE_TARGET + "/nested", "/tmp", "/usr",
+                "/dev/null"} <= set(points)
         for point, options in seen:
             if point in (confine.INSIDE_TARGET, "/tmp"):
                 assert "rw" in options and {"nosuid", "nodev", "noexec"} <= options, point
+            elif point == confine.INSIDE_TARGET + "/nested":
+                # A mount below the target keeps its own read-only flag.
+                assert "ro" in options and {"nosuid", "nodev", "noexec"} <= options
             elif point.startswith("/"):
                 # Everything else the program can reach is read-only (and
                 # only /dev/null is a device it may open).
