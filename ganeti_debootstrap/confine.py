@@ -65,8 +65,10 @@ CAP_SETFCAP = 31
 KEPT_CAPABILITIES = (CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_FSETID,
                      CAP_LINUX_IMMUTABLE, CAP_SYS_RESOURCE, CAP_MKNOD, CAP_SETFCAP)
 
-ENVIRONMENT = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C",
-               "TMPDIR": "/tmp", "HOME": "/"}
+# (The PATH runner.base_environment gives by default; only /usr and the
+# top-level program directories exist inside.)
+ENVIRONMENT = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+               "LC_ALL": "C", "TMPDIR": "/tmp", "HOME": "/"}
 # Test-only: lets the fault tests find the process (tests/root/faultkit.py).
 PASSED_VARIABLES = ("GIDB_TEST_TAG",)
 
