@@ -14,11 +14,11 @@ import logging
 import os
 import sys
 
-from . import (bootloader, instance_disk, instance_files, log, mounts, osparams, runner,
-               settings)
+from . import (bootloader, confine, instance_disk, instance_files, log, mounts, osparams,
+               runner, settings)
 from .dumpstream import StreamPump
 from .environment import Request
-from .errors import DefinitionError
+from .errors import CommandError, DefinitionError, MissingProgramError
 from .paths import Paths
 from .target import Target
 
@@ -28,9 +28,22 @@ logger = logging.getLogger(__name__)
 # How long a failed or interrupted import waits for the stream pump to stop.
 PUMP_STOP_SECONDS = 1.0
 
+# The interpreter that runs the confinement: the system's, never one from PATH.
+PYTHON = "/usr/bin/python3"
+
 
 class ImportError_(DefinitionError):
     """The backup stream could not be restored."""
+
+
+def restore_command(target_dir: str) -> list[str]:
+    """restore(8) reading stdin into ``target_dir``, confined to it (confine.py).
+
+    The system Python runs the confinement by path, isolated (-I: nothing from
+    the environment or the working directory on its path; -S: no site).
+    """
+    return [PYTHON, "-I", "-S", confine.__file__, target_dir, "--",
+            "restore", "-r", "-y", "-f", "-"]
 
 
 def restore_stream(target_dir: str, source_fd: int) -> int:
@@ -43,9 +56,20 @@ def restore_stream(target_dir: str, source_fd: int) -> int:
     pump.start()
     try:
         with os.fdopen(read_fd, "rb") as pipe:
-            runner.run(["restore", "-r", "-y", "-f", "-"], stdin=pipe, cwd=target_dir,
+            runner.run(restore_command(target_dir), stdin=pipe,
                        hint="The backup stream is damaged or is not a dump(8) "
                             "stream; check the export it came from.")
+    except CommandError as exc:
+        pump.join(timeout=PUMP_STOP_SECONDS)
+        if exc.returncode == confine.NOT_FOUND:
+            raise MissingProgramError("restore", runner.PACKAGES["restore"]) from None
+        if exc.returncode == confine.SETUP_FAILED:
+            raise ImportError_(
+                f"restore could not be confined to the new disk, so it was not run:\n"
+                f"{exc.stderr_tail.strip()}\nThe node's kernel must provide mount "
+                f"namespaces and open_tree/mount_setattr (Linux 5.12 or later), "
+                f"and import must run as root with CAP_SYS_ADMIN.") from None
+        raise
     except BaseException:
         # restore is gone (failed, or stopped by a signal) and its end of
         # the pipe is closed; the pump may still wait for input that a

@@ -302,6 +302,32 @@ def test_interrupted_import_stops_at_once_and_leaves_nothing(scene, backup, poin
         interrupt(scene, run, signum, f"import {point.id}")
 
 
+def test_import_killed_mid_restore_leaves_no_restore_and_a_releasable_disk(scene, backup):
+    # restore runs in its own process group and mount namespace: import
+    # killed outright cannot stop it, so it must die with import, or its
+    # namespace would keep the new filesystem (and the loop devices) busy.
+    with stalled_stream(backup.stream, 1 << 20) as stdin:
+        run = faultkit.start(scene.tree, "import", scene.env("import"), stdin=stdin)
+        restore = faultkit.child_running(run, "restore")
+        time.sleep(0.3)
+        run.signal(signal.SIGKILL)
+        assert run.wait() == -signal.SIGKILL
+        deadline = time.monotonic() + 5
+        while os.path.exists(f"/proc/{restore}") and time.monotonic() < deadline:
+            time.sleep(0.02)
+    left = scene.left(run)
+    report(f"import mid-restore SIGKILL: {left.count()} left for the test to release "
+           f"({len(left.mounts)} mounts, {len(left.loops)} loop devices, "
+           f"{len(left.processes)} processes)")
+    try:
+        assert not left.processes, left
+        assert left.mounts and left.loops  # what only the script could release
+    finally:
+        faultkit.release_leftovers(left)
+    # Released by name like any other mount: nothing of restore holds the disk.
+    assert not scene.left(run)
+
+
 EXPORT_POINTS = [
     Point("open-disk", pause="open disk"),
     Point("dump-start", pause="dump", holds=("loops",)),

@@ -1,0 +1,279 @@
+"""The confinement restore runs in (ganeti_debootstrap/confine.py), tested with
+a misbehaving program in its place: whatever it tries, it writes only inside
+the target, and nothing of the confinement stays on the node, even when the
+program or import is killed."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from ganeti_debootstrap import confine
+
+# The misbehaving program: tries to write everywhere, reports what worked.
+# argv: canary directory, loop device numbers "major:minor", abstract socket name.
+MISBEHAVING = r"""
+import ctypes, json, os, socket, sys
+canary, blockdev, abstract, unique = sys.argv[1:5]
+results = {}
+def attempt(name, action):
+    try:
+        action()
+        results[name] = "ok"
+    except OSError as exc:
+        results[name] = exc.strerror
+def write(path, data=b"misbehaved"):
+    with open(path, "wb") as f:
+        f.write(data)
+attempt("canary_new", lambda: write(os.path.join(canary, "new")))
+attempt("canary_existing", lambda: write(os.path.join(canary, "existing")))
+for d in ("/etc", "/var/tmp", "/usr", "/dev", "/"):
+    attempt("node" + d, lambda: write(os.path.join(d, unique)))
+# restore's scratch space: writable, but private.
+attempt("tmp", lambda: write(os.path.join("/tmp", unique)))
+# A link the stream made, pointing off the instance.
+os.symlink(canary, "escape")
+attempt("through_symlink", lambda: write(os.path.join("escape", "via-link")))
+# The node's disk, through a device node made in the instance.
+major, minor = map(int, blockdev.split(":"))
+os.mknod("disk", 0o600 | 0o060000, os.makedev(major, minor))
+attempt("device_node", lambda: write("disk", b"\xff" * 512))
+def connect(address):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(address)
+attempt("unix_socket", lambda: connect(os.path.join(canary, "sock")))
+attempt("abstract_socket", lambda: connect("\0" + abstract))
+libc = ctypes.CDLL(None, use_errno=True)
+def remount():
+    # MS_REMOUNT | MS_BIND: make /usr writable again.
+    if libc.mount(None, b"/usr", None, ctypes.c_ulong(0x20 | 0x1000), None) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+attempt("remount", remount)
+attempt("chroot", lambda: os.chroot("/tmp"))
+results["proc_visible"] = os.path.exists("/proc/1")
+# Inside the target everything restore does must work.
+attempt("target_file", lambda: write("inside", b"restored"))
+attempt("target_mkdir", lambda: os.mkdir("etc"))
+attempt("target_chown", lambda: os.chown("inside", 1234, 4321))
+attempt("target_mknod", lambda: os.mknod("etc/null", 0o666 | 0o020000, os.makedev(1, 3)))
+json.dump(results, sys.stdout)
+"""
+
+PYTHON = "/usr/bin/python3"
+
+
+def confined(target: str, *program: str) -> list[str]:
+    return [PYTHON, "-I", "-S", confine.__file__, target, "--", *program]
+
+
+def node_mounts() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f]
+
+
+def mounts_of(pid: int) -> list[tuple[str, set[str]]]:
+    """The mounts a process sees: mount point and per-mount options."""
+    with open(f"/proc/{pid}/mountinfo") as f:
+        return [(line.split()[4], set(line.split()[5].split(","))) for line in f]
+
+
+def confinement_mounts_on_node() -> list[str]:
+    """Mounts of the assembled root, were they to leak into the node's table."""
+    top = confine.ASSEMBLY_POINT
+    return [m for m in node_mounts()
+            if m.startswith(top + confine.INSIDE_TARGET) or m == top + "/usr"
+            or m == top + "/dev/null"]
+
+
+@pytest.fixture(params=["directory", "mount point"])
+def target(request, tmp_path) -> Iterator[str]:
+    """The target: a plain directory, or a filesystem mounted there (as import does)."""
+    path = tmp_path / "target"
+    path.mkdir()
+    if request.param == "directory":
+        yield str(path)
+        return
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)], check=True)
+    try:
+        yield str(path)
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.fixture
+def canary(tmp_path) -> str:
+    path = tmp_path / "canary"
+    path.mkdir()
+    (path / "existing").write_text("original\n")
+    return str(path)
+
+
+@pytest.fixture
+def canary_disk(tmp_path) -> Iterator[tuple[str, str]]:
+    """A loop device over a file of known content: (device, "major:minor")."""
+    image = str(tmp_path / "canary.img")
+    with open(image, "wb") as f:
+        f.write(b"\0" * (1 << 20))
+    dev = subprocess.run(["losetup", "--find", "--show", image], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    try:
+        rdev = os.stat(dev).st_rdev
+        yield image, f"{os.major(rdev)}:{os.minor(rdev)}"
+    finally:
+        subprocess.run(["losetup", "--detach", dev], check=True)
+
+
+@contextlib.contextmanager
+def listening(address: str) -> Iterator[socket.socket]:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(address)
+        s.listen()
+        s.setblocking(False)
+        yield s
+
+
+def test_a_misbehaving_program_writes_only_inside_the_target(target, canary, canary_disk):
+    image, devnum = canary_disk
+    unique = f"gidb-confine-{uuid.uuid4().hex}"
+    with open(image, "rb") as f:
+        before = f.read()
+    with listening(os.path.join(canary, "sock")) as sock, \
+            listening("\0" + unique) as abstract:
+        res = subprocess.run(confined(target, PYTHON, "-I", "-c", MISBEHAVING, canary,
+                                      devnum, unique, unique),
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        results = json.loads(res.stdout)
+        for s in (sock, abstract):
+            with pytest.raises(BlockingIOError):
+                s.accept()
+    # Nothing outside the target changed.
+    for name in ("canary_new", "canary_existing", "through_symlink"):
+        assert results[name] == "No such file or directory", (name, results)
+    assert sorted(os.listdir(canary)) == ["existing", "sock"]
+    with open(os.path.join(canary, "existing")) as f:
+        assert f.read() == "original\n"
+    for d in ("/etc", "/var/tmp", "/usr", "/dev", "/"):
+        assert results["node" + d] in ("Read-only file system", "No such file or directory"), (
+            d, results)
+        assert not os.path.exists(os.path.join(d, unique))
+    assert results["tmp"] == "ok" and not os.path.exists(os.path.join("/tmp", unique))
+    assert results["device_node"] == "Permission denied"
+    with open(image, "rb") as f:
+        assert f.read() == before
+    assert results["unix_socket"] == "No such file or directory"
+    assert results["abstract_socket"] == "Connection refused"
+    assert results["remount"] == "Operation not permitted"
+    assert results["chroot"] == "Operation not permitted"
+    assert results["proc_visible"] is False
+    # Inside the target, what restore does works.
+    for name in ("target_file", "target_mkdir", "target_chown", "target_mknod"):
+        assert results[name] == "ok", (name, results)
+    inside = os.path.join(target, "inside")
+    with open(inside, "rb") as f:
+        assert f.read() == b"restored"
+    assert (os.stat(inside).st_uid, os.stat(inside).st_gid) == (1234, 4321)
+    assert stat.S_ISCHR(os.stat(os.path.join(target, "etc", "null")).st_mode)
+    assert confinement_mounts_on_node() == []
+
+
+def wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+SLEEPER = ("import sys, time\nopen('started', 'w').close()\n"
+           "sys.stdout.write('ready\\n'); sys.stdout.flush()\ntime.sleep(600)\n")
+
+
+@pytest.fixture
+def nested_read_only(target) -> Iterator[str]:
+    """A read-only filesystem mounted below the target."""
+    path = os.path.join(target, "nested")
+    os.mkdir(path)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", path], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", path], check=True)
+
+
+def test_only_the_target_and_scratch_space_are_writable_and_all_goes_with_sigkill(
+        target, nested_read_only):
+    before = node_mounts()
+    proc = subprocess.Popen(confined(target, PYTHON, "-I", "-c", SLEEPER),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        assert os.path.exists(os.path.join(target, "started"))
+        seen = mounts_of(proc.pid)
+        points = [p for p, _ in seen]
+        assert {confine.INSIDE_TARGET, confine.INSIDE_TARGET + "/nested", "/tmp", "/usr",
+                "/dev/null"} <= set(points)
+        for point, options in seen:
+            if point in (confine.INSIDE_TARGET, "/tmp"):
+                assert "rw" in options and {"nosuid", "nodev", "noexec"} <= options, point
+            elif point == confine.INSIDE_TARGET + "/nested":
+                # A mount below the target keeps its own read-only flag.
+                assert "ro" in options and {"nosuid", "nodev", "noexec"} <= options
+            elif point.startswith("/"):
+                # Everything else the program can reach is read-only (and
+                # only /dev/null is a device it may open).
+                assert "ro" in options and "nosuid" in options, (point, options)
+                assert point == "/dev/null" or "nodev" in options, (point, options)
+        # The node does not see any of it.
+        assert confinement_mounts_on_node() == []
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    # The namespace went with its only process: nothing to unmount on the node.
+    after = node_mounts()
+    assert [m for m in after if m not in before and m.startswith(os.path.dirname(target))] == []
+    assert confinement_mounts_on_node() == []
+
+
+def test_the_confined_program_dies_with_the_process_that_started_it(target, tmp_path):
+    # import killed by SIGKILL cannot stop restore: the kernel must.
+    pidfile = tmp_path / "pid"
+    starter = (f"import subprocess, sys, time\n"
+               f"p = subprocess.Popen({confined(target, PYTHON, '-I', '-c', SLEEPER)!r},"
+               f" stdout=subprocess.PIPE, text=True)\n"
+               f"assert p.stdout.readline() == 'ready\\n'\n"
+               f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+               f"time.sleep(600)\n")
+    parent = subprocess.Popen([PYTHON, "-I", "-c", starter])
+    try:
+        wait_for(lambda: pidfile.exists() and pidfile.read_text() != "")
+        child = int(pidfile.read_text())
+        assert not gone(child)
+    finally:
+        parent.kill()
+        parent.wait()
+    try:
+        wait_for(lambda: gone(child), timeout=10)
+    finally:
+        if not gone(child):
+            os.kill(child, signal.SIGKILL)
+    assert confinement_mounts_on_node() == []
+
