@@ -37,7 +37,7 @@ from . import log, mounts, partitions, runner
 from .environment import Request
 from .errors import ConfigError, DefinitionError
 from .settings import Settings, is_number
-from .target import Target, TargetPathError, UnsafeFileError
+from .target import Target, TargetPathError, UnsafeFileError, kind_of
 
 logger = logging.getLogger(__name__)
 
@@ -492,7 +492,7 @@ def _real_directory(t: Target, inner: str) -> str:
             continue
         if not stat.S_ISDIR(mode):
             raise _GrubSkipped(f"{_inner(t, current)} in the instance is "
-                               f"{_kind(mode)}, where GRUB's directory {inner} belongs")
+                               f"{kind_of(mode)}, where GRUB's directory {inner} belongs")
     return path
 
 
@@ -603,6 +603,7 @@ def record_install_devices(t: Target, device: str) -> bool:
         logger.warning("debconf's database %s in the instance %s: it is left alone, "
                        "and upgrading grub-pc inside the instance will ask which disk "
                        "to install GRUB on.", DEBCONF_CONFIG, e.reason)
+        return False
     except TargetPathError as e:
         logger.warning("debconf's database %s in the instance cannot be reached (%s): "
                        "it is left alone, and upgrading grub-pc inside the instance "
