@@ -215,6 +215,12 @@ def test_upgrade_keeps_the_sites_conffiles_without_asking(
     assert not (os_dir / "common.sh").exists()
     assert (os_dir / "ganeti_debootstrap" / "create.py").is_file()
     assert os.readlink(os_dir / "variants.list") == f"{CONF_DIR}/variants.list"
+    # Documentation: ours replaced the shell edition's.
+    doc = debian_root.file(f"/usr/share/doc/{PACKAGE}")
+    assert (doc / "README.md.gz").is_file()
+    assert (doc / "examples" / "hooks" / "ssh-authorized-keys").is_file()
+    assert not (doc / "examples" / "grub").exists()
+    assert debian_root.file("/usr/share/man/man7/ganeti-os-debootstrap.7.gz").is_file()
     # dh_python3's postinst byte-compiled the package.
     assert list((os_dir / "ganeti_debootstrap" / "__pycache__").glob("create.*.pyc"))
     verify = debian_root.run(["./verify", "parameters"], cwd=OS_DIR, env={
