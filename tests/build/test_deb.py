@@ -126,6 +126,7 @@ def test_package_holds_the_installed_layout_without_byte_code(
         *modules, *hooks, *(c.lstrip("/") for c in CONFFILES),
         f"{DOC_DIR}/README.md.gz", f"{DOC_DIR}/changelog.gz", f"{DOC_DIR}/copyright",
         "usr/share/man/man7/ganeti-os-debootstrap.7.gz",
+        "usr/share/man/man5/ganeti-instance-debootstrap.5.gz",
         f"usr/share/python3/runtime.d/{PACKAGE}.rtupdate",
     }
     assert sorted(files ^ expected) == []
