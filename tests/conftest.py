@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,3 +22,10 @@ def fake_runner():
     fake = FakeRunner()
     with runner.replaced(fake):
         yield fake
+
+
+@pytest.fixture(scope="session")
+def built_package(tmp_path_factory):
+    """The .deb built once per session from this work tree (tests/debpackage.py)."""
+    from tests.debpackage import build_binary_package
+    return build_binary_package(Path(ROOT), tmp_path_factory.mktemp("deb"))

@@ -19,6 +19,10 @@ pytestmark = pytest.mark.autotools
 SCRIPTS = ("create", "import", "export", "rename", "verify")
 CONF_DIR = "etc/ganeti/instance-debootstrap"
 DOC_HOOKS = "usr/share/doc/ganeti-instance-debootstrap/examples/hooks"
+MAN_PAGES = {"usr/share/man/man7/ganeti-os-debootstrap.7":
+             "ganeti-os-debootstrap - Ganeti OS definition",
+             "usr/share/man/man5/ganeti-instance-debootstrap.5":
+             "ganeti-instance-debootstrap - settings and variants"}
 
 
 def tree(destdir: Path) -> dict[str, tuple[str, object]]:
@@ -83,6 +87,7 @@ def expected_tree(build: Build) -> dict[str, tuple[str, object]]:
     files[f"{CONF_DIR}/variants/default.conf"] = ("file", 0o644)
     for hook in example_hooks():
         files[f"{DOC_HOOKS}/{hook}"] = ("file", 0o755)
+    files.update({page: ("file", 0o644) for page in MAN_PAGES})
     dirs = {f"{CONF_DIR}/hooks"}
     for path in list(files) + list(dirs):
         parent = os.path.dirname(path)
@@ -275,3 +280,16 @@ def test_with_os_dir_installs_into_the_given_search_directory(
     assert namespace["SYSCONFDIR"] == "/usr/local/etc"
     assert os.readlink(os_dir / "variants.list") == \
         "/usr/local/etc/ganeti/instance-debootstrap/variants.list"
+
+
+@pytest.mark.parametrize("page", sorted(MAN_PAGES))
+def test_installed_man_page_renders_without_warnings(build: Build, page: str) -> None:
+    # What "man ganeti-os-debootstrap" shows; groff's warnings are errors
+    # here (lintian reports them for the package too).
+    proc = subprocess.run(["man", "--warnings", "-E", "UTF-8", "-l",
+                           str(build.destdir / page)],
+                          env={**build_env(), "MANROFFSEQ": "", "MANWIDTH": "80",
+                               "MANPAGER": "cat"},
+                          capture_output=True, text=True)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert MAN_PAGES[page] in " ".join(proc.stdout.split())

@@ -34,9 +34,12 @@ def test_variants_list_publishes_only_default_which_has_a_conf_file() -> None:
     assert (ROOT / "variants" / "default.conf").is_file()
 
 
-def test_default_variant_file_sets_nothing() -> None:
-    lines = (ROOT / "variants" / "default.conf").read_text().splitlines()
-    assert lines and all(ln.startswith("#") or not ln.strip() for ln in lines)
+def test_variant_conffiles_are_byte_for_byte_the_shell_edition_ones() -> None:
+    # Debian's 0.16-8 ships "default\n" and an empty default.conf as
+    # conffiles: with the same content, dpkg keeps a site's edited copies on
+    # upgrade without asking (a changed shipped file would mean a prompt).
+    assert (ROOT / "variants.list").read_bytes() == b"default\n"
+    assert (ROOT / "variants" / "default.conf").read_bytes() == b""
 
 
 def test_defaults_file_documents_every_setting_once() -> None:

@@ -24,6 +24,12 @@ Ganeti does happens inside private namespaces held by one reaper process:
 
 Ganeti finds our OS definition first through ``/srv/ganeti/os/<name>``, a
 symlink to the installed definition (the first of its OS search path).
+With ``package_root`` (a Debian package unpacked with ``dpkg-deb -x``) it
+finds it where the package installs it instead: inside the mount namespace
+the package's OS directory is bound at ``/usr/share/ganeti/os/<name>`` (the
+rest of ``/usr/share/ganeti`` stays the node's), its ``/etc`` files are in
+the cluster's ``/etc/ganeti`` and a scratch ``/etc/default``, and
+``/var/cache/ganeti-instance-debootstrap`` is the given cache directory.
 Instance disks live in the test's work directory at the same path inside
 and outside, so a test can inspect them from the host.
 
@@ -68,6 +74,11 @@ BOUND_DIRECTORIES = ("/etc/ganeti", "/var/lib/ganeti", "/var/log/ganeti", "/srv"
 
 # What the package keeps in /etc/ganeti and the cluster's copy needs.
 PACKAGE_LINKS = ("lib", "share")
+
+# Where the Debian package of the OS definition puts it and its cache.
+PACKAGE_OS_PARENT = "/usr/share/ganeti/os"
+PACKAGE_CACHE_DIR = "/var/cache/ganeti-instance-debootstrap"
+GANETI_SHARE = "/usr/share/ganeti"
 
 SETUP_TIMEOUT = 120.0
 COMMAND_TIMEOUT = 600.0
@@ -305,9 +316,21 @@ class GanetiCluster:
 
     def __init__(self, os_dir: str | os.PathLike[str], workdir: str | os.PathLike[str],
                  *, os_name: str = "debootstrap", init_options: Sequence[str] = (),
-                 command_timeout: float = COMMAND_TIMEOUT) -> None:
+                 command_timeout: float = COMMAND_TIMEOUT,
+                 package_root: str | os.PathLike[str] | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None) -> None:
         self.os_dir = Path(os_dir).resolve()
         self.os_name = os_name
+        self.package_root = Path(package_root).resolve() if package_root else None
+        self.cache_dir = Path(cache_dir).resolve() if cache_dir else None
+        if self.package_root is not None:
+            if self.cache_dir is None:
+                raise ClusterError("package_root needs cache_dir: the package's "
+                                   "scripts keep their cache in " + PACKAGE_CACHE_DIR)
+            self.os_dir = self.package_root / PACKAGE_OS_PARENT.lstrip("/") / os_name
+        # Where Ganeti finds the definition, inside the namespaces.
+        self.os_path = (f"{PACKAGE_OS_PARENT}/{os_name}" if self.package_root
+                        else f"/srv/ganeti/os/{os_name}")
         self.workdir = Path(workdir).resolve()
         self.init_options = tuple(init_options)
         self.command_timeout = command_timeout
@@ -479,14 +502,60 @@ class GanetiCluster:
         (etc_ganeti / "file-storage-paths").write_text(f"{self.file_storage_dir}\n")
         self.state_dir.mkdir()
         self.log_dir.mkdir()
-        os_link = self.workdir / "srv" / "ganeti" / "os" / self.os_name
-        os_link.parent.mkdir(parents=True)
-        os_link.symlink_to(self.os_dir)
+        if self.package_root is None:
+            os_link = self.workdir / "srv" / "ganeti" / "os" / self.os_name
+            os_link.parent.mkdir(parents=True)
+            os_link.symlink_to(self.os_dir)
+        else:
+            (self.workdir / "srv").mkdir()
+            self._write_package_tree(etc_ganeti)
         self.hosts_file.write_text(
             "127.0.0.1 localhost\n"
             "::1 localhost ip6-localhost ip6-loopback\n"
             f"{NODE_IP} {NODE_NAME} {NODE_NAME.split('.')[0]}\n"
             f"{MASTER_IP} {CLUSTER_NAME} {CLUSTER_NAME.split('.')[0]}\n")
+
+    def _write_package_tree(self, etc_ganeti: Path) -> None:
+        """The scratch directories that show the package's files at its paths."""
+        assert self.package_root is not None
+        shutil.copytree(self.package_root / "etc/ganeti/instance-debootstrap",
+                        etc_ganeti / "instance-debootstrap", symlinks=True)
+        # /etc/default as the node has it (Ganeti reads /etc/default/ganeti),
+        # plus the package's settings file.
+        etc_default = self.workdir / "etc-default"
+        shutil.copytree("/etc/default", etc_default, symlinks=True)
+        shutil.copy2(self.package_root / "etc/default/ganeti-instance-debootstrap",
+                     etc_default / "ganeti-instance-debootstrap")
+        # /usr/share/ganeti: the node's entries (directories bound in at
+        # mount time) and os/<name>, where the package's OS dir is bound.
+        share = self.workdir / "usr-share-ganeti"
+        share.mkdir()
+        for entry in sorted(os.listdir(GANETI_SHARE)):
+            host = os.path.join(GANETI_SHARE, entry)
+            if os.path.islink(host):
+                (share / entry).symlink_to(os.readlink(host))
+            elif os.path.isdir(host):
+                (share / entry).mkdir()
+        (share / "os" / self.os_name).mkdir(parents=True)
+        (self.workdir / "var-cache" / "ganeti-instance-debootstrap").mkdir(parents=True)
+
+    def _mount_package_tree(self) -> None:
+        """Bind the package's files at its paths, inside the mount namespace only."""
+        assert self.package_root is not None and self.cache_dir is not None
+        share = self.workdir / "usr-share-ganeti"
+        for entry in sorted(os.listdir(share)):
+            if (share / entry).is_dir() and not (share / entry).is_symlink() \
+                    and entry != "os":
+                self._inside("mount", "--bind", os.path.join(GANETI_SHARE, entry),
+                             str(share / entry))
+        self._inside("mount", "--bind", str(self.os_dir),
+                     str(share / "os" / self.os_name))
+        var_cache = self.workdir / "var-cache"
+        self._inside("mount", "--bind", str(self.cache_dir),
+                     str(var_cache / "ganeti-instance-debootstrap"))
+        self._inside("mount", "--rbind", str(share), GANETI_SHARE)
+        self._inside("mount", "--rbind", str(var_cache), "/var/cache")
+        self._inside("mount", "--bind", str(self.workdir / "etc-default"), "/etc/default")
 
     def _inside(self, *argv: str) -> None:
         proc = self._probe(*argv)
@@ -507,6 +576,8 @@ class GanetiCluster:
         }
         for target, source in binds.items():
             self._inside("mount", "--bind", str(source), target)
+        if self.package_root is not None:
+            self._mount_package_tree()
         self._inside("hostname", NODE_NAME)
 
     def _set_up_network(self) -> None:

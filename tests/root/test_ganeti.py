@@ -1,9 +1,13 @@
 """Ganeti 3.0 drives the installed OS definition, as on a real node.
 
 One scenario, split into steps that share a module-scoped cluster (see
-ganeti_cluster.py): the definition is built from this work tree and
-``make install``-ed into a scratch prefix whose localstatedir holds the
-session's warm bootstrap cache (there is no network inside the cluster).
+ganeti_cluster.py): the definition is the Debian package built from this
+work tree (tests/debpackage.py), unpacked, and seen inside the cluster's
+mount namespace exactly where the package installs it:
+/usr/share/ganeti/os/debootstrap, /etc/default/ganeti-instance-debootstrap,
+/etc/ganeti/instance-debootstrap, and /var/cache/ganeti-instance-debootstrap
+holding the session's warm bootstrap cache (there is no network inside
+the cluster). Nothing is installed on the node.
 Ganeti lists and diagnoses it, then adds, refuses, reinstalls, renames,
 exports, imports and removes instances. After each step the instance's
 disk file is inspected from the node, read-only: partition 1 of the msdos
@@ -30,18 +34,19 @@ import pytest
 
 from ganeti_debootstrap.runner import output, run
 from tests.root.bootstrap_fixture import bootstrapped_localstatedir  # noqa: F401
+from tests.debpackage import BuiltPackage
 from tests.root.ganeti_cluster import (
-    CLEAN_ENVIRONMENT,
     NODE_NAME,
+    PACKAGE_OS_PARENT,
     GanetiCluster,
     host_state,
-    install_os_definition,
-    run_bounded,
     state_differences,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
 OS_NAME = "debootstrap"
+OS_PATH = f"{PACKAGE_OS_PARENT}/{OS_NAME}"
+VARIANTS_LIST = "/etc/ganeti/instance-debootstrap/variants.list"
+CLUSTER_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 SECTOR = 512
 # PARTITION_STYLE=msdos and PARTITION_ALIGNMENT=2048 are the defaults.
 DEFAULT_ALIGNMENT = 2048
@@ -140,8 +145,9 @@ def assert_no_warnings(proc: subprocess.CompletedProcess[str]) -> None:
     assert not warnings, "Ganeti warned:\n" + "\n".join(warnings)
 
 
-def variants(os_dir: Path) -> list[str]:
-    lines = (os_dir / "variants.list").read_text().splitlines()
+def variants(package_root: Path) -> list[str]:
+    """The variants the package publishes (its /etc/ganeti/.../variants.list)."""
+    lines = (package_root / VARIANTS_LIST.lstrip("/")).read_text().splitlines()
     return [v.strip() for v in lines if v.strip() and not v.lstrip().startswith("#")]
 
 
@@ -154,23 +160,33 @@ def add_instance(cluster: GanetiCluster, name: str, filesystem: str,
 
 
 @pytest.fixture(scope="module")
-def os_dir(tmp_path_factory: pytest.TempPathFactory,
-           bootstrapped_localstatedir: str) -> Path:  # noqa: F811
-    """The definition built from this tree, installed with the warm cache."""
+def package_root(tmp_path_factory: pytest.TempPathFactory,
+                 built_package: BuiltPackage) -> Path:
+    """The .deb built from this tree, unpacked as dpkg would install it."""
     start = time.monotonic()
-    installed = install_os_definition(ROOT, tmp_path_factory.mktemp("gidb-install"),
-                                      Path(bootstrapped_localstatedir))
-    print(f"\nautogen, configure, make, make install: "
-          f"{time.monotonic() - start:.1f} s")
-    return installed
+    root = tmp_path_factory.mktemp("gidb-package") / "root"
+    run(["dpkg-deb", "--extract", str(built_package.deb), str(root)])
+    print(f"\npackage build {built_package.seconds:.1f} s (once per session), "
+          f"dpkg-deb --extract {time.monotonic() - start:.1f} s")
+    return root
 
 
 @pytest.fixture(scope="module")
-def cluster(os_dir: Path, tmp_path_factory: pytest.TempPathFactory,
+def os_dir(package_root: Path) -> Path:
+    """The package's OS directory, seen from the node."""
+    return package_root / OS_PATH.lstrip("/")
+
+
+@pytest.fixture(scope="module")
+def cluster(os_dir: Path, package_root: Path, tmp_path_factory: pytest.TempPathFactory,
+            bootstrapped_localstatedir: str,  # noqa: F811
             ) -> Iterator[GanetiCluster]:
     workdir = tmp_path_factory.mktemp("ganeti")
     before = host_state(workdir, os_dir)
-    with GanetiCluster(os_dir, workdir / "cluster", os_name=OS_NAME) as running:
+    cache = Path(bootstrapped_localstatedir) / "cache" / "ganeti-instance-debootstrap"
+    with GanetiCluster(os_dir, workdir / "cluster", os_name=OS_NAME,
+                       package_root=package_root, cache_dir=cache) as running:
+        assert running.os_path == OS_PATH
         yield running
     timings = running.format_timings()
     (workdir / "timings.txt").write_text(timings + "\n")
@@ -184,21 +200,24 @@ def scenario() -> Scenario:
     return Scenario()
 
 
-def test_gnt_os_list_shows_every_variant(cluster: GanetiCluster, os_dir: Path) -> None:
+def test_gnt_os_list_shows_every_variant(cluster: GanetiCluster,
+                                         package_root: Path) -> None:
     listed = cluster.run("gnt-os", "list", "--no-headers").stdout.split()
     assert f"{OS_NAME}+default" in listed
-    assert listed == [f"{OS_NAME}+{v}" for v in variants(os_dir)]
+    assert listed == [f"{OS_NAME}+{v}" for v in variants(package_root)]
 
 
 def test_gnt_os_diagnose_finds_our_definition_valid(cluster: GanetiCluster,
-                                                    os_dir: Path) -> None:
+                                                    package_root: Path) -> None:
     diagnose = cluster.run("gnt-os", "diagnose").stdout
     print(f"\ngnt-os diagnose:\n{diagnose}")
     assert f"OS: {OS_NAME} [global status: valid]" in diagnose
-    assert f"Variants: [{', '.join(variants(os_dir))}]" in diagnose
-    # Found first in the search path, through the harness's symlink; Debian's
-    # shell edition (if installed) would be under /usr/share/ganeti/os.
-    assert f"status: valid (path: /srv/ganeti/os/{OS_NAME})" in diagnose
+    assert f"Variants: [{', '.join(variants(package_root))}]" in diagnose
+    # Found where the package installs it (and nowhere else).
+    assert f"status: valid (path: {OS_PATH})" in diagnose
+    # The OS dir's variants.list is the package's symlink to /etc.
+    target = cluster.run("readlink", f"{OS_PATH}/variants.list").stdout.strip()
+    assert target == VARIANTS_LIST
     assert "[API versions: 20, 15, 10, 5]" in diagnose
 
 
@@ -225,12 +244,12 @@ def test_add_creates_an_ext3_root_named_after_the_instance(
 
 
 def test_add_with_xfs_is_refused_with_our_verify_message(
-        cluster: GanetiCluster, os_dir: Path) -> None:
-    # What our verify says about xfs when Ganeti is not in between.
-    alone = run_bounded(["./verify", "parameters"], cwd=os_dir, timeout=60,
-                        env={**CLEAN_ENVIRONMENT, "OS_API_VERSION": "20",
-                             "OS_NAME": OS_NAME, "OS_VARIANT": "default",
-                             "OSP_FILESYSTEM": "xfs"})
+        cluster: GanetiCluster) -> None:
+    # What our verify says about xfs when Ganeti is not in between: run in
+    # the cluster's namespaces, from the package's OS dir, environment cleaned.
+    alone = cluster.run("env", "-i", "-C", OS_PATH, f"PATH={CLUSTER_PATH}",
+                        "OS_API_VERSION=20", f"OS_NAME={OS_NAME}", "OS_VARIANT=default",
+                        "OSP_FILESYSTEM=xfs", "./verify", "parameters", check=False)
     assert alone.returncode != 0
     message = [line.strip() for line in alone.stdout.splitlines() if line.strip()]
     assert message and "xfs" in alone.stdout
