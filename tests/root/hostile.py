@@ -22,6 +22,7 @@ and leave nothing attached (conftest's leak check).
 from __future__ import annotations
 
 import os
+import re
 import resource
 import shutil
 import signal
@@ -58,6 +59,11 @@ TEXT_FILES = (
     "/var/cache/debconf/config.dat",
     "/etc/default/grub.d/ganeti-instance-debootstrap.cfg",
 )
+# Those the scripts read (a 4 GiB sparse file at each of the others would
+# only slow dump and restore down).
+READ_FILES = ("/etc/hostname", "/etc/mailname", "/etc/hosts", "/etc/fstab",
+              "/etc/machine-id", "/etc/os-release", "/boot/grub/grub.cfg",
+              "/var/cache/debconf/config.dat")
 # The directories above them a script may write into.
 DIRECTORIES = ("/etc/ssh", "/etc/udev/rules.d", "/boot/grub", "/var/lib/dbus",
                "/var/cache/debconf", "/etc/default/grub.d", "/var/lib/systemd")
@@ -244,16 +250,36 @@ def up_to_root(link_path: str, root: str) -> str:
 
 
 def plant_symlink(root: str, inner: str, dest: str, how: str) -> None:
-    """``inner`` as a symlink to the node's ``dest``: absolute, via /proc/1/root,
-    or relative (``../../..``)."""
+    """``inner`` as a symlink to the node's ``dest``: absolute, via
+    /proc/self/root, or relative (``../../..``).
+
+    The link is checked to reach ``dest`` when followed on the node (where
+    the instance is mounted now): what a careless script would do.
+    """
     path = place(root, inner)
     if how == "absolute":
         target = dest
     elif how == "proc":
-        target = "/proc/1/root" + dest
+        target = "/proc/self/root" + dest
     else:
         target = up_to_root(path, root) + dest
     os.symlink(target, path)
+    if os.path.realpath(path) != os.path.realpath(dest):
+        raise AssertionError(f"{inner} -> {target} does not reach {dest} from {path}")
+
+
+def check_traps(root: str, marker: str) -> None:
+    """The planted traps record when run: on the node, and in a chroot into the
+    instance without /proc (inside the instance then)."""
+    subprocess.run([os.path.join(root, "usr/sbin/grub-install"), "--sanity"], check=True)
+    with open(marker) as f:
+        assert "grub-install --sanity" in f.read()
+    os.unlink(marker)
+    subprocess.run(["chroot", root, "/usr/bin/dpkg", "--sanity"], check=True)
+    inside = os.path.join(root, INSTANCE_MARKER.lstrip("/"))
+    with open(inside) as f:
+        assert "/usr/bin/dpkg --sanity" in f.read()
+    os.unlink(inside)
 
 
 def plant_special(root: str, inner: str, kind: str) -> None:
@@ -410,7 +436,9 @@ def judge(run: Run, *, names: Iterable[str], marker: str,
         tail = run.tail()
         last = tail.splitlines()[-1] if tail else ""
         if "Traceback" in tail or "Internal error" in tail:
-            verdict.problems.append(f"exit {run.returncode} with a traceback: {last[:160]}")
+            raised = re.findall(r"(?m)^(\w+(?:Error|Exception)\b.*)$", tail)
+            verdict.problems.append(f"exit {run.returncode} with a traceback: "
+                                    f"{(raised or [last])[-1][:160]}")
         elif not last.startswith(f"ERROR: {run.script} failed:"):
             verdict.problems.append(f"exit {run.returncode} without the final ERROR "
                                     f"line: {last[:160]}")
