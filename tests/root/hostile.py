@@ -439,9 +439,10 @@ def judge(run: Run, *, names: Iterable[str], marker: str,
             raised = re.findall(r"(?m)^(\w+(?:Error|Exception)\b.*)$", tail)
             verdict.problems.append(f"exit {run.returncode} with a traceback: "
                                     f"{(raised or [last])[-1][:160]}")
-        elif not last.startswith(f"ERROR: {run.script} failed:"):
-            verdict.problems.append(f"exit {run.returncode} without the final ERROR "
-                                    f"line: {last[:160]}")
+        elif f"ERROR: {run.script} failed:" not in tail:
+            # The message may go on over a few lines after it.
+            verdict.problems.append(f"exit {run.returncode} without the scripts' "
+                                    f"ERROR line at the end: {last[:160]}")
         elif names and not any(n in tail for n in names):
             verdict.problems.append(f"exit {run.returncode}, the error names none of "
                                     f"the hostile files: {last[:160]}")

@@ -315,3 +315,30 @@ def test_a_mounted_instance_is_private_nosuid_and_nodev(corpus, tmp_path, script
     if problems:
         pytest.fail(f"{script}: the instance's root at {point} ({','.join(options)}): "
                     + "; ".join(problems), pytrace=False)
+
+
+# --- a value from Ganeti never adds a line ------------------------------------------------
+
+@pytest.mark.parametrize("variable", ["INSTANCE_NAME", "OLD_INSTANCE_NAME"])
+@pytest.mark.parametrize("value", [f"{OLD_NAME}\n10.0.0.1 evil.example.org",
+                                   f"{OLD_NAME}\r", f"{OLD_NAME}\t#"],
+                         ids=["newline", "carriage-return", "tab"])
+def test_rename_refuses_a_name_with_a_control_character(corpus, tmp_path, variable, value):
+    disk = os.path.join(str(tmp_path), "instance.img")
+    subprocess.run(["cp", "--sparse=always", corpus.disk, disk], check=True)
+    files = ("/etc/hostname", "/etc/mailname", "/etc/hosts")
+
+    def contents() -> dict[str, str]:
+        with scripts.mounted_root(disk) as root:
+            return {f: scripts.read(root, f) for f in files}
+    before = contents()
+    env = hostile.rename_env(disk, new="renamed.example.org")
+    env[variable] = value
+    case = Case(f"{variable} ending in {value[len(OLD_NAME):]!r}", _traps)
+    # Any clear final error will do: the exact wording is the fix's to choose.
+    runner = Runner(corpus, case, str(tmp_path), ())
+    result = runner.run("rename", "rename", env, written=disk)
+    assert result.returncode not in (0, None), "a name with a control character was used"
+    assert contents() == before
+    if runner.failures:
+        pytest.fail("\n".join(runner.failures), pytrace=False)
