@@ -165,22 +165,47 @@ class Canaries:
         return snapshot(self.top)
 
 
-def snapshot(top: str) -> dict[str, tuple[object, ...]]:
+# The node's own files of the kinds the scripts write in an instance: a
+# script that lost track of which root it works in would change these.
+NODE_PATHS = ("/etc/hostname", "/etc/mailname", "/etc/hosts", "/etc/fstab",
+              "/etc/machine-id", "/var/lib/dbus/machine-id", "/etc/default/grub.d",
+              "/boot/grub", "/etc/udev/rules.d", "/etc/ssh", "/var/cache/debconf",
+              "/.gidb-trap-ran")
+
+
+def node_state() -> dict[str, tuple[object, ...]]:
+    """NODE_PATHS as :func:`snapshot` sees them (what exists of them)."""
     found: dict[str, tuple[object, ...]] = {}
+    for path in NODE_PATHS:
+        if os.path.lexists(path):
+            found.update({os.path.normpath(os.path.join(path, k)): v
+                          for k, v in snapshot(path).items()})
+    return found
+
+
+def snapshot(top: str) -> dict[str, tuple[object, ...]]:
+    """Every entry at or below ``top`` (not following symlinks)."""
+    found: dict[str, tuple[object, ...]] = {}
+    if not os.path.isdir(top) or os.path.islink(top):
+        st = os.lstat(top)
+        return {".": _entry(top, st)}
     for dirpath, dirnames, filenames in os.walk(top):
         for name in dirnames + filenames + [""]:
             path = os.path.join(dirpath, name) if name else dirpath
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                content: object = os.readlink(path)
-            elif stat.S_ISREG(st.st_mode):
-                with open(path, "rb") as f:
-                    content = f.read()
-            else:
-                content = None
-            found[os.path.relpath(path, top)] = (st.st_mode, st.st_uid, st.st_gid,
-                                                 st.st_size, st.st_mtime_ns, content)
+            found[os.path.relpath(path, top)] = _entry(path, os.lstat(path))
     return found
+
+
+def _entry(path: str, st: os.stat_result) -> tuple[object, ...]:
+    """Type, mode, owner, size, mtime and content (or link target) of ``path``."""
+    if stat.S_ISLNK(st.st_mode):
+        content: object = os.readlink(path)
+    elif stat.S_ISREG(st.st_mode):
+        with open(path, "rb") as f:
+            content = f.read()
+    else:
+        content = None
+    return (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, content)
 
 
 def snapshot_changes(before: Mapping[str, tuple[object, ...]],

@@ -171,12 +171,14 @@ class Runner:
             stdin_path: str | None = None, stdout_path: str | None = None) -> Run:
         """One run; ``written`` is the disk it writes, checked for traps that ran."""
         before = self.corpus.canaries.snapshot()
+        node_before = hostile.node_state()
         tmp_before = sorted(os.listdir(os.environ["TMPDIR"]))
         with open(stdin_path or os.devnull, "rb") as inp, \
                 open(stdout_path or os.devnull, "wb") as out:
             result = hostile.run_bounded(self.corpus.tree, script, env, stdin=inp.fileno(),
                                          stdout=out.fileno())
         changes = hostile.snapshot_changes(before, self.corpus.canaries.snapshot())
+        changes += hostile.snapshot_changes(node_before, hostile.node_state())
         changes += [f"new in TMPDIR: {n}" for n in
                     sorted(set(os.listdir(os.environ["TMPDIR"])) - set(tmp_before))]
         left = _leftovers(self.case_dir)
