@@ -42,7 +42,7 @@ RUN_TIMEOUT = 60.0
 STOP_GRACE = 15.0
 # The scripts' address space: reading a device or a huge file whole fails
 # fast instead of eating the node's memory (the test machine is shared).
-ADDRESS_SPACE_LIMIT = 2 * 2**30
+ADDRESS_SPACE_LIMIT = 2**30
 # Ganeti shows the administrator this many last lines of a failed script.
 TAIL_LINES = 20
 HUGE_FILE_BYTES = 4 * 2**30
@@ -136,6 +136,9 @@ class Canaries:
     """Files and directories on the node that symlinks in the instance point at."""
 
     top: str
+
+    def __post_init__(self) -> None:
+        os.makedirs(self.top, exist_ok=True)
 
     def file(self, inner: str) -> str:
         """The canary standing for the instance's file ``inner`` (made if missing)."""
@@ -315,7 +318,10 @@ def plant_special(root: str, inner: str, kind: str) -> None:
     elif kind == "chardev":
         os.mknod(path, 0o644 | stat.S_IFCHR, os.makedev(1, 5))  # /dev/zero
     elif kind == "blockdev":
-        os.mknod(path, 0o644 | stat.S_IFBLK, os.makedev(7, 0))  # /dev/loop0
+        # The node's own root disk: what a tenant would aim at.
+        node_disk = os.stat("/").st_dev
+        os.mknod(path, 0o644 | stat.S_IFBLK,
+                 os.makedev(os.major(node_disk), os.minor(node_disk)))
     elif kind == "socket":
         cwd = os.getcwd()
         os.chdir(os.path.dirname(path))  # a socket path is limited to 108 bytes
