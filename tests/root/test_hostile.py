@@ -180,7 +180,8 @@ class Runner:
         changes = hostile.snapshot_changes(before, self.corpus.canaries.snapshot())
         changes += hostile.snapshot_changes(node_before, hostile.node_state())
         changes += [f"new in TMPDIR: {n}" for n in
-                    sorted(set(os.listdir(os.environ["TMPDIR"])) - set(tmp_before))]
+                    sorted(set(os.listdir(os.environ["TMPDIR"])) - set(tmp_before))
+                    if not _private_and_empty(os.path.join(os.environ["TMPDIR"], n))]
         left = _leftovers(self.case_dir)
         if left:  # release, so that the next run starts clean
             _release(left)
@@ -193,6 +194,16 @@ class Runner:
             self.failures.append(f"{label}: {verdict.result}\n    last lines: "
                                  + result.tail(6).replace("\n", "\n      "))
         return result
+
+
+def _private_and_empty(path: str) -> bool:
+    """Whether ``path`` is a root-only directory holding nothing but directories:
+    a place a script may keep for its mount points (what is mounted there is
+    checked as a leftover)."""
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+        return False
+    return all(not files for _, _, files in os.walk(path))
 
 
 def _release(left: list[str]) -> None:
