@@ -219,7 +219,8 @@ def _release(left: list[str]) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[re.sub(r"[^a-z0-9]+", "-", c.name.lower())
                                               for c in CASES])
-def test_scripts_are_safe_on_a_hostile_instance(corpus, tmp_path, record_property, case):
+def test_scripts_are_safe_on_a_hostile_instance(corpus, tmp_path, record_testsuite_property,
+                                                case):
     case_dir = str(tmp_path)
     disk = os.path.join(case_dir, "hostile.img")
     subprocess.run(["cp", "--sparse=always", corpus.disk, disk], check=True)
@@ -257,7 +258,7 @@ def test_scripts_are_safe_on_a_hostile_instance(corpus, tmp_path, record_propert
             corpus.rows.append((case.name, "export again", "n/a (no import succeeded)", "", ""))
     for row in corpus.rows:
         if row[0] == case.name:  # the matrix in the junit report too
-            record_property(f"hostile: {row[1]}", f"{row[2]} ({row[3]})")
+            record_testsuite_property(f"hostile: {row[0]}: {row[1]}", f"{row[2]} ({row[3]})")
     if runner.failures:
         pytest.fail(f"{case.name}: unsafe on a hostile instance:\n  "
                     + "\n  ".join(runner.failures), pytrace=False)
