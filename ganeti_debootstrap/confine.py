@@ -21,9 +21,18 @@ then becomes PROGRAM:
   no /run and its unix sockets (a read-only mount would not stop connect()),
   no device node other than /dev/null;
 - only the capabilities restoring files needs (ownership, modes, device
-  nodes, file capabilities, inode flags, the filesystem's reserved blocks);
-  not CAP_SYS_ADMIN, CAP_SYS_CHROOT or CAP_SYS_PTRACE, so the namespace
-  cannot be undone or left, and no new privileges on exec;
+  nodes, file capabilities, inode flags, the filesystem's reserved blocks,
+  and CAP_SYS_ADMIN for the ``trusted.*`` and ``security.*`` extended
+  attributes); not CAP_SYS_CHROOT or CAP_SYS_PTRACE, and no new privileges
+  on exec;
+- a seccomp filter that refuses (EPERM) every system call CAP_SYS_ADMIN
+  would turn into a way out or into the node's kernel: the mount family,
+  namespaces (unshare, setns, clone with CLONE_NEW*), bpf, perf events,
+  keys, quotas, swap, file handles, ptrace, filesystem ioctls other than the
+  inode flags (freeze, shutdown, ...), and so on (:data:`BLOCKED_SYSCALLS`).
+  On an architecture without a system call table here, no filter: restore
+  runs without CAP_SYS_ADMIN (those attributes are not restored, import
+  warns);
 - a minimal environment, and SIGKILL when import dies.
 
 This file is run by path with ``python3 -I -S`` (no site, no path taken from
@@ -64,6 +73,8 @@ CAP_MKNOD = 27
 CAP_SETFCAP = 31
 KEPT_CAPABILITIES = (CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_FSETID,
                      CAP_LINUX_IMMUTABLE, CAP_SYS_RESOURCE, CAP_MKNOD, CAP_SETFCAP)
+# Kept as well when the seccomp filter is in place (trusted.*, security.*).
+CAP_SYS_ADMIN = 21
 
 # (The PATH runner.base_environment gives by default; only /usr and the
 # top-level program directories exist inside.)
@@ -106,6 +117,8 @@ PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -176,6 +189,243 @@ def _prctl(option: int, arg: int, what: str) -> None:
                        ctypes.c_ulong(0), ctypes.c_ulong(0)), what)
 
 
+# --- the seccomp filter ---------------------------------------------------------
+#
+# restore keeps CAP_SYS_ADMIN only to set trusted.* and security.* extended
+# attributes. Everything else that capability grants (capabilities(7)) is
+# taken back here, by system call: a classic BPF program run by the kernel
+# on every call restore (or anything it starts: the filter is inherited and
+# cannot be removed) makes.
+
+# System calls refused with EPERM, by what they would give a compromised
+# restore holding CAP_SYS_ADMIN.
+BLOCKED_SYSCALLS = (
+    # Undo or leave the new root: the namespace still holds the node's whole
+    # mount tree below it (a procfs mounted anywhere gives /proc/1/root).
+    "mount", "umount2", "pivot_root", "chroot", "open_tree", "move_mount",
+    "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr",
+    # Other namespaces: the node's (setns), or new ones where it is root of
+    # its own mounts (unshare; clone with CLONE_NEW*, checked below).
+    "unshare", "setns",
+    # The node's kernel: programs, tracing, its log, its keyrings (not
+    # namespaced: root's keyring is the node's), modules, kexec, reboot.
+    "bpf", "perf_event_open", "syslog", "keyctl", "add_key", "request_key",
+    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load",
+    "reboot", "lookup_dcookie",
+    # Whole filesystems and devices: quotas (of /usr's filesystem, the
+    # node's root), swap (a file of the instance as the node's swap),
+    # fanotify on a filesystem, opening files by handle (past any root).
+    "quotactl", "quotactl_fd", "swapon", "swapoff", "fanotify_init",
+    "name_to_handle_at", "open_by_handle_at",
+    # Other processes of the node (same pid namespace, same uid).
+    "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "kcmp",
+    "process_madvise",
+    # The machine's clock and names, I/O priority, accounting, terminals, ports.
+    "settimeofday", "clock_settime", "adjtimex", "clock_adjtime", "sethostname",
+    "setdomainname", "ioprio_set", "acct", "vhangup", "iopl", "ioperm",
+    # Calls made outside of seccomp's view, and faults restore never needs.
+    "io_uring_setup", "io_uring_enter", "io_uring_register", "userfaultfd",
+)
+
+# clone's flags that make new namespaces (CLONE_NEWNS, NEWCGROUP, NEWUTS,
+# NEWIPC, NEWUSER, NEWPID, NEWNET): EPERM. clone3 takes its flags in memory
+# that a filter cannot read: ENOSYS, so that the C library falls back to clone.
+CLONE_NEW_ANY = 0x7E020000
+# The ioctl requests allowed (the others: EPERM). Filesystems' own (freeze,
+# shutdown, resize, trim, btrfs subvolumes...) need only CAP_SYS_ADMIN and
+# reach the node's filesystems through /usr; restore sets inode flags only.
+ALLOWED_IOCTLS = (
+    0x80086601, 0x40086602,  # FS_IOC_GETFLAGS, FS_IOC_SETFLAGS
+    0x80046601, 0x40046602,  # FS_IOC32_GETFLAGS, FS_IOC32_SETFLAGS
+    0x5401, 0x5413,          # TCGETS (isatty), TIOCGWINSZ
+    0x541B, 0x5421,          # FIONREAD, FIONBIO
+    0x5450, 0x5451,          # FIONCLEX, FIOCLEX
+)
+# madvise advice from MADV_HWPOISON (100, MADV_SOFT_OFFLINE 101) on: poisons
+# a page, and libc's pages are the node's.
+MADV_HWPOISON = 100
+# socket and socketpair: only AF_UNIX (no node's socket is reachable). The
+# others are of no use to restore; AF_VSOCK ignores network namespaces and
+# reaches the hypervisor or the node's guests.
+AF_UNIX = 1
+
+
+class SyscallTable:
+    """One architecture's system call numbers, as its kernel sees them."""
+
+    def __init__(self, name: str, audit_arch: int, numbers: dict[str, int], *,
+                 last_reviewed: int, foreign_bit: int = 0) -> None:
+        self.name = name
+        # AUDIT_ARCH_* the kernel reports for a call of this ABI.
+        self.audit_arch = audit_arch
+        self.numbers = numbers
+        # Calls above this number were added after the list above was
+        # drawn up: ENOSYS (the C library falls back, as on an older kernel).
+        self.last_reviewed = last_reviewed
+        # A bit marking another ABI's calls under the same audit arch
+        # (x32 on x86_64): refused.
+        self.foreign_bit = foreign_bit
+
+
+# (Linux 6.10's mseal; every number above is later. The numbers from 424 on
+# are shared by every architecture.)
+LAST_REVIEWED = 462
+
+X86_64 = SyscallTable("x86_64", 0xC000003E, {
+    "ioctl": 16, "madvise": 28, "socket": 41, "socketpair": 53, "clone": 56,
+    "ptrace": 101, "syslog": 103, "vhangup": 153, "pivot_root": 155,
+    "adjtimex": 159, "chroot": 161, "acct": 163, "settimeofday": 164,
+    "mount": 165, "umount2": 166, "swapon": 167, "swapoff": 168, "reboot": 169,
+    "sethostname": 170, "setdomainname": 171, "iopl": 172, "ioperm": 173,
+    "init_module": 175, "delete_module": 176, "quotactl": 179,
+    "lookup_dcookie": 212, "clock_settime": 227, "kexec_load": 246,
+    "add_key": 248, "request_key": 249, "keyctl": 250, "ioprio_set": 251,
+    "unshare": 272, "perf_event_open": 298, "fanotify_init": 300,
+    "name_to_handle_at": 303, "open_by_handle_at": 304, "clock_adjtime": 305,
+    "setns": 308, "process_vm_readv": 310, "process_vm_writev": 311, "kcmp": 312,
+    "finit_module": 313, "kexec_file_load": 320, "bpf": 321, "userfaultfd": 323,
+    "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+    "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431,
+    "fsmount": 432, "fspick": 433, "clone3": 435, "pidfd_getfd": 438,
+    "process_madvise": 440, "mount_setattr": 442, "quotactl_fd": 443,
+}, last_reviewed=LAST_REVIEWED, foreign_bit=0x40000000)
+
+# arm64: the kernel's generic table (asm-generic/unistd.h); no iopl/ioperm.
+AARCH64 = SyscallTable("aarch64", 0xC00000B7, {
+    "lookup_dcookie": 18, "ioctl": 29, "ioprio_set": 30, "umount2": 39,
+    "mount": 40, "pivot_root": 41, "chroot": 51, "vhangup": 58, "quotactl": 60,
+    "acct": 89, "unshare": 97, "kexec_load": 104, "init_module": 105,
+    "delete_module": 106, "clock_settime": 112, "syslog": 116, "ptrace": 117,
+    "reboot": 142, "sethostname": 161, "setdomainname": 162, "settimeofday": 170,
+    "adjtimex": 171, "socket": 198, "socketpair": 199, "add_key": 217,
+    "request_key": 218, "keyctl": 219, "clone": 220, "swapon": 224,
+    "swapoff": 225, "madvise": 233, "perf_event_open": 241, "fanotify_init": 262,
+    "name_to_handle_at": 264, "open_by_handle_at": 265, "clock_adjtime": 266,
+    "setns": 268, "process_vm_readv": 270, "process_vm_writev": 271, "kcmp": 272,
+    "finit_module": 273, "bpf": 280, "userfaultfd": 282, "kexec_file_load": 294,
+    "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+    "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431,
+    "fsmount": 432, "fspick": 433, "clone3": 435, "pidfd_getfd": 438,
+    "process_madvise": 440, "mount_setattr": 442, "quotactl_fd": 443,
+}, last_reviewed=LAST_REVIEWED)
+
+TABLES = {"x86_64": X86_64, "aarch64": AARCH64}
+
+
+def host_table(machine: str | None = None, pointer_size: int | None = None,
+               byteorder: str | None = None) -> SyscallTable | None:
+    """This interpreter's system call table, or None where there is none here.
+
+    The interpreter's own ABI counts, not only the kernel's: a 32-bit
+    userland on a 64-bit kernel makes calls of another audit arch.
+    """
+    machine = os.uname().machine if machine is None else machine
+    pointer_size = ctypes.sizeof(ctypes.c_void_p) if pointer_size is None else pointer_size
+    byteorder = sys.byteorder if byteorder is None else byteorder
+    if pointer_size != 8 or byteorder != "little":
+        return None
+    return TABLES.get(machine)
+
+
+# Classic BPF (linux/filter.h, linux/seccomp.h).
+BPF_LD_W_ABS = 0x20
+BPF_JEQ_K = 0x15
+BPF_JGT_K = 0x25
+BPF_JGE_K = 0x35
+BPF_JSET_K = 0x45
+BPF_RET_K = 0x06
+SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_ERRNO = 0x00050000
+EPERM = 1
+ENOSYS = 38
+# struct seccomp_data: int nr; __u32 arch; __u64 instruction_pointer;
+# __u64 args[6]. The low half of an argument (little endian): every argument
+# checked is an int or flags the kernel truncates to 32 bits.
+DATA_NR = 0
+DATA_ARCH = 4
+
+
+def _arg_low(index: int) -> int:
+    return 16 + 8 * index
+
+
+Instruction = tuple[int, int, int, int]  # code, jt, jf, k
+
+
+def filter_program(table: SyscallTable) -> list[Instruction]:
+    """The BPF program for ``table``: (code, jump if true, jump if false, k)."""
+    code: list[tuple[int, int | str, int | str, int]] = []
+    labels: dict[str, int] = {}
+
+    def op(opcode: int, k: int, jt: int | str = 0, jf: int | str = 0) -> None:
+        code.append((opcode, jt, jf, k))
+
+    nr = table.numbers
+    op(BPF_LD_W_ABS, DATA_ARCH)
+    op(BPF_JEQ_K, table.audit_arch, 0, "eperm")  # another ABI (i386's int 0x80...)
+    op(BPF_LD_W_ABS, DATA_NR)
+    if table.foreign_bit:
+        op(BPF_JGE_K, table.foreign_bit, "eperm")
+    op(BPF_JGT_K, table.last_reviewed, "enosys")
+    op(BPF_JEQ_K, nr["clone3"], "enosys")
+    for name in BLOCKED_SYSCALLS:
+        if name in nr:
+            op(BPF_JEQ_K, nr[name], "eperm")
+    op(BPF_JEQ_K, nr["clone"], "clone")
+    op(BPF_JEQ_K, nr["ioctl"], "ioctl")
+    op(BPF_JEQ_K, nr["madvise"], "madvise")
+    op(BPF_JEQ_K, nr["socket"], "socket")
+    op(BPF_JEQ_K, nr["socketpair"], "socket")
+    op(BPF_RET_K, SECCOMP_RET_ALLOW)
+    labels["clone"] = len(code)
+    op(BPF_LD_W_ABS, _arg_low(0))
+    op(BPF_JSET_K, CLONE_NEW_ANY, "eperm", "allow")
+    labels["madvise"] = len(code)
+    op(BPF_LD_W_ABS, _arg_low(2))
+    op(BPF_JGE_K, MADV_HWPOISON, "eperm", "allow")
+    labels["socket"] = len(code)
+    op(BPF_LD_W_ABS, _arg_low(0))
+    op(BPF_JEQ_K, AF_UNIX, "allow", "eperm")
+    labels["ioctl"] = len(code)
+    op(BPF_LD_W_ABS, _arg_low(1))
+    for request in ALLOWED_IOCTLS:
+        op(BPF_JEQ_K, request, "allow")
+    labels["eperm"] = len(code)
+    op(BPF_RET_K, SECCOMP_RET_ERRNO | EPERM)
+    labels["enosys"] = len(code)
+    op(BPF_RET_K, SECCOMP_RET_ERRNO | ENOSYS)
+    labels["allow"] = len(code)
+    op(BPF_RET_K, SECCOMP_RET_ALLOW)
+
+    def offset(at: int, jump: int | str) -> int:
+        if isinstance(jump, int):
+            return jump
+        distance = labels[jump] - at - 1
+        if not 0 <= distance <= 255:
+            raise ValueError(f"BPF jump to {jump} out of range at {at}")
+        return distance
+
+    return [(c, offset(i, jt), offset(i, jf), k) for i, (c, jt, jf, k) in enumerate(code)]
+
+
+class SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8),
+                ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+
+def install_filter(program: list[Instruction]) -> None:
+    """Install ``program`` for this process and all it starts, for good."""
+    instructions = (SockFilter * len(program))(*(SockFilter(*i) for i in program))
+    fprog = SockFprog(len(program), instructions)
+    _check(_libc.prctl(ctypes.c_int(PR_SET_SECCOMP), ctypes.c_ulong(SECCOMP_MODE_FILTER),
+                       ctypes.byref(fprog), ctypes.c_ulong(0), ctypes.c_ulong(0)),
+           "install the seccomp filter")
+
+
 def build_root(target: str) -> str:
     """Assemble the new root in this (already private) namespace; its path."""
     target_fd = os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -241,18 +491,35 @@ def current_capabilities() -> tuple[int, int]:
     return last, permitted
 
 
-def drop_privileges(last: int, permitted: int) -> None:
+def drop_privileges(last: int, permitted: int, table: SyscallTable | None) -> bool:
     """Keep only KEPT_CAPABILITIES (those of ``permitted`` we have), for
-    good: bounding set, ambient set, no new privileges."""
+    good: bounding set, ambient set, no new privileges; and CAP_SYS_ADMIN
+    behind the seccomp filter for ``table``, when there is one and the
+    kernel takes it. Whether it did.
+    """
+    kept = KEPT_CAPABILITIES + ((CAP_SYS_ADMIN,) if table is not None else ())
     for cap in range(last + 1):
-        if cap not in KEPT_CAPABILITIES:
+        if cap not in kept:
             _prctl(PR_CAPBSET_DROP, cap, f"drop capability {cap}")
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "clear ambient capabilities")
-    mask = sum(1 << cap for cap in KEPT_CAPABILITIES) & permitted
+    _prctl(PR_SET_NO_NEW_PRIVS, 1, "set no_new_privs")
+    filtered = False
+    if table is not None:
+        try:
+            install_filter(filter_program(table))
+            filtered = True
+        except SetupError as exc:
+            # (Still holding CAP_SETPCAP: the capabilities are set below.)
+            _prctl(PR_CAPBSET_DROP, CAP_SYS_ADMIN, "drop capability CAP_SYS_ADMIN")
+            kept = KEPT_CAPABILITIES
+            print(f"confine: warning: {exc}; trusted.* and security.* extended "
+                  f"attributes (other than file capabilities) are not restored",
+                  file=sys.stderr)
+    mask = sum(1 << cap for cap in kept) & permitted
     header = CapHeader(LINUX_CAPABILITY_VERSION_3, 0)
     data = (CapData * 2)(CapData(mask, mask, 0), CapData(0, 0, 0))
     _check(_libc.capset(ctypes.byref(header), data), "set capabilities")
-    _prctl(PR_SET_NO_NEW_PRIVS, 1, "set no_new_privs")
+    return filtered
 
 
 def confine(target: str) -> None:
@@ -271,7 +538,7 @@ def confine(target: str) -> None:
     os.chdir(root)
     os.chroot(".")
     os.chdir(INSIDE_TARGET)
-    drop_privileges(last_cap, permitted)
+    drop_privileges(last_cap, permitted, host_table())
 
 
 def main(argv: list[str]) -> int:

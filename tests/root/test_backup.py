@@ -7,6 +7,7 @@ restore(8), and what they hold must import here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -24,6 +25,8 @@ from tests.treecompare import differences
 # come back identical.
 CHANGED_BY_IMPORT = ("lost+found", "etc/fstab", "etc/machine-id")
 MTIME_CHANGED_BY_IMPORT = ("etc",)
+# An IMA hash attribute (IMA_XATTR_DIGEST_NG, SHA-256) of "measured\n".
+IMA_HASH = b"\x04\x04" + hashlib.sha256(b"measured\n").digest()
 
 
 def export_env(disk: str, **extra: str) -> dict[str, str]:
@@ -79,6 +82,15 @@ def test_export_wipe_import_gives_back_the_same_tree(tree, tmp_path, style, fsty
         subprocess.run(["setfacl", "-m", "u:1234:rw", probe], check=True)
         os.setxattr(probe, "user.site", b"kept")
         os.link(probe, os.path.join(root, "root/probe-link"))
+        # Attributes only CAP_SYS_ADMIN sets: an overlayfs upper directory's
+        # opaque marker (Docker's overlay2 inside the guest), an IMA hash.
+        opaque = os.path.join(root, "root/upper/deleted-and-recreated")
+        os.makedirs(opaque)
+        os.setxattr(opaque, "trusted.overlay.opaque", b"y")
+        measured = os.path.join(root, "root/measured")
+        with open(measured, "w") as f:
+            f.write("measured\n")
+        os.setxattr(measured, "security.ima", IMA_HASH)
     before = str(tmp_path / "before")
     copy_tree_out(disk, before)
 
@@ -103,6 +115,10 @@ def test_export_wipe_import_gives_back_the_same_tree(tree, tmp_path, style, fsty
         assert not os.path.exists(os.path.join(root, "restoresymtable"))
         assert subprocess.run(["getcap", os.path.join(root, "root/probe")],
                               capture_output=True, text=True).stdout.split()[-1] == "cap_net_raw=ep"
+        # (Also compared above; named here so that a loss reads plainly.)
+        assert os.getxattr(os.path.join(root, "root/upper/deleted-and-recreated"),
+                           "trusted.overlay.opaque") == b"y"
+        assert os.getxattr(os.path.join(root, "root/measured"), "security.ima") == IMA_HASH
 
 
 @pytest.fixture

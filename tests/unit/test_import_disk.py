@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -89,3 +90,23 @@ def test_a_missing_restore_names_its_package(fake_runner, tmp_path):
     finally:
         os.close(fd)
     assert "'restore'" in str(err.value) and "'dump'" in str(err.value)
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "ppc64le"])
+def test_only_where_restore_runs_without_cap_sys_admin_import_warns_of_the_lost_xattrs(
+        fake_runner, tmp_path, monkeypatch, caplog, machine):
+    # (confine.py decides by the same table: none, no filter, no CAP_SYS_ADMIN.)
+    real_table = confine.host_table
+    monkeypatch.setattr(confine, "host_table", lambda: real_table(machine, 8, "little"))
+    fake_runner.expect("/usr/bin/python3")
+    fd = stream_fd(COMPLETE)
+    try:
+        with caplog.at_level(logging.WARNING):
+            import_disk.restore_stream(str(tmp_path), fd)
+    finally:
+        os.close(fd)
+    warnings = [r for r in caplog.records if "trusted.*" in r.getMessage()]
+    if machine == "x86_64":
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
