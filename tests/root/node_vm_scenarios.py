@@ -1,6 +1,6 @@
 """The production path, run inside the node VM (tests/root/node_vm.py boots it).
 
-Usage (inside the VM, as root): node_vm_scenarios.py DATA_DIR LVM_DISK
+Usage (inside the VM, as root): node_vm_scenarios.py DATA_DIR LVM_DISK [measure]
 
 DATA_DIR is the data disk mounted: ``src/`` (the OS definition's source:
 ``ganeti_debootstrap/`` and ``tests/launch.py``) and ``var/`` (a
@@ -142,6 +142,12 @@ def must_succeed(what: str, res: subprocess.CompletedProcess[bytes]) -> str:
     if res.returncode != 0:
         raise Failed(f"{what} exited {res.returncode}:\n{log[-1500:]}")
     return log
+
+
+def phases(log: str) -> str:
+    """The script's phase timings from its log ("dump 12.3 s, ...")."""
+    found = re.findall(r"(?m)^([\w ()]+): done in ([\d.]+) s$", log)
+    return ", ".join(f"{name} {seconds} s" for name, seconds in found)
 
 
 def partition_path(log: str) -> str:
@@ -397,6 +403,7 @@ def s_export_import_rename(node: Node) -> Outcome:
         log = must_succeed("export", node.run("export", env, stdout=out.fileno()))
     seconds = [time.monotonic() - started]
     size = os.path.getsize(dump)
+    export_phases = phases(log)
     paths = [partition_path(log)]
     no_leftovers("after export")
     target = node.lv("imported")
@@ -422,7 +429,33 @@ def s_export_import_rename(node: Node) -> Outcome:
     detail = check_instance(target, "msdos", new)
     times = ", ".join(f"{what} {t:.1f} s" for what, t in
                       zip(("export", "import", "rename"), seconds))
-    return "/".join(paths), f"{times} (dump {size >> 20} MiB): {detail}"
+    return "/".join(paths), (f"{times} (dump {size >> 20} MiB; export phases: "
+                             f"{export_phases}): {detail}")
+
+
+def s_export_without_kpartx(node: Node) -> Outcome:
+    """The same export through the offset loop device, for the comparison."""
+    source = f"/dev/{VG}/msdos"
+    dump = os.path.join(node.scratch, "loop.dump")
+    env = node.env(INSTANCE_NAME=HOSTNAME, DISK_COUNT="1", DISK_0_PATH=source,
+                   EXPORT_INDEX="0", EXPORT_DISK_PATH=source, EXPORT_DEVICE=source)
+    kpartx = shutil.which("kpartx", path=PATH)
+    if kpartx is None:
+        raise Failed("kpartx is not installed on the node")
+    hidden = kpartx + ".hidden"
+    os.rename(kpartx, hidden)
+    try:
+        started = time.monotonic()
+        with open(dump, "wb") as out:
+            log = must_succeed("export", node.run("export", env, stdout=out.fileno()))
+        seconds = time.monotonic() - started
+        size = os.path.getsize(dump)
+        os.unlink(dump)
+        no_leftovers("after export")
+    finally:
+        os.rename(hidden, kpartx)
+    return partition_path(log), (f"export {seconds:.1f} s (dump {size >> 20} MiB; "
+                                 f"phases: {phases(log)})")
 
 
 def s_kpartx_absent(node: Node) -> Outcome:
@@ -451,6 +484,12 @@ SCENARIOS: list[tuple[str, Callable[[Node], Outcome]]] = [
     ("create_msdos_on_lv_without_kpartx", s_kpartx_absent),
     ("export_import_rename_on_lvs", s_export_import_rename),
 ]
+# Run only when asked (argument "measure"): the same export through the
+# offset loop device, to compare with export_import_rename_on_lvs'. About
+# 100-180 s under emulation, outside CI's budget.
+MEASUREMENTS: list[tuple[str, Callable[[Node], Outcome]]] = [
+    ("export_on_lv_without_kpartx", s_export_without_kpartx),
+]
 
 
 def report(name: str, ok: bool, path: str, seconds: float, detail: str) -> None:
@@ -462,7 +501,7 @@ def report(name: str, ok: bool, path: str, seconds: float, detail: str) -> None:
 
 def main() -> int:
     data, pv = sys.argv[1:3]
-    only = set(sys.argv[3:])
+    measure = "measure" in sys.argv[3:]
     node = Node(data, pv)
     start = time.monotonic()
     try:
@@ -472,9 +511,7 @@ def main() -> int:
         return 1
     report("setup", True, "-", time.monotonic() - start, detail)
     failed = 0
-    for name, scenario in SCENARIOS:
-        if only and name not in only:
-            continue
+    for name, scenario in SCENARIOS + (MEASUREMENTS if measure else []):
         start = time.monotonic()
         try:
             path, detail = scenario(node)

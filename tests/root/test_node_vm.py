@@ -15,7 +15,7 @@ import os
 import pytest
 
 from tests.root import bootstrap_fixture, node_vm
-from tests.root.node_vm_scenarios import SCENARIOS
+from tests.root.node_vm_scenarios import MEASUREMENTS, SCENARIOS
 
 pytestmark = pytest.mark.skipif(os.uname().machine != "x86_64",
                                 reason="boots an amd64 node under qemu-system-x86_64")
@@ -31,6 +31,7 @@ EXPECTED_PATH = {
     "sigkill_during_create_on_lv": "kpartx",
     "export_import_rename_on_lvs": "kpartx/kpartx/kpartx",
     "create_msdos_on_lv_without_kpartx": "offset loop device",
+    "export_on_lv_without_kpartx": "offset loop device",
 }
 
 
@@ -40,7 +41,8 @@ def node_run(request, tmp_path_factory) -> node_vm.NodeRun:
                      or bootstrap_fixture._built.get("path")
                      or str(tmp_path_factory.mktemp("node-localstatedir")))
     os.makedirs(localstatedir, exist_ok=True)
-    run = node_vm.run_node_vm(localstatedir, tmp_path_factory.mktemp("node-vm"))
+    run = node_vm.run_node_vm(localstatedir, tmp_path_factory.mktemp("node-vm"),
+                              measure=os.environ.get(node_vm.MEASURE_VARIABLE) == "1")
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         for line in node_vm.summary(run).splitlines():
@@ -49,7 +51,7 @@ def node_run(request, tmp_path_factory) -> node_vm.NodeRun:
 
 
 def test_every_scenario_is_known_here():
-    assert set(EXPECTED_PATH) == {name for name, _ in SCENARIOS}
+    assert set(EXPECTED_PATH) == {name for name, _ in SCENARIOS + MEASUREMENTS}
 
 
 def test_node_vm_sets_up_lvm_and_reports_every_scenario(node_run):
@@ -61,6 +63,20 @@ def test_node_vm_sets_up_lvm_and_reports_every_scenario(node_run):
 
 @pytest.mark.parametrize("name", [name for name, _ in SCENARIOS])
 def test_scenario(node_run, name):
+    _check(node_run, name)
+
+
+def test_measurements_when_asked(node_run):
+    """With GIDB_NODE_VM_MEASURE=1 the measurements ran and passed; else none ran."""
+    names = [name for name, _ in MEASUREMENTS]
+    if os.environ.get(node_vm.MEASURE_VARIABLE) != "1":
+        assert not set(names) & set(node_run.results)
+        return
+    for name in names:
+        _check(node_run, name)
+
+
+def _check(node_run, name):
     result = node_run.results.get(name)
     assert result is not None, f"no result; output:\n{node_run.output[-3000:]}"
     assert result.ok, result.detail
