@@ -10,6 +10,7 @@ after the run and checked below.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -43,10 +44,15 @@ def node_run(request, tmp_path_factory) -> node_vm.NodeRun:
     os.makedirs(localstatedir, exist_ok=True)
     run = node_vm.run_node_vm(localstatedir, tmp_path_factory.mktemp("node-vm"),
                               measure=os.environ.get(node_vm.MEASURE_VARIABLE) == "1")
+    # Shown whatever the capture and -r options: each scenario's partition
+    # path and time are what this module reports.
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
     if reporter is not None:
-        for line in node_vm.summary(run).splitlines():
-            reporter.write_line(line)
+        with (capture.global_and_fixture_disabled() if capture is not None
+              else contextlib.nullcontext()):
+            for line in node_vm.summary(run).splitlines():
+                reporter.write_line(line)
     return run
 
 
