@@ -286,8 +286,43 @@ def check_disk_usable(path: str) -> None:
             f"The instance disk {path} is in use as swap on this node. Turn it "
             f"off (swapoff) and retry.")
     if stat.S_ISBLK(st.st_mode):
+        _check_no_holders(path, _devnum(st.st_rdev))
         _check_not_claimed(path)
     _check_not_open(path)
+
+
+def holder_names(dev: Devnum) -> list[str]:
+    """The devices built directly on ``dev``: device-mapper names, else the kernel's."""
+    base = os.path.join(_sysdir(dev), "holders")
+    names = []
+    for entry in _listdir(base):
+        try:
+            with open(os.path.join(base, entry, "dm", "name"), encoding="utf-8",
+                      errors="surrogateescape") as f:
+                names.append(f.read().strip() or entry)
+        except OSError:
+            names.append(entry)  # md, DRBD: no device-mapper name
+    return names
+
+
+def _check_no_holders(path: str, dev: Devnum) -> None:
+    """Refuse a block device something is built on (a kpartx mapping, DRBD...).
+
+    The exclusive open below would refuse it too, but without naming the
+    holder; a partition mapping left by an interrupted run (or someone
+    else's) is common on nodes with device-mapper, and its name says what
+    to remove.
+    """
+    names = holder_names(dev)
+    if not names:
+        return
+    raise DiskError(
+        f"The instance disk {path} is in use: {', '.join(names)} "
+        f"{'is' if len(names) == 1 else 'are'} built on it. Partition mappings "
+        f"(names ending in -part1, -part2...) left by an interrupted run or "
+        f"another tool are removed with 'kpartx -d -p -part {path}' once "
+        f"nothing uses them; otherwise find the user (dmsetup ls --tree; "
+        f"lsblk {path}) and release it before retrying.")
 
 
 def _check_not_open(path: str) -> None:

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -305,26 +306,39 @@ def device_mapper_available() -> bool:
     return True
 
 
+def kpartx_installed() -> bool:
+    """Whether kpartx is on the PATH the scripts' commands run with.
+
+    A node with device-mapper but without kpartx (the package is only
+    recommended by Ganeti's) still gets its partition mapped, through an
+    offset loop device like a node without device-mapper.
+    """
+    return shutil.which("kpartx", path=runner.base_environment()["PATH"]) is not None
+
+
 @contextlib.contextmanager
 def mapped_root(dev: str, layout: Layout, read_only: bool = False) -> Iterator[str]:
     """A block device for the root filesystem of ``layout`` on ``dev``.
 
     "none": ``dev`` itself. Otherwise a kpartx mapping of partition 1 on
-    nodes with device-mapper, else a loop device over its byte range;
-    released on exit.
+    nodes with device-mapper and kpartx, else a loop device over its byte
+    range; released on exit. The log says which one was used.
     """
     # The kernel's own partition devices (/dev/sda1) are never used, even
     # where they exist: the table was just written without telling the
     # kernel, so its view may be stale, and Ganeti's disks (LVM, DRBD, loop)
     # have none anyway. kpartx and the offset loop read the table as it is.
     if layout.style == "none":
+        log.info("Root filesystem: the whole disk %s (no partition table)", dev)
         yield dev
-    elif device_mapper_available():
+    elif device_mapper_available() and kpartx_installed():
         with _kpartx_mapping(dev, read_only) as part:
+            log.info("Partition 1 of %s: %s (kpartx)", dev, part)
             yield part
     else:
         with blockdev.loop_device(dev, offset=layout.offset_bytes,
                                   size=layout.size_bytes, read_only=read_only) as part:
+            log.info("Partition 1 of %s: %s (offset loop device)", dev, part)
             yield part
 
 

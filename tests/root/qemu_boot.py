@@ -375,7 +375,7 @@ def _prepare_shell(console: Console, nonce: str, settle: bool) -> None:
 
 
 def _run_command(console: Console, command: str, index: int | str,
-                 nonce: str) -> tuple[str, int]:
+                 nonce: str, step_timeout: float = STEP_TIMEOUT) -> tuple[str, int]:
     """Run one shell command; its output and exit status, found by markers.
 
     The markers are typed with an empty quote in the middle, so the echo of
@@ -392,7 +392,7 @@ def _run_command(console: Console, command: str, index: int | str,
     console.expect(re.compile(re.escape(begin) + "\n"), f"start of {command!r}")
     start = console.pos
     done = console.expect(re.compile(re.escape(end) + r"-(\d+)\n"),
-                          f"end of {command!r}")
+                          f"end of {command!r}", timeout=step_timeout)
     out = console.text[start:done.start()]
     console.expect(_SHELL_PROMPT, f"shell prompt after {command!r}")
     return out, int(done.group(1))
@@ -401,12 +401,14 @@ def _run_command(console: Console, command: str, index: int | str,
 def run_console_session(argv: Sequence[str], *, commands: Sequence[str],
                         expect_hostname: str | None, timeout: float,
                         transcript_path: Path, check: bool = True,
-                        settle: bool = True) -> BootResult:
+                        settle: bool = True,
+                        step_timeout: float = STEP_TIMEOUT) -> BootResult:
     """Start ``argv`` (qemu, serial console on stdio) and drive a login session.
 
-    Pagers are off in the shell; with ``settle`` (see :func:`_prepare_shell`),
-    the boot has finished and kernel messages are off the console before the
-    first command runs.
+    Each command may take ``step_timeout`` seconds (cut short by the whole
+    session's ``timeout``). Pagers are off in the shell; with ``settle``
+    (see :func:`_prepare_shell`), the boot has finished and kernel messages
+    are off the console before the first command runs.
 
     qemu is killed in ``finally`` whatever happens, Ctrl-C included; every
     failure raises :class:`BootFailed` ending with the console's tail.
@@ -430,7 +432,8 @@ def run_console_session(argv: Sequence[str], *, commands: Sequence[str],
             outputs: list[str] = []
             statuses: list[int] = []
             for index, command in enumerate(commands):
-                out, status = _run_command(console, command, index, nonce)
+                out, status = _run_command(console, command, index, nonce,
+                                           step_timeout)
                 if check and status != 0:
                     raise BootFailed(f"{command!r} exited with status {status}; "
                                      f"its output:\n{out}")

@@ -238,3 +238,31 @@ def test_losetup_printing_no_device_is_an_error(fake_runner, disk_file):
     with pytest.raises(DiskError, match="losetup -a"):
         with blockdev.attached(disk_file):
             pass
+
+
+def make_holder(sysfs, devnum: str, holder: str, dm_name: str | None) -> None:
+    """Make sysfs show ``holder`` built on ``devnum`` (a dm device if ``dm_name``)."""
+    base = sysfs / "dev" / "block" / devnum
+    (base / "holders").mkdir(parents=True, exist_ok=True)
+    target = sysfs / "block" / holder
+    (target / "dm").mkdir(parents=True) if dm_name else target.mkdir(parents=True)
+    if dm_name:
+        (target / "dm" / "name").write_text(dm_name + "\n")
+    (base / "holders" / holder).symlink_to(target)
+
+
+def test_holders_are_named_by_their_device_mapper_names(fake_system):
+    sysfs, _, _ = fake_system
+    make_holder(sysfs, "253:2", "dm-5", "xenvg-disk0-part1")
+    make_holder(sysfs, "253:2", "drbd0", None)
+    assert blockdev.holder_names((253, 2)) == ["xenvg-disk0-part1", "drbd0"]
+    assert blockdev.holder_names((253, 3)) == []
+
+
+def test_disk_with_a_holder_is_refused_naming_it_and_the_cleanup(fake_system):
+    sysfs, _, _ = fake_system
+    make_holder(sysfs, "253:2", "dm-5", "xenvg-disk0-part1")
+    with pytest.raises(DiskError, match=r"xenvg-disk0-part1 is built on it\. .*"
+                       r"'kpartx -d -p -part /dev/xenvg/disk0'"):
+        blockdev._check_no_holders("/dev/xenvg/disk0", (253, 2))
+    blockdev._check_no_holders("/dev/xenvg/disk1", (253, 3))

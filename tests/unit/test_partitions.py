@@ -33,6 +33,7 @@ def mapper(tmp_path, monkeypatch) -> str:
     path.mkdir()
     monkeypatch.setattr(partitions, "MAPPER_DIR", str(path))
     monkeypatch.setattr(partitions, "device_mapper_available", lambda: True)
+    monkeypatch.setattr(partitions, "kpartx_installed", lambda: True)
     return str(path)
 
 
@@ -211,6 +212,30 @@ def test_with_device_mapper_the_partition_is_a_kpartx_mapping(fake_runner, mappe
         "kpartx -l -p -part /dev/loop0",
         "kpartx -a -s -p -part /dev/loop0",
         "kpartx -d -p -part /dev/loop0"]
+
+
+def test_with_device_mapper_but_no_kpartx_the_partition_is_an_offset_loop_device(
+        fake_runner, mapper, monkeypatch, caplog):
+    monkeypatch.setattr(partitions, "kpartx_installed", lambda: False)
+    fake_runner.expect("losetup", "--find", "--show", stdout="/dev/loop1\n")
+    fake_runner.expect("losetup", "--detach")
+    layout = partitions.Layout("msdos", 2048, SECTORS - 2048)
+    with caplog.at_level("INFO", logger="ganeti_debootstrap"):
+        with partitions.mapped_root("/dev/xenvg/disk0", layout) as dev:
+            assert dev == "/dev/loop1"
+    assert fake_runner.commands() == [
+        f"losetup --find --show --offset {MIB} --sizelimit {DISK - MIB} /dev/xenvg/disk0",
+        "losetup --detach /dev/loop1"]
+    assert "Partition 1 of /dev/xenvg/disk0: /dev/loop1 (offset loop device)" in caplog.text
+
+
+def test_kpartx_installed_looks_on_the_scripts_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert not partitions.kpartx_installed()
+    program = tmp_path / "kpartx"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    assert partitions.kpartx_installed()
 
 
 def test_kpartx_name_comes_from_kpartx_for_lvm_volumes(fake_runner, mapper):
