@@ -14,7 +14,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-from . import (blockdev, bootloader, bootstrap, cache, hooks, image_cache, instance_disk,
+from . import (access, blockdev, bootloader, bootstrap, cache, hooks, image_cache, instance_disk,
                instance_files, log, mounts, network, osparams, settings)
 from .errors import DefinitionError
 from .environment import Request
@@ -46,6 +46,7 @@ def plan(request: Request, paths: Paths) -> Plan:
     # With GRUB, its packages join EXTRA_PKGS, so the cache key too.
     conf = bootloader.resolve(conf, params.bootloader, arch)
     instance = instance_files.Instance.from_request(request, params, conf)
+    access.refuse_without_sudo(params.admin_user, conf.extra_pkgs)
     refuse_early(request, conf, paths)
     return Plan(conf, params, tool, arch, instance)
 

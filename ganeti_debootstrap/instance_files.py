@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import apt_sources, network, runner
+from . import access, apt_sources, network, runner
 from .environment import Request
 from .errors import DefinitionError
 from .names import short_hostname
@@ -52,6 +52,8 @@ class Instance:
     network_plan: network.NetworkPlan = field(default_factory=network.NetworkPlan)
     # None: the APT sources stay as the bootstrap wrote them.
     apt: apt_sources.SourcesPlan | None = None
+    # The OS parameters' keys, password hash and administrative user.
+    login: access.Access = field(default_factory=access.Access)
 
     def __post_init__(self) -> None:
         # The device name becomes part of paths and of /etc/inittab.
@@ -79,7 +81,8 @@ class Instance:
         return cls(name=request.instance_name,
                    serial_console=request.serial_console,
                    serial_speed=speed if is_number(speed) else "",
-                   network_plan=plan, apt=apt)
+                   network_plan=plan, apt=apt,
+                   login=params.login() if params is not None else access.Access())
 
 
 @dataclass(frozen=True)
@@ -609,7 +612,10 @@ def configure(t: Target, instance: Instance, *, root: FsEntry,
     write_hosts(t, instance.name, net.host_address)
     copy_resolv_conf(t, node_files)
     rewrite_fstab(t, root=root, swap=swap)
-    clear_root_password(t)
+    if instance.login.given:
+        log.info("Access: %s", access.configure(t, instance.login, packages))
+    else:
+        clear_root_password(t)
     apt_files: list[str] = []
     if instance.apt is not None:
         apt_files = apt_sources.configure(t, instance.apt)
