@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from . import access
+from . import access, cloudinit
 from .apt_sources import APT_SOURCES_MODES
 from .errors import ConfigError
 from .names import line_break_problem
@@ -64,6 +64,14 @@ PARAMETERS: tuple[Parameter, ...] = (
               "sudo, who gets the keys and the password hash instead of root "
               "(root's password is then locked); needs sudo in EXTRA_PKGS", (), "",
               access.admin_user_problem),
+    Parameter("cloud_init", "cloud-init seed: no (default) or nocloud (a NoCloud "
+              "seed with the instance's UUID, name, NICs and user_data; our network "
+              "files step aside; needs cloud-init in EXTRA_PKGS)",
+              cloudinit.CLOUD_INIT_MODES, "no"),
+    Parameter("user_data", "cloud-init user data for cloud_init=nocloud, base64-"
+              "encoded: #cloud-config (valid YAML) or a #! script, at most 16 KiB; "
+              "best passed as a private parameter", (), "",
+              cloudinit.user_data_problem, sensitive=True),
 )
 
 
@@ -82,6 +90,8 @@ class OSParams:
     ssh_authorized_keys: str = ""
     password_hash: str = ""
     admin_user: str = ""
+    cloud_init: str = "no"
+    user_data: str = ""
 
     def login(self) -> access.Access:
         """Who gets in, and how (see access.py)."""
