@@ -132,10 +132,14 @@ def network_config(nics: Sequence[NicConfig]) -> dict[str, object]:
         entry["dhcp6"] = False
         if nic.slaac:
             entry["accept-ra"] = True
-        routes = [{"to": "default", "via": str(gw)}
-                  for gw in (nic.gateway4, nic.gateway6) if gw is not None]
-        if routes:
-            entry["routes"] = routes
+        # gateway4/gateway6, not routes: cloud-init's own parser refuses
+        # netplan's "to: default", and its ifupdown renderer turns a route
+        # into a net-tools "route add" command (not installed), but a
+        # gateway into the stanza's "gateway" line, as our own files do.
+        if nic.gateway4 is not None:
+            entry["gateway4"] = str(nic.gateway4)
+        if nic.gateway6 is not None:
+            entry["gateway6"] = str(nic.gateway6)
         ethernets[nic.name] = entry
     return {"version": 2, "ethernets": ethernets}
 
@@ -149,7 +153,9 @@ CONFIG_TEXT = (
     "# The seed is in " + SEED_DIR + "; no other data source is probed.\n"
     "datasource_list: [ NoCloud, None ]\n"
     "# The host keys create made are kept: their fingerprints are in its log.\n"
-    "ssh_deletekeys: false\n")
+    "ssh_deletekeys: false\n"
+    "# /etc/hostname keeps the instance name as create wrote it (the FQDN).\n"
+    "prefer_fqdn_over_hostname: true\n")
 
 
 NO_NETWORK_TEXT = ("# OS parameter network=none: cloud-init leaves the network alone.\n"

@@ -17,6 +17,7 @@ the MBR, core.img embedded after it).
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import secrets
@@ -426,3 +427,62 @@ def test_two_instances_from_one_cache_have_their_own_identity(boot_setup, tmp_pa
                                   text=True, check=True).stdout
             assert line.split()[1] in fingerprints
 
+
+# --- cloud-init -----------------------------------------------------------------
+
+CLOUD_VARIANT = "bootcloud"
+# Its own cache (cloud-init brings Python and its modules): the one extra
+# bootstrap this test costs, timed in the create's report line.
+CLOUD_EXTRA_PKGS = "openssh-server,cloud-init"
+CLOUD_HOSTNAME = "cloud1.example.org"
+CLOUD_UUID = "0b5d3c1e-9a8f-4e2d-b7c6-112233445566"
+USER_DATA = ("#cloud-config\n"
+             "write_files:\n"
+             "  - path: /root/from-user-data\n"
+             "    content: 'written by cloud-init: ok'\n")
+
+
+def test_cloud_init_nocloud_seed_applies_user_data_name_and_static_address(
+        boot_setup, tmp_path):
+    tree = boot_setup.tree
+    tree.variant(CLOUD_VARIANT, f'BOOTLOADER="grub"\nEXTRA_PKGS="{CLOUD_EXTRA_PKGS}"\n')
+    disk = scripts.sparse_disk(str(tmp_path), DISK_MIB, "cloud.img")
+    started = time.monotonic()
+    res = run_script(tree, "create", create_env(
+        CLOUD_HOSTNAME, disk, OS_VARIANT=CLOUD_VARIANT, INSTANCE_HV_serial_console="True",
+        INSTANCE_UUID=CLOUD_UUID, OSP_CLOUD_INIT="nocloud", DEBUG_LEVEL="1",
+        OSP_USER_DATA=base64.b64encode(USER_DATA.encode()).decode(), **NIC_ENV))
+    how = "bootstrapped" if "Bootstrapping" in res.stderr.decode() else "from the cache"
+    sys.stderr.write(f"\ncreate of the cloud-init instance ({how}): "
+                     f"{time.monotonic() - started:.1f} s\n")
+    assert "write_files" not in res.stderr.decode()  # user data is not logged
+    result = boot_and_run(
+        Path(disk), workdir=tmp_path / "qemu", mode="kernel",
+        expect_hostname=CLOUD_HOSTNAME, timeout=BOOT_TIMEOUT + 180,
+        nic=UserNic(NIC_MAC, free_port()), check=False, commands=[
+            "cloud-init status --wait --long",
+            "cat /root/from-user-data; echo",
+            "hostname; cat /etc/hostname; cat /var/lib/cloud/data/instance-id",
+            "ip -4 -o addr show nic0; ip -4 route show default",
+            "grep -c nic0 /etc/network/interfaces || true; "
+            "ls /etc/network/interfaces.d /etc/systemd/network",
+            "systemctl --failed --no-legend --plain",
+        ])
+    _report("kernel boot with cloud-init", result.seconds, result.login_seconds)
+    status, written, names, address, files, failed = result.outputs
+    # Done without errors; exit status 2 ("degraded done") only for the
+    # deprecation notice of gateway4/gateway6 (see cloudinit.network_config).
+    assert result.statuses[0] in (0, 2), status
+    assert re.search(r"(?m)^status: done$", status), status
+    assert re.search(r"(?m)^errors: \[\]$", status), status
+    recoverable = re.findall(r"(?m)^\t- (.*)$", status)
+    assert all("`gateway4` and `gateway6` is deprecated" in line for line in recoverable), status
+    assert result.statuses[1:] == (0, 0, 0, 0, 0), result.outputs
+    assert written.strip() == "written by cloud-init: ok"
+    # cloud-init applied the same name create wrote: no fight over it.
+    assert names.split() == [CLOUD_HOSTNAME, CLOUD_HOSTNAME, CLOUD_UUID]
+    assert "inet 10.0.2.15/24" in address and "default via 10.0.2.2 dev nic0" in address
+    # Ours: the loopback only; cloud-init's own file configures nic0.
+    assert files.split("\n", 1)[0] == "0", files
+    assert "50-cloud-init" in files and "10-ganeti-" not in files
+    assert failed.strip() == "", failed

@@ -105,8 +105,7 @@ def test_network_config_v2_carries_the_addresses_our_files_would():
         "nic0": {"match": {"macaddress": "52:54:00:aa:bb:01"}, "set-name": "nic0",
                  "addresses": ["192.0.2.10/24", "2001:db8:1:0:5054:ff:feaa:bb01/64"],
                  "dhcp4": False, "dhcp6": False,
-                 "routes": [{"to": "default", "via": "192.0.2.1"},
-                            {"to": "default", "via": "2001:db8:1::1"}]},
+                 "gateway4": "192.0.2.1", "gateway6": "2001:db8:1::1"},
         "nic1": {"match": {"macaddress": "52:54:00:aa:bb:02"}, "set-name": "nic1",
                  "dhcp4": True, "dhcp6": False}}}
     # The same addresses as without cloud-init.
@@ -131,7 +130,8 @@ def test_the_seed_is_written_and_our_network_files_step_aside(tmp_path):
     for name in ("meta-data", "user-data", "network-config"):
         assert stat.S_IMODE(os.stat(Path(t.root, seed.lstrip("/"), name)).st_mode) == 0o600
     dropin = yaml.safe_load(read(t, cloudinit.CONFIG_DROPIN))
-    assert dropin == {"datasource_list": ["NoCloud", "None"], "ssh_deletekeys": False}
+    assert dropin == {"datasource_list": ["NoCloud", "None"], "ssh_deletekeys": False,
+                      "prefer_fqdn_over_hostname": True}
     # Loopback only in ours; no .link files naming the NICs.
     assert "nic0" not in read(t, "/etc/network/interfaces")
     assert not os.path.exists(Path(t.root, "etc/systemd/network"))
