@@ -14,8 +14,9 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-from . import (blockdev, bootloader, bootstrap, cache, hooks, image_cache, instance_disk,
-               instance_files, log, mounts, network, osparams, settings)
+from . import (access, blockdev, bootloader, bootstrap, cache, cloudinit, hooks,
+               image_cache, instance_disk, instance_files, log, mounts, network,
+               osparams, settings)
 from .errors import DefinitionError
 from .environment import Request
 from .paths import Paths
@@ -46,6 +47,8 @@ def plan(request: Request, paths: Paths) -> Plan:
     # With GRUB, its packages join EXTRA_PKGS, so the cache key too.
     conf = bootloader.resolve(conf, params.bootloader, arch)
     instance = instance_files.Instance.from_request(request, params, conf)
+    access.refuse_without_sudo(params.admin_user, conf.extra_pkgs)
+    cloudinit.refuse_without_cloud_init(params.cloud_init, conf.extra_pkgs)
     refuse_early(request, conf, paths)
     return Plan(conf, params, tool, arch, instance)
 

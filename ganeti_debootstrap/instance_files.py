@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import apt_sources, network, runner
+from . import access, apt_sources, cloudinit, network, runner
 from .environment import Request
 from .errors import DefinitionError
 from .names import short_hostname
@@ -52,6 +52,10 @@ class Instance:
     network_plan: network.NetworkPlan = field(default_factory=network.NetworkPlan)
     # None: the APT sources stay as the bootstrap wrote them.
     apt: apt_sources.SourcesPlan | None = None
+    # The OS parameters' keys, password hash and administrative user.
+    login: access.Access = field(default_factory=access.Access)
+    # cloud_init=nocloud: the seed (cloud-init then owns the network).
+    cloud_seed: cloudinit.Seed | None = None
 
     def __post_init__(self) -> None:
         # The device name becomes part of paths and of /etc/inittab.
@@ -69,9 +73,20 @@ class Instance:
         """
         speed = request.hv_params.get("serial_speed", "")
         plan = network.NetworkPlan()
+        seed = None
         if params is not None and params.network != "none":
             plan = network.NetworkPlan(params.network,
                                        network.nic_configs(request.nics, params.ipv6))
+        if params is not None and params.cloud_init == "nocloud":
+            # The same NICs and addresses, but in cloud-init's seed: our own
+            # network files step aside (loopback only).
+            seed = cloudinit.Seed(
+                cloudinit.instance_id(request.ganeti_env.get("INSTANCE_UUID", ""),
+                                      request.instance_name),
+                request.instance_name, plan.nics,
+                cloudinit.decode_user_data(params.user_data) if params.user_data else "",
+                network=params.network != "none")
+            plan = network.NetworkPlan()
         apt = None
         if conf is not None:
             mode = params.apt_sources if params is not None else "auto"
@@ -79,7 +94,9 @@ class Instance:
         return cls(name=request.instance_name,
                    serial_console=request.serial_console,
                    serial_speed=speed if is_number(speed) else "",
-                   network_plan=plan, apt=apt)
+                   network_plan=plan, apt=apt,
+                   login=params.login() if params is not None else access.Access(),
+                   cloud_seed=seed)
 
 
 @dataclass(frozen=True)
@@ -603,6 +620,9 @@ def configure(t: Target, instance: Instance, *, root: FsEntry,
     """Write the instance's own files into the freshly installed tree at ``t``."""
     versions = installed_package_versions(t)
     packages = frozenset(versions)
+    seed = instance.cloud_seed
+    if seed is not None:
+        cloudinit.require_installed(packages)
     net = network.configure(t, instance.network_plan,
                             has_ifupdown=uses_ifupdown(t, packages),
                             packages=packages, versions=versions)
@@ -612,10 +632,20 @@ def configure(t: Target, instance: Instance, *, root: FsEntry,
     log.debug("network files: %s", ", ".join(net.files) or "none")
     write_hostname(t, instance.name)
     write_mailname(t, instance.name)
-    write_hosts(t, instance.name, net.host_address)
+    host_address = net.host_address
+    if seed is not None:
+        files = cloudinit.write_seed(t, seed)
+        log.info("cloud-init seed written for instance-id %s (%d NIC(s)); cloud-init "
+                 "configures the network", seed.instance_id, len(seed.nics))
+        log.debug("cloud-init files: %s", ", ".join(files))
+        host_address = network.host_address(seed.nics)
+    write_hosts(t, instance.name, host_address)
     copy_resolv_conf(t, node_files)
     rewrite_fstab(t, root=root, swap=swap)
-    clear_root_password(t)
+    if instance.login.given:
+        log.info("Access: %s", access.configure(t, instance.login, packages))
+    else:
+        clear_root_password(t)
     apt_files: list[str] = []
     if instance.apt is not None:
         apt_files = apt_sources.configure(t, instance.apt)

@@ -7,9 +7,10 @@ refused before any disk is touched.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from . import access, cloudinit
 from .apt_sources import APT_SOURCES_MODES
 from .errors import ConfigError
 from .names import line_break_problem
@@ -20,12 +21,19 @@ KNOWN_CHECKS = ("parameters",)
 
 @dataclass(frozen=True)
 class Parameter:
-    """One declared OS parameter with its accepted values."""
+    """One declared OS parameter with its accepted values.
+
+    A free-form one has no ``choices`` but a ``check`` (why a value is
+    refused, or None). A ``sensitive`` one (keys, hashes, user data) is
+    never quoted in a message, whatever its value.
+    """
 
     name: str
     description: str
     choices: tuple[str, ...]
     default: str
+    check: Callable[[str], str | None] | None = None
+    sensitive: bool = False
 
 
 PARAMETERS: tuple[Parameter, ...] = (
@@ -45,10 +53,32 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("apt_sources", "APT sources written into the instance: auto "
               "(default: deb822 where the release uses it, else one-line), "
               "deb822, one-line or keep (as bootstrapped)", APT_SOURCES_MODES, "auto"),
+    Parameter("ssh_authorized_keys", "SSH public keys for root (or admin_user), "
+              "separated by ';'; best passed as a private parameter "
+              "(--os-parameters-private)", (), "", access.keys_problem, sensitive=True),
+    Parameter("password_hash", "crypt(3) hash (yescrypt $y$ or SHA-512 $6$) of the "
+              "password for root (or admin_user), never plain text; pass it as a "
+              "secret parameter (--os-parameters-secret)", (), "",
+              access.password_hash_problem, sensitive=True),
+    Parameter("admin_user", "An administrative user made by create, in the group "
+              "sudo, who gets the keys and the password hash instead of root "
+              "(root's password is then locked); needs sudo in EXTRA_PKGS", (), "",
+              access.admin_user_problem),
+    Parameter("cloud_init", "cloud-init seed: no (default) or nocloud (a NoCloud "
+              "seed with the instance's UUID, name, NICs and user_data; our network "
+              "files step aside; needs cloud-init in EXTRA_PKGS)",
+              cloudinit.CLOUD_INIT_MODES, "no"),
+    Parameter("user_data", "cloud-init user data for cloud_init=nocloud, base64-"
+              "encoded: #cloud-config (valid YAML) or a #! script, at most 16 KiB; "
+              "best passed as a private parameter", (), "",
+              cloudinit.user_data_problem, sensitive=True),
 )
 
 
-@dataclass(frozen=True)
+SENSITIVE = frozenset(p.name for p in PARAMETERS if p.sensitive)
+
+
+@dataclass(frozen=True, repr=False)
 class OSParams:
     """The validated OS parameters of one instance."""
 
@@ -57,6 +87,23 @@ class OSParams:
     network: str = "auto"
     ipv6: str = "eui64"
     apt_sources: str = "auto"
+    ssh_authorized_keys: str = ""
+    password_hash: str = ""
+    admin_user: str = ""
+    cloud_init: str = "no"
+    user_data: str = ""
+
+    def login(self) -> access.Access:
+        """Who gets in, and how (see access.py)."""
+        return access.Access(keys=tuple(access.split_keys(self.ssh_authorized_keys)),
+                             password_hash=self.password_hash,
+                             admin_user=self.admin_user)
+
+    def __repr__(self) -> str:
+        # A traceback or a debug line must not show a key or a hash.
+        shown = {k: ("<not shown>" if v and k in SENSITIVE else v)
+                 for k, v in vars(self).items()}
+        return f"OSParams({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
 
 def parameters_list() -> str:
@@ -80,6 +127,8 @@ def validate(raw: Mapping[str, str]) -> OSParams:
         why = line_break_problem(value)
         if why is not None:
             shown = repr(value) if len(value) <= 40 else repr(value[:40]) + "..."
+            if name in SENSITIVE:
+                shown = "(value not shown)"
             problems.append(
                 f"OS parameter {name}={shown} (OSP_{name.upper()}) {why}; OS "
                 f"parameters are single-line values (gnt-instance modify -O "
@@ -93,6 +142,14 @@ def validate(raw: Mapping[str, str]) -> OSParams:
             continue
         if value == "":
             values[name] = param.default
+        elif param.check is not None:
+            why = param.check(value)
+            if why is None:
+                values[name] = value
+            elif param.sensitive:
+                problems.append(f"OS parameter {name} (value not shown) {why}")
+            else:
+                problems.append(f"OS parameter {name}={value!r} {why}")
         elif value not in param.choices:
             problems.append(
                 f"OS parameter {name}={value!r} is not accepted; choose one of "

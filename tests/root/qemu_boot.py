@@ -29,7 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
@@ -81,6 +81,7 @@ class BootResult:
     login_seconds: float  # qemu start to the login prompt
     seconds: float  # qemu start to qemu exit
     transcript_path: Path  # the raw console output
+    during: object = None  # what the ``during`` callback returned
 
 
 @dataclass(frozen=True)
@@ -199,8 +200,25 @@ def extract_kernel(image: Path, dest: Path) -> KernelFiles:
 
 # --- qemu -----------------------------------------------------------------
 
+@dataclass(frozen=True)
+class UserNic:
+    """A user-mode NIC: qemu's own NAT, the guest's port 22 on the host's loopback.
+
+    The guest sees 10.0.2.0/24 (gateway 10.0.2.2); only 127.0.0.1:``ssh_port``
+    on the host reaches it, nothing else of the host's networks.
+    """
+
+    mac: str
+    ssh_port: int
+
+    def argv(self) -> list[str]:
+        return ["-nic", f"user,model=virtio-net-pci,mac={self.mac},"
+                        f"hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"]
+
+
 def qemu_argv(image: Path, *, mode: Mode, kernel: KernelFiles | None = None,
-              append: str | None = None, memory_mib: int = MEMORY_MIB) -> list[str]:
+              append: str | None = None, memory_mib: int = MEMORY_MIB,
+              nic: UserNic | None = None) -> list[str]:
     """The qemu command line booting ``image`` the way Ganeti's KVM does by default."""
     # qemu's option parser splits on commas; a literal one is doubled.
     drive = os.fspath(image).replace(",", ",,")
@@ -208,7 +226,8 @@ def qemu_argv(image: Path, *, mode: Mode, kernel: KernelFiles | None = None,
             # /dev/kvm here is a kind that needs a specially built guest
             # kernel: Debian's crawls or faults under it. Emulate.
             "-accel", "tcg",
-            "-m", str(memory_mib), "-nic", "none", "-display", "none",
+            "-m", str(memory_mib), *(nic.argv() if nic else ["-nic", "none"]),
+            "-display", "none",
             "-monitor", "none", "-serial", "stdio", "-no-reboot",
             # snapshot=on: writes go to a temporary overlay, the image is
             # never modified.
@@ -228,7 +247,9 @@ def qemu_argv(image: Path, *, mode: Mode, kernel: KernelFiles | None = None,
 def boot_and_run(image: Path, *, workdir: Path, mode: Mode = "kernel",
                  commands: Sequence[str] = (), expect_hostname: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT, check: bool = True,
-                 append: str | None = None, settle: bool = True) -> BootResult:
+                 append: str | None = None, settle: bool = True,
+                 nic: UserNic | None = None, password: str = "",
+                 during: Callable[[], object] | None = None) -> BootResult:
     """Boot ``image``, log in as root, run ``commands`` in its shell, power off.
 
     ``workdir`` receives the kernel files (kernel mode) and the console
@@ -236,6 +257,9 @@ def boot_and_run(image: Path, *, workdir: Path, mode: Mode = "kernel",
     login prompt (up to its first dot, as agetty shows it). With ``check``, a
     command exiting non-zero fails the boot.
     ``append`` replaces the kernel command line (kernel mode).
+    ``nic`` adds a user-mode NIC; ``password`` is root's (it must be asked
+    for); ``during`` runs on the host once the guest has booted and root
+    is logged in, before the commands (its result is ``BootResult.during``).
     Raises :class:`BootFailed` with the console's tail on any failure.
     """
     if shutil.which(QEMU) is None:
@@ -244,11 +268,11 @@ def boot_and_run(image: Path, *, workdir: Path, mode: Mode = "kernel",
                          f"{QEMU_PACKAGE}).")
     workdir.mkdir(parents=True, exist_ok=True)
     kernel = extract_kernel(image, workdir / "kernel") if mode == "kernel" else None
-    argv = qemu_argv(image, mode=mode, kernel=kernel, append=append)
+    argv = qemu_argv(image, mode=mode, kernel=kernel, append=append, nic=nic)
     return run_console_session(argv, commands=commands,
                                expect_hostname=expect_hostname, timeout=timeout,
                                transcript_path=workdir / "console.log", check=check,
-                               settle=settle)
+                               settle=settle, password=password, during=during)
 
 
 # --- the serial console -----------------------------------------------------
@@ -341,16 +365,25 @@ def _wait_for_login_prompt(console: Console, expect_hostname: str | None) -> Non
                          f"expected {short!r} (from {expect_hostname!r}).")
 
 
-def _log_in(console: Console) -> None:
-    """Log in as root at the login prompt and wait for the shell prompt."""
+def _log_in(console: Console, password: str = "") -> None:
+    """Log in as root at the login prompt and wait for the shell prompt.
+
+    Without ``password``, root's password field is expected empty (create's
+    default): pam_unix (nullok) then lets root in without asking, and an
+    empty password is answered if asked. With one, it must be asked for.
+    """
     console.send("root")
-    # Our instances leave root's password field empty: pam_unix (nullok)
-    # then lets root in without asking. Answer an empty password if asked.
     step = console.expect(_AFTER_USER, "password or shell prompt after 'root'")
+    if password and not step.group("password"):
+        raise BootFailed("Logged in as root without being asked for the password: "
+                         "is root's password field in /etc/shadow empty?")
     if step.group("password"):
-        console.send("")
-        step = console.expect(_AFTER_USER, "shell prompt after the empty password")
+        console.send(password)
+        step = console.expect(_AFTER_USER, "shell prompt after the password")
     if step.group("incorrect") or step.group("password"):
+        if password:
+            raise BootFailed("Login as root with the given password was refused: "
+                             "does /etc/shadow hold its hash?")
         raise BootFailed("Login as root with an empty password was refused: "
                          "is root's password field in /etc/shadow empty?")
 
@@ -401,7 +434,8 @@ def _run_command(console: Console, command: str, index: int | str,
 def run_console_session(argv: Sequence[str], *, commands: Sequence[str],
                         expect_hostname: str | None, timeout: float,
                         transcript_path: Path, check: bool = True,
-                        settle: bool = True,
+                        settle: bool = True, password: str = "",
+                        during: Callable[[], object] | None = None,
                         step_timeout: float = STEP_TIMEOUT) -> BootResult:
     """Start ``argv`` (qemu, serial console on stdio) and drive a login session.
 
@@ -427,8 +461,9 @@ def run_console_session(argv: Sequence[str], *, commands: Sequence[str],
             console = Console(proc, transcript, start + timeout)
             _wait_for_login_prompt(console, expect_hostname)
             login_seconds = time.monotonic() - start
-            _log_in(console)
+            _log_in(console, password)
             _prepare_shell(console, nonce, settle)
+            during_result = during() if during is not None else None
             outputs: list[str] = []
             statuses: list[int] = []
             for index, command in enumerate(commands):
@@ -454,4 +489,4 @@ def run_console_session(argv: Sequence[str], *, commands: Sequence[str],
                 proc.wait()
     assert console is not None
     return BootResult(console.text, tuple(outputs), tuple(statuses),
-                      login_seconds, seconds, transcript_path)
+                      login_seconds, seconds, transcript_path, during_result)

@@ -17,8 +17,11 @@ the MBR, core.img embedded after it).
 
 from __future__ import annotations
 
+import base64
 import os
 import re
+import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -29,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from tests.root import bootstrap_fixture, scripts
-from tests.root.qemu_boot import boot_and_run
+from tests.root.qemu_boot import UserNic, boot_and_run
 from tests.root.scripts import OSTree, create_env, mounted_root, read, run_script
 
 # The kernel and GRUB exist for amd64 here; qemu-system-x86_64 runs it.
@@ -41,8 +44,15 @@ DISK_MIB = 2048  # the tree with a kernel and its initrd is about 1 GiB
 BOOT_TIMEOUT = 300.0  # a hard limit for each boot, login and commands included
 GPT_VARIANT = "bootgpt"
 # openssh-server too: the same one extra cache shows that instances made
-# from one cache get their own SSH host keys.
-BOOT_EXTRA_PKGS = "openssh-server"
+# from one cache get their own SSH host keys, and lets the host in with the
+# key of ssh_authorized_keys; sudo for admin_user.
+BOOT_EXTRA_PKGS = "openssh-server,sudo"
+# The msdos instance's one NIC, static on qemu's user-mode network (only
+# its port 22 is reachable, from the host's loopback).
+NIC_MAC = "52:54:00:12:34:56"
+NIC_ENV = {"NIC_COUNT": "1", "NIC_0_MAC": NIC_MAC, "NIC_0_IP": "10.0.2.15",
+           "NIC_0_MODE": "bridged", "NIC_0_LINK": "br0",
+           "NIC_0_NETWORK_SUBNET": "10.0.2.0/24", "NIC_0_NETWORK_GATEWAY": "10.0.2.2"}
 BOOT_VARIANT = f'BOOTLOADER="grub"\nEXTRA_PKGS="{BOOT_EXTRA_PKGS}"\n'
 
 
@@ -53,6 +63,29 @@ class BootSetup:
     tree: OSTree
     msdos_disk: str
     root_uuid: str
+    login: Login
+    create_log: str
+
+
+@dataclass(frozen=True)
+class Login:
+    """The key and password the msdos instance was made with (OS parameters)."""
+
+    key_file: str  # the private half, on the host
+    public_key: str
+    password: str
+    password_hash: str
+
+
+def make_login(directory: Path) -> Login:
+    key = directory / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "tenant@example.org",
+                    "-f", str(key)], check=True)
+    password = "Gidb-" + secrets.token_hex(6)
+    hashed = subprocess.run(["openssl", "passwd", "-6", "-stdin"], input=password,
+                            capture_output=True, text=True, check=True).stdout.strip()
+    return Login(str(key), (directory / "id_ed25519.pub").read_text().strip(),
+                 password, hashed)
 
 
 def _localstatedir(tmp_path_factory: pytest.TempPathFactory) -> str:
@@ -78,16 +111,21 @@ def boot_setup(tmp_path_factory: pytest.TempPathFactory) -> BootSetup:
     # GRUB through the OS parameter here, with the same packages: same cache.
     tree.variant(GPT_VARIANT, f'PARTITION_STYLE="gpt"\nEXTRA_PKGS="{BOOT_EXTRA_PKGS}"\n')
     disk = scripts.sparse_disk(str(base), DISK_MIB, "msdos.img")
+    login = make_login(base)
     started = time.monotonic()
+    # Root gets a key and a password: the boots log in with that password,
+    # and the kernel boot's test connects with the key.
     res = run_script(tree, "create", create_env(
-        HOSTNAME, disk, OS_VARIANT="boot", INSTANCE_HV_serial_console="True"))
+        HOSTNAME, disk, OS_VARIANT="boot", INSTANCE_HV_serial_console="True",
+        DEBUG_LEVEL="1", OSP_SSH_AUTHORIZED_KEYS=login.public_key,
+        OSP_PASSWORD_HASH=login.password_hash, **NIC_ENV))
     log = res.stderr.decode()
     how = "bootstrapped" if "Bootstrapping" in log else "from the cache"
     sys.stderr.write(f"\ncreate of the boot instance ({how}): "
                      f"{time.monotonic() - started:.1f} s\n")
     with scripts.root_device(disk) as dev:
         uuid = scripts.blkid(dev, "UUID")
-    return BootSetup(tree, disk, uuid)
+    return BootSetup(tree, disk, uuid, login, log)
 
 
 def _report(what: str, seconds: float, login_seconds: float) -> None:
@@ -95,21 +133,148 @@ def _report(what: str, seconds: float, login_seconds: float) -> None:
                      f"{seconds:.1f} s in all\n")
 
 
+def free_port() -> int:
+    """A TCP port on the host's loopback that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class SshOutcome:
+    key_login: subprocess.CompletedProcess[str]
+    password_login: subprocess.CompletedProcess[str]
+    password_asked: bool
+
+
+def ssh_checks(login: Login, port: int, known_hosts: Path, workdir: Path) -> SshOutcome:
+    """From the host: log in with the key, then try root's password (it must fail).
+
+    The password attempt is real: SSH_ASKPASS gives ssh the correct password
+    (the one the console login used), and a marker shows ssh asked for it.
+    """
+    common = ["ssh", "-p", str(port), "-o", f"UserKnownHostsFile={known_hosts}",
+              "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=60",
+              "-o", "LogLevel=ERROR", "-F", "/dev/null"]
+    key_login = subprocess.run(
+        [*common, "-i", login.key_file, "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+         "root@127.0.0.1", "id -un; hostname; cat /proc/sys/kernel/random/boot_id"],
+        capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    marker = workdir / "askpass-asked"
+    askpass = workdir / "askpass"
+    askpass.write_text(f"#!/bin/sh\ntouch {marker}\necho '{login.password}'\n")
+    askpass.chmod(0o700)
+    password_login = subprocess.run(
+        [*common, "-o", "PubkeyAuthentication=no", "-o", "IdentitiesOnly=yes",
+         "-o", "PreferredAuthentications=password,keyboard-interactive",
+         "-o", "NumberOfPasswordPrompts=1", "root@127.0.0.1", "true"],
+        capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
+        env={**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force",
+             "DISPLAY": ":0"}, start_new_session=True)
+    return SshOutcome(key_login, password_login, marker.exists())
+
+
+def known_hosts_for(disk: str, port: int, path: Path) -> Path:
+    """A known_hosts naming the instance's host keys (read from its disk) for the port."""
+    lines = [f"[127.0.0.1]:{port} {' '.join(text.split()[:2])}\n"
+             for text in _host_keys(disk).values()]
+    path.write_text("".join(lines))
+    return path
+
+
+def test_create_log_holds_neither_the_key_nor_the_password_hash(boot_setup):
+    login = boot_setup.login
+    log = boot_setup.create_log
+    assert "running: ssh-keygen -l -f -" in log  # the keys were checked (debug log)
+    assert "root: 1 SSH key(s) (ssh-ed25519), a password hash" in log
+    assert login.public_key.split()[1] not in log and "tenant@example.org" not in log
+    assert login.password_hash not in log and login.password_hash.split("$")[-1] not in log
+
+
+def test_root_key_and_password_hash_are_in_the_instance_with_owners_and_modes(boot_setup):
+    login = boot_setup.login
+    with mounted_root(boot_setup.msdos_disk) as root:
+        keys = read(root, "/root/.ssh/authorized_keys")
+        shadow = read(root, "/etc/shadow")
+        modes = {inner: os.lstat(os.path.join(root, inner)) for inner in
+                 ("root", "root/.ssh", "root/.ssh/authorized_keys", "etc/shadow")}
+    assert keys == login.public_key + "\n"
+    assert f"root:{login.password_hash}:" in [ln[:ln.index(":", 5) + 1]
+                                               for ln in shadow.splitlines()]
+    assert {k: (oct(v.st_mode & 0o7777), v.st_uid) for k, v in modes.items()} == {
+        "root": ("0o700", 0), "root/.ssh": ("0o700", 0),
+        "root/.ssh/authorized_keys": ("0o600", 0), "etc/shadow": ("0o640", 0)}
+
+
+def test_admin_user_is_made_with_the_keys_and_passwordless_sudo(boot_setup, tmp_path):
+    disk = scripts.sparse_disk(str(tmp_path), DISK_MIB, "admin.img")
+    login = boot_setup.login
+    run_script(boot_setup.tree, "create", create_env(
+        "admin1.example.org", disk, OS_VARIANT="boot", OSP_ADMIN_USER="ops",
+        OSP_SSH_AUTHORIZED_KEYS=f"{login.public_key} ; {login.public_key} second"))
+    with mounted_root(disk) as root:
+        passwd = read(root, "/etc/passwd")
+        shadow = read(root, "/etc/shadow")
+        group = read(root, "/etc/group")
+        keys = read(root, "/home/ops/.ssh/authorized_keys")
+        modes = {inner: os.lstat(os.path.join(root, inner)) for inner in
+                 ("home/ops", "home/ops/.ssh", "home/ops/.ssh/authorized_keys",
+                  "etc/sudoers.d/ganeti-instance-debootstrap")}
+        # The instance's own sudo reads its rules (run on our test's copy).
+        rules = subprocess.run(["chroot", root, "sudo", "-l", "-U", "ops"],
+                               capture_output=True, text=True, check=True).stdout
+    uid = next(int(ln.split(":")[2]) for ln in passwd.splitlines() if ln.startswith("ops:"))
+    assert uid >= 1000
+    assert keys == f"{login.public_key}\n{login.public_key} second\n"
+    assert {k: (oct(v.st_mode & 0o7777), v.st_uid) for k, v in modes.items()} == {
+        "home/ops": ("0o700", uid), "home/ops/.ssh": ("0o700", uid),
+        "home/ops/.ssh/authorized_keys": ("0o600", uid),
+        "etc/sudoers.d/ganeti-instance-debootstrap": ("0o440", 0)}
+    fields = {ln.split(":")[0]: ln.split(":")[1] for ln in shadow.splitlines() if ln}
+    assert (fields["root"], fields["ops"]) == ("*", "*")
+    sudo_members = next(ln for ln in group.splitlines() if ln.startswith("sudo:"))
+    assert "ops" in sudo_members.split(":")[3].split(",")
+    assert "(ALL : ALL) NOPASSWD: ALL" in rules
+
+
 def test_instance_boots_with_ganeti_kvm_kernel_boot_and_logs_in_on_serial(
         boot_setup, tmp_path):
+    # One boot checks the console login with root's password (from the
+    # password_hash parameter), the key login through a loopback-only port
+    # forward, and that root's password is refused over SSH.
+    port = free_port()
+    (tmp_path / "ssh").mkdir()
+    known_hosts = known_hosts_for(boot_setup.msdos_disk, port, tmp_path / "ssh/known_hosts")
     result = boot_and_run(
         Path(boot_setup.msdos_disk), workdir=tmp_path / "qemu", mode="kernel",
-        expect_hostname=HOSTNAME, timeout=BOOT_TIMEOUT, commands=[
+        expect_hostname=HOSTNAME, timeout=BOOT_TIMEOUT + 120,
+        nic=UserNic(NIC_MAC, port), password=boot_setup.login.password,
+        during=lambda: ssh_checks(boot_setup.login, port, known_hosts, tmp_path / "ssh"),
+        commands=[
             "cat /etc/hostname; findmnt -no SOURCE,FSTYPE /",
             "systemctl is-enabled serial-getty@ttyS0.service",
             "systemctl is-active serial-getty@ttyS0.service",
             "cat /etc/machine-id",
             "systemctl is-system-running || true",
             "systemctl --failed --no-legend --plain",
+            "cat /proc/sys/kernel/random/boot_id; ip -4 -o addr show nic0",
         ])
-    _report("kernel boot", result.seconds, result.login_seconds)
+    _report("kernel boot (with two SSH logins)", result.seconds, result.login_seconds)
+    ssh = result.during
+    assert isinstance(ssh, SshOutcome)
+    # The key logs root in (and the host key is the one create made).
+    assert ssh.key_login.returncode == 0, ssh.key_login.stderr
+    user, host, boot_id = ssh.key_login.stdout.split()
+    assert (user, host) == ("root", HOSTNAME)
+    # root's right password, asked for and sent, is refused over SSH.
+    assert ssh.password_asked
+    assert ssh.password_login.returncode == 255
+    assert "Permission denied" in ssh.password_login.stderr
+    console_boot_id, address = result.outputs[6].split("\n", 1)
+    assert console_boot_id == boot_id  # the same machine, this boot
+    assert "inet 10.0.2.15/24" in address
     assert result.outputs[0].splitlines() == [HOSTNAME, "/dev/vda1 ext4"]
-    enabled, active, machine_id, state, failed = (out.strip() for out in result.outputs[1:])
+    enabled, active, machine_id, state, failed = (out.strip() for out in result.outputs[1:6])
     # The unit create enabled is the one that gave the login prompt.
     assert (enabled, active) == ("enabled", "active")
     # create leaves /etc/machine-id empty; systemd made this instance's own.
@@ -200,6 +365,7 @@ def test_imported_instance_boots_from_the_node_grub(boot_setup, tmp_path):
     # No -kernel: the BIOS runs the MBR's GRUB, the node's, for the new root.
     result = boot_and_run(Path(disk), workdir=tmp_path / "qemu", mode="disk",
                           expect_hostname=HOSTNAME, timeout=BOOT_TIMEOUT,
+                          password=boot_setup.login.password,
                           commands=["findmnt -no SOURCE,UUID /; cat /proc/cmdline"])
     _report("GRUB boot (imported, the node's GRUB)", result.seconds, result.login_seconds)
     root, cmdline = result.outputs[0].splitlines()
@@ -260,3 +426,63 @@ def test_two_instances_from_one_cache_have_their_own_identity(boot_setup, tmp_pa
                                   input=keys[i][name], capture_output=True,
                                   text=True, check=True).stdout
             assert line.split()[1] in fingerprints
+
+
+# --- cloud-init -----------------------------------------------------------------
+
+CLOUD_VARIANT = "bootcloud"
+# Its own cache (cloud-init brings Python and its modules): the one extra
+# bootstrap this test costs, timed in the create's report line.
+CLOUD_EXTRA_PKGS = "openssh-server,cloud-init"
+CLOUD_HOSTNAME = "cloud1.example.org"
+CLOUD_UUID = "0b5d3c1e-9a8f-4e2d-b7c6-112233445566"
+USER_DATA = ("#cloud-config\n"
+             "write_files:\n"
+             "  - path: /root/from-user-data\n"
+             "    content: 'written by cloud-init: ok'\n")
+
+
+def test_cloud_init_nocloud_seed_applies_user_data_name_and_static_address(
+        boot_setup, tmp_path):
+    tree = boot_setup.tree
+    tree.variant(CLOUD_VARIANT, f'BOOTLOADER="grub"\nEXTRA_PKGS="{CLOUD_EXTRA_PKGS}"\n')
+    disk = scripts.sparse_disk(str(tmp_path), DISK_MIB, "cloud.img")
+    started = time.monotonic()
+    res = run_script(tree, "create", create_env(
+        CLOUD_HOSTNAME, disk, OS_VARIANT=CLOUD_VARIANT, INSTANCE_HV_serial_console="True",
+        INSTANCE_UUID=CLOUD_UUID, OSP_CLOUD_INIT="nocloud", DEBUG_LEVEL="1",
+        OSP_USER_DATA=base64.b64encode(USER_DATA.encode()).decode(), **NIC_ENV))
+    how = "bootstrapped" if "Bootstrapping" in res.stderr.decode() else "from the cache"
+    sys.stderr.write(f"\ncreate of the cloud-init instance ({how}): "
+                     f"{time.monotonic() - started:.1f} s\n")
+    assert "write_files" not in res.stderr.decode()  # user data is not logged
+    result = boot_and_run(
+        Path(disk), workdir=tmp_path / "qemu", mode="kernel",
+        expect_hostname=CLOUD_HOSTNAME, timeout=BOOT_TIMEOUT + 180,
+        nic=UserNic(NIC_MAC, free_port()), check=False, commands=[
+            "cloud-init status --wait --long",
+            "cat /root/from-user-data; echo",
+            "hostname; cat /etc/hostname; cat /var/lib/cloud/data/instance-id",
+            "ip -4 -o addr show nic0; ip -4 route show default",
+            "grep -c nic0 /etc/network/interfaces || true; "
+            "ls /etc/network/interfaces.d /etc/systemd/network",
+            "systemctl --failed --no-legend --plain",
+        ])
+    _report("kernel boot with cloud-init", result.seconds, result.login_seconds)
+    status, written, names, address, files, failed = result.outputs
+    # Done without errors; exit status 2 ("degraded done") only for the
+    # deprecation notice of gateway4/gateway6 (see cloudinit.network_config).
+    assert result.statuses[0] in (0, 2), status
+    assert re.search(r"(?m)^status: done$", status), status
+    assert re.search(r"(?m)^errors: \[\]$", status), status
+    recoverable = re.findall(r"(?m)^\t- (.*)$", status)
+    assert all("`gateway4` and `gateway6` is deprecated" in line for line in recoverable), status
+    assert result.statuses[1:] == (0, 0, 0, 0, 0), result.outputs
+    assert written.strip() == "written by cloud-init: ok"
+    # cloud-init applied the same name create wrote: no fight over it.
+    assert names.split() == [CLOUD_HOSTNAME, CLOUD_HOSTNAME, CLOUD_UUID]
+    assert "inet 10.0.2.15/24" in address and "default via 10.0.2.2 dev nic0" in address
+    # Ours: the loopback only; cloud-init's own file configures nic0.
+    assert files.split("\n", 1)[0] == "0", files
+    assert "50-cloud-init" in files and "10-ganeti-" not in files
+    assert failed.strip() == "", failed

@@ -41,10 +41,12 @@ FAKE_GUEST = textwrap.dedent(r'''
         sys.exit(3)
     say("\nDebian GNU/Linux 13 %s ttyS0\n\n%s login: " % (opts["host"], opts["host"]))
     user = sys.stdin.readline().strip()
+    given = None
     if opts.get("password") == "ask":
         say("Password: ")
-        sys.stdin.readline()
-    if opts.get("password") == "refuse" or user != "root":
+        given = sys.stdin.readline().rstrip("\n")
+    if (opts.get("password") == "refuse" or user != "root"
+            or ("want" in opts and given != opts["want"])):
         say("\nLogin incorrect\n%s login: " % opts["host"])
         time.sleep(3600)
     say("\nThe programs included with the Debian GNU/Linux system are free.\n")
@@ -121,6 +123,34 @@ def test_settling_waits_for_the_boot_and_quiets_the_kernel_before_commands(
 def test_an_asked_password_is_answered_empty(fake_guest, tmp_path):
     result = session(fake_guest(password="ask"), tmp_path, commands=["echo in"])
     assert result.outputs == ("in\n",)
+
+
+def test_a_given_password_is_typed_when_asked(fake_guest, tmp_path):
+    result = session(fake_guest(password="ask", want="s3cret pw"), tmp_path,
+                     password="s3cret pw", commands=["echo in"])
+    assert result.outputs == ("in\n",)
+
+
+def test_a_wrong_given_password_fails_with_the_reason(fake_guest, tmp_path):
+    with pytest.raises(BootFailed, match="with the given password was refused"):
+        session(fake_guest(password="ask", want="right"), tmp_path, password="wrong")
+
+
+def test_a_given_password_that_is_never_asked_for_fails(fake_guest, tmp_path):
+    with pytest.raises(BootFailed, match="without being asked for the password"):
+        session(fake_guest(), tmp_path, password="s3cret")
+
+
+def test_the_during_callback_runs_after_login_before_the_commands(fake_guest, tmp_path):
+    seen = []
+
+    def during():
+        seen.append((tmp_path / "stub.log").read_text())
+        return "done"
+    result = session(fake_guest(), tmp_path, during=during, commands=["echo in"])
+    assert result.during == "done"
+    # The settle step ran before it (the system is up when it runs).
+    assert "systemctl is-system-running --wait" in seen[0]
 
 
 def test_a_refused_login_fails_with_the_reason(fake_guest, tmp_path):
