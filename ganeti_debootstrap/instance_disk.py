@@ -64,10 +64,13 @@ def format_disk(stack: contextlib.ExitStack, request: Request, conf: Settings,
         logger.info("The root partition (%d MiB) is smaller than the cache's "
                     "filesystem image (%d MiB): unpacking the archive instead",
                     layout.size_bytes // 2**20, image.size // 2**20)
+    # The image's journal is left out of the copy when a new one of the
+    # partition's size replaces it.
+    skip = image_cache.journal_to_replace(image, layout.size_bytes) if use_image and image else ()
     if use_image and is_file:
         assert image is not None
         with log.phase("copy filesystem image"):
-            image_cache.write(image, path, layout.offset_bytes)
+            image_cache.write(image, path, layout.offset_bytes, skip)
     dev = stack.enter_context(blockdev.attached(path))
     if is_file and layout.style != "none":
         # A file disk's partition is reached through a loop device over the
@@ -80,8 +83,8 @@ def format_disk(stack: contextlib.ExitStack, request: Request, conf: Settings,
         if use_image:
             assert image is not None
             if not is_file:
-                image_cache.write(image, root_dev)
-            uuid = image_cache.grow_and_renew(root_dev, fstype)
+                image_cache.write(image, root_dev, skip=skip)
+            uuid = image_cache.grow_and_renew(root_dev, fstype, journal_copied=not skip)
         else:
             filesystems.make_filesystem(root_dev, fstype)
             uuid = filesystems.uuid_of(root_dev)
