@@ -103,9 +103,19 @@ def open_root(stack: contextlib.ExitStack, path: str,
     have made, instead of producing an empty or partial result.
     """
     blockdev.check_disk_usable(path)
+    is_file = not blockdev.is_block_device(path)
     dev = stack.enter_context(blockdev.attached(path, read_only=read_only))
     layout = partitions.read_layout(dev)
-    root_dev = stack.enter_context(partitions.mapped_root(dev, layout, read_only=read_only))
+    if is_file and layout.style != "none":
+        # As create does: the partition of a file disk through one loop
+        # device over the file's byte range. A loop device over the disk's
+        # loop device reads every block through two page caches: dump of a
+        # 2 GiB instance took 1.9 s that way against 1.2 s.
+        root_dev = stack.enter_context(blockdev.loop_device(
+            path, offset=layout.offset_bytes, size=layout.size_bytes, read_only=read_only))
+    else:
+        root_dev = stack.enter_context(partitions.mapped_root(dev, layout,
+                                                              read_only=read_only))
     fstype = filesystems.fs_type(root_dev)
     if fstype not in ROOT_FILESYSTEMS:
         found = f"a {fstype} filesystem" if fstype else "no filesystem we recognise"
