@@ -25,6 +25,7 @@ FS_IOC_FIEMAP = 0xC020660B
 FIEMAP_FLAG_SYNC = 0x1
 FIEMAP_EXTENT_LAST = 0x1
 FIEMAP_EXTENT_UNWRITTEN = 0x800
+FIEMAP_EXTENT_SHARED = 0x2000
 _FIEMAP_HEAD = struct.Struct("=QQLLLL")  # start, length, flags, mapped, count, reserved
 # logical, physical, length, 2 reserved, flags, 3 reserved
 _FIEMAP_EXTENT = struct.Struct("=QQQQQLLLL")
@@ -36,19 +37,20 @@ ALIGN = 4096
 
 @dataclass(frozen=True)
 class Allocation:
-    """Where a file's bytes are: allocated with data, or allocated unwritten."""
+    """Where a file's bytes are: written, allocated unwritten, or shared."""
 
     allocated: int  # bytes of the file's extents (what du counts)
     unwritten: int  # of them, preallocated or zeroed by fallocate: no data written
+    shared: int = 0  # of them, blocks shared with another file (reflink clones)
 
     @property
     def written(self) -> int:
-        return self.allocated - self.unwritten
+        return self.allocated - self.unwritten - self.shared
 
 
 def allocation(path: str) -> Allocation:
     """The file's extents from FIEMAP (synced first), split by the unwritten flag."""
-    allocated = unwritten = 0
+    allocated = unwritten = shared = 0
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         start, length = 0, os.fstat(fd).st_size
@@ -68,13 +70,15 @@ def allocation(path: str) -> Allocation:
                 allocated += size
                 if eflags & FIEMAP_EXTENT_UNWRITTEN:
                     unwritten += size
+                elif eflags & FIEMAP_EXTENT_SHARED:
+                    shared += size
                 start = logical + size
                 last = bool(eflags & FIEMAP_EXTENT_LAST)
             if last:
                 break
     finally:
         os.close(fd)
-    return Allocation(allocated, unwritten)
+    return Allocation(allocated, unwritten, shared)
 
 
 def write_direct(path: str, nbytes: int) -> float:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import diskio, sizes, stats
+from . import diskio, reflink, sizes, stats
 from .context import GIB, MIB, Bench
 from .procs import Result
 from .stats import Verdict
@@ -63,6 +63,8 @@ def run(bench: Bench) -> None:
                   f"I/O pressure (some, avg10) {rounds.pressure}")
     bench.say("  -- bytes and time by disk size --")
     sizes.run(bench)
+    bench.say("  -- disk files on filesystems that share blocks --")
+    reflink.run(bench)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -37,6 +38,15 @@ def mounted_fs(tmp_path, fstype: str) -> Iterator[str]:
             subprocess.run(["umount", point], check=True)
     finally:
         subprocess.run(["losetup", "-d", loop], check=True)
+
+
+def allocation(path: str):
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    from gidb_bench import diskio
+    return diskio.allocation(path)
 
 
 def copy_cache(localstatedir: str, dest_localstatedir: str) -> str:
@@ -76,6 +86,10 @@ def test_a_disk_file_beside_the_cache_shares_its_blocks_and_never_changes_it(
         log = run_script(site, "create", create_env("shared", disk)).stderr.decode()
         assert "The system comes from the cache image" in log
         assert "(reflink)" in log, log
+        # The image's data is shared, not written (FIEMAP's shared flag).
+        shared = allocation(disk)
+        assert shared.shared >= 150 * 2**20, shared
+        assert shared.written < 16 * 2**20, shared
         with root_device(disk) as dev:
             check = subprocess.run(["e2fsck", "-fn", dev], capture_output=True, text=True)
         assert check.returncode == 0, check.stdout

@@ -100,3 +100,4 @@ def test_a_busy_writer_that_cannot_write_is_an_error_and_leaves_nothing_running(
 def test_the_image_measured_is_the_ext4_one_beside_the_archive():
     assert (sizes.image_of("/c/cache-trixie-amd64-2f81.tar")
             == "/c/cache-trixie-amd64-2f81.ext4.img")
+
