@@ -106,23 +106,34 @@ def write_direct(path: str, nbytes: int) -> float:
     return elapsed
 
 
-# The busy writer: a separate process writing 4 MiB blocks with direct I/O
-# over and over into one file of bounded size, fsyncing every 64 MiB, until
-# it is stopped (SIGTERM) or its time is up. Kept as text so that it runs
-# with the system Python, without this package on its path.
+# The busy writer: a separate process whose threads (two by default: one
+# stream barely slows this kind of disk) each write 4 MiB blocks with direct
+# I/O over and over into their own part of one file of bounded size,
+# fsyncing every 64 MiB, until it is stopped (SIGTERM) or its time is up.
+# Kept as text so that it runs with the system Python, without this package
+# on its path.
 _WRITER = """
-import mmap, os, sys, time
-path, size, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+import mmap, os, sys, threading, time
+path, size, limit, streams = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 chunk = 4 << 20
-buf = mmap.mmap(-1, chunk); buf.write(os.urandom(4096) * (chunk // 4096))
+part = max(chunk, size // streams // chunk * chunk)
 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
-end, pos, since_sync = time.monotonic() + limit, 0, 0
-while time.monotonic() < end:
-    os.pwritev(fd, [buf], pos)
-    pos = (pos + chunk) % size
-    since_sync += chunk
-    if since_sync >= 64 << 20:
-        os.fsync(fd); since_sync = 0
+end = time.monotonic() + limit
+def stream(first):
+    buf = mmap.mmap(-1, chunk); buf.write(os.urandom(4096) * (chunk // 4096))
+    pos, since_sync = 0, 0
+    while time.monotonic() < end:
+        os.pwritev(fd, [buf], first + pos)
+        pos = (pos + chunk) % part
+        since_sync += chunk
+        if since_sync >= 64 << 20:
+            os.fsync(fd); since_sync = 0
+threads = [threading.Thread(target=stream, args=(i * part,), daemon=True)
+           for i in range(streams) if (i + 1) * part <= max(size, part)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
 """
 
 
@@ -131,18 +142,21 @@ class BusyWriter:
 
     Bounded: its file never exceeds ``size`` bytes and it stops by itself
     after ``limit`` seconds; ``stop()`` ends it earlier and removes the file.
+    ``streams`` threads write at once, each in its own part of the file.
     """
 
     def __init__(self, directory: str, log_path: str, size: int = 256 << 20,
-                 limit: float = 900.0) -> None:
+                 limit: float = 900.0, streams: int = 2) -> None:
         self.path = os.path.join(directory, "busy-writer.dat")
         self.size, self.limit, self.log_path = size, limit, log_path
+        self.streams = streams
         self.running: procs.Running | None = None
 
     def start(self) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.running = procs.start(
-            [sys.executable, "-c", _WRITER, self.path, str(self.size), str(self.limit)],
+            [sys.executable, "-c", _WRITER, self.path, str(self.size), str(self.limit),
+             str(self.streams)],
             env={"PATH": "/usr/bin:/bin"}, log_path=self.log_path)
         time.sleep(1.0)  # let it reach its pace
         if not _alive(self.running.proc.pid):

@@ -34,7 +34,7 @@ def run(bench: Bench) -> None:
               f"direct I/O and an fsync, the least any create needs for them. "
               f"2 GiB sparse file disk, msdos, ext4; runs: {runs} of each, "
               f"interleaved; then the same with a concurrent writer busy on the "
-              f"disk.")
+              f"disk (two streams of 4 MiB direct writes over a 256 MiB file).")
     # One untimed run of each first: both read the cache through the page
     # cache afterwards, whatever ran before.
     for label in ("reference", "ours"):

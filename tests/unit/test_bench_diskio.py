@@ -76,6 +76,20 @@ def test_the_busy_writer_stays_within_its_file_size_and_stops(tmp_path):
     assert pid not in procs._live
 
 
+def test_the_busy_writers_streams_each_write_their_own_part_of_the_file(tmp_path):
+    writer = diskio.BusyWriter(str(tmp_path / "busy"), str(tmp_path / "busy.log"),
+                               size=16 * MIB, limit=30, streams=2)
+    writer.start()
+    try:
+        # The second stream writes from 8 MiB on; the first below it.
+        found = diskio.allocation(writer.path)
+        size = os.path.getsize(writer.path)
+    finally:
+        writer.stop()
+    assert 8 * MIB < size <= 16 * MIB
+    assert found.written >= 8 * MIB
+
+
 def test_the_busy_writer_ends_by_itself_when_its_time_is_up(tmp_path):
     writer = diskio.BusyWriter(str(tmp_path / "busy"), str(tmp_path / "busy.log"),
                                size=4 * MIB, limit=1.5)
