@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import mmap
 import os
 import re
 import stat
+import struct
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -255,8 +257,108 @@ def _data_extents(fd: int, length: int) -> Iterator[tuple[int, int]]:
         pos = end
 
 
-def write(image: FsImage, dest: str, offset: int = 0) -> int:
+def _without(extents: list[tuple[int, int]],
+             skip: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:
+    """``extents`` (offset, length) with the byte ranges of ``skip`` cut out."""
+    for cut_start, cut_length in skip:
+        cut_end = cut_start + cut_length
+        kept = []
+        for start, length in extents:
+            end = start + length
+            if end <= cut_start or start >= cut_end:
+                kept.append((start, length))
+                continue
+            if start < cut_start:
+                kept.append((start, cut_start - start))
+            if end > cut_end:
+                kept.append((cut_end, end - cut_end))
+        extents = kept
+    return extents
+
+
+# Where the superblock keeps a copy of the journal inode's block map
+# (s_jnl_blocks, with s_jnl_backup_type 1 = "inode blocks"): offsets in the
+# superblock, which starts 1024 bytes into the filesystem.
+_SB_OFFSET = 1024
+_SB_MAGIC = 0x38
+_SB_LOG_BLOCK_SIZE = 0x18
+_SB_FEATURE_COMPAT = 0x5C
+_SB_JOURNAL_INUM = 0xE0
+_SB_JNL_BACKUP_TYPE = 0xFD
+_SB_JNL_BLOCKS = 0x10C
+_EXT4_MAGIC = 0xEF53
+_COMPAT_HAS_JOURNAL = 0x4
+_EXTENT_MAGIC = 0xF30A
+_EXT_INIT_MAX_LEN = 32768
+
+
+def journal_extents(path: str) -> tuple[tuple[int, int], ...] | None:
+    """Byte ranges (offset, length) of the internal journal of the ext3/4 image
+    ``path``, from the superblock's backup of the journal inode's extent map.
+
+    None when they cannot be known that way (no journal, no backup, not a
+    flat extent map): the image is then copied whole. build() runs e2fsck,
+    which keeps that backup equal to the journal inode.
+    """
+    with open(path, "rb") as f:
+        f.seek(_SB_OFFSET)
+        sb = f.read(1024)
+    if len(sb) < 1024 or int.from_bytes(sb[_SB_MAGIC:_SB_MAGIC + 2], "little") != _EXT4_MAGIC:
+        return None
+    compat = int.from_bytes(sb[_SB_FEATURE_COMPAT:_SB_FEATURE_COMPAT + 4], "little")
+    inum = int.from_bytes(sb[_SB_JOURNAL_INUM:_SB_JOURNAL_INUM + 4], "little")
+    if not compat & _COMPAT_HAS_JOURNAL or inum != 8 or sb[_SB_JNL_BACKUP_TYPE] != 1:
+        return None
+    block_size = 1024 << int.from_bytes(sb[_SB_LOG_BLOCK_SIZE:_SB_LOG_BLOCK_SIZE + 4],
+                                        "little")
+    iblock = sb[_SB_JNL_BLOCKS:_SB_JNL_BLOCKS + 60]
+    magic, entries, _, depth = (int.from_bytes(iblock[i:i + 2], "little")
+                                for i in (0, 2, 4, 6))
+    if magic != _EXTENT_MAGIC or depth != 0 or not 1 <= entries <= 4:
+        return None
+    ranges = []
+    for i in range(entries):
+        entry = iblock[12 + 12 * i:24 + 12 * i]
+        length = int.from_bytes(entry[4:6], "little")
+        if length > _EXT_INIT_MAX_LEN:
+            length -= _EXT_INIT_MAX_LEN
+        start = (int.from_bytes(entry[6:8], "little") << 32) | int.from_bytes(entry[8:12],
+                                                                                "little")
+        ranges.append((start * block_size, length * block_size))
+    return tuple(ranges)
+
+
+def journal_to_replace(image: FsImage, partition_bytes: int,
+                       block_size: int = 4096) -> tuple[tuple[int, int], ...]:
+    """The image's journal byte ranges when the grown filesystem gets a new one.
+
+    The image's journal (sized for the small image) is replaced by the one
+    mkfs would give the partition's size (grow_and_renew); its blocks are
+    then free, and copying them (16 MiB of zeros) is a waste. Empty when
+    the journal is kept or its place is not known: then it is copied.
+    """
+    if image.fstype not in JOURNALLED:
+        return ()
+    ranges = journal_extents(image.path)
+    if not ranges:
+        return ()
+    have = sum(length for _, length in ranges) // block_size
+    if have == default_journal_blocks(partition_bytes // block_size):
+        return ()
+    # Its first block, the journal's superblock, is copied: dumpe2fs and
+    # tune2fs read it (a clean, empty journal) before it is removed.
+    (first, length), rest = ranges[0], ranges[1:]
+    if length > block_size:
+        return ((first + block_size, length - block_size), *rest)
+    return rest
+
+
+def write(image: FsImage, dest: str, offset: int = 0,
+          skip: tuple[tuple[int, int], ...] = ()) -> int:
     """Copy the image's data extents to ``dest`` at byte ``offset``; return bytes copied.
+
+    ``skip``: byte ranges of the image not to copy (the journal, when
+    grow_and_renew replaces it: see journal_to_replace).
 
     ``dest`` is the disk file or a block device. Direct I/O is preferred: the
     data goes to the disk once, at its speed, and nothing is left dirty in
@@ -275,9 +377,13 @@ def write(image: FsImage, dest: str, offset: int = 0) -> int:
         if out is None:
             out = os.open(dest, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            extents = list(_data_extents(src, image.size))
+            extents = _without(list(_data_extents(src, image.size)), skip)
+            if stat.S_ISREG(os.fstat(out).st_mode):
+                # Shared, not copied, where the disk file's filesystem can.
+                cloned, extents = _clone(src, out, extents, offset)
+                copied += cloned
             if direct:
-                copied = _copy_direct(src, out, extents, offset)
+                copied += _copy_direct(src, out, extents, offset)
             else:
                 in_kernel_copy = stat.S_ISREG(os.fstat(out).st_mode)
                 for start, length in extents:
@@ -303,6 +409,43 @@ def write(image: FsImage, dest: str, offset: int = 0) -> int:
     finally:
         os.close(src)
     return copied
+
+
+# ioctl FICLONERANGE = _IOW(0x94, 13, struct file_clone_range): the
+# destination range comes to share the source's blocks (copy on write for
+# later writes to either file). XFS with reflink and Btrfs do it, within one
+# filesystem only.
+_FICLONERANGE = 0x4020940D
+_CLONE_RANGE = struct.Struct("=qQQQ")  # src_fd, src_offset, src_length, dest_offset
+# Why a clone cannot be done between these two files: another filesystem
+# (EXDEV), no sharing there (EOPNOTSUPP, ENOTTY, ENOSYS), an unaligned range
+# (EINVAL). The extents are then copied.
+_NO_CLONE = (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EINVAL)
+
+
+def _clone(src: int, out: int, extents: list[tuple[int, int]],
+           offset: int) -> tuple[int, list[tuple[int, int]]]:
+    """Clone ``extents`` of ``src`` into ``out`` at ``offset`` + their place.
+
+    Returns the bytes cloned and the extents left to copy (all of them when
+    the first clone is refused; the rest when a later one is).
+    """
+    cloned = 0
+    for i, (start, length) in enumerate(extents):
+        arg = _CLONE_RANGE.pack(src, start, length, offset + start)
+        try:
+            fcntl.ioctl(out, _FICLONERANGE, arg)
+        except OSError as exc:
+            if exc.errno not in _NO_CLONE:
+                raise
+            if i == 0:
+                log.debug("The instance disk's filesystem cannot share the image's "
+                          "blocks (%s); copying them", exc.strerror)
+            return cloned, extents[i:]
+        cloned += length
+    if cloned:
+        log.info("Shared the image's %.0f MiB with the disk file (reflink)", cloned / 2**20)
+    return cloned, []
 
 
 # Direct I/O needs offsets, lengths and memory aligned to the device's
@@ -392,11 +535,13 @@ def image_name(fd: int) -> str:
         return f"fd {fd}"
 
 
-def grow_and_renew(root_dev: str, fstype: str) -> str:
+def grow_and_renew(root_dev: str, fstype: str, journal_copied: bool = True) -> str:
     """Grow the copied filesystem to fill ``root_dev`` and give it a new UUID.
 
-    Returns the new UUID. Every instance made from one image must not share
-    the filesystem UUID (fstab, the boot loader and udev find it by UUID).
+    ``journal_copied`` False: write() left the journal's blocks out, so it
+    is replaced whatever its size. Returns the new UUID. Every instance
+    made from one image must not share the filesystem UUID (fstab, the
+    boot loader and udev find it by UUID).
     """
     # -f: the image was checked when it was made; resize2fs would otherwise
     # insist on a fresh e2fsck of the copy first.
@@ -406,7 +551,7 @@ def grow_and_renew(root_dev: str, fstype: str) -> str:
     new_uuid = str(uuid.uuid4())
     argv = ["tune2fs", "-U", new_uuid]
     if fstype in JOURNALLED:
-        argv += _journal_resize_options(root_dev)
+        argv += _journal_resize_options(root_dev, force=not journal_copied)
     runner.run([*argv, root_dev])
     return new_uuid
 
@@ -430,7 +575,7 @@ def default_journal_blocks(blocks: int) -> int:
     return 262144
 
 
-def _journal_resize_options(root_dev: str) -> list[str]:
+def _journal_resize_options(root_dev: str, force: bool = False) -> list[str]:
     """tune2fs options giving the grown filesystem the journal mkfs would.
 
     The image's journal was sized for the small image (16 MiB); a 200 GiB
@@ -444,7 +589,7 @@ def _journal_resize_options(root_dev: str) -> list[str]:
     block_size = int(_dumpe2fs_field(root_dev, "Block size", info))
     have = int(info.get("Total journal blocks", "0"))
     want = default_journal_blocks(blocks)
-    if have == want:
+    if have == want and not force:
         return []
     return ["-O", "^has_journal", "-J", f"size={want * block_size // 2**20}"]
 

@@ -64,10 +64,13 @@ def format_disk(stack: contextlib.ExitStack, request: Request, conf: Settings,
         logger.info("The root partition (%d MiB) is smaller than the cache's "
                     "filesystem image (%d MiB): unpacking the archive instead",
                     layout.size_bytes // 2**20, image.size // 2**20)
+    # The image's journal is left out of the copy when a new one of the
+    # partition's size replaces it.
+    skip = image_cache.journal_to_replace(image, layout.size_bytes) if use_image and image else ()
     if use_image and is_file:
         assert image is not None
         with log.phase("copy filesystem image"):
-            image_cache.write(image, path, layout.offset_bytes)
+            image_cache.write(image, path, layout.offset_bytes, skip)
     dev = stack.enter_context(blockdev.attached(path))
     if is_file and layout.style != "none":
         # A file disk's partition is reached through a loop device over the
@@ -80,8 +83,8 @@ def format_disk(stack: contextlib.ExitStack, request: Request, conf: Settings,
         if use_image:
             assert image is not None
             if not is_file:
-                image_cache.write(image, root_dev)
-            uuid = image_cache.grow_and_renew(root_dev, fstype)
+                image_cache.write(image, root_dev, skip=skip)
+            uuid = image_cache.grow_and_renew(root_dev, fstype, journal_copied=not skip)
         else:
             filesystems.make_filesystem(root_dev, fstype)
             uuid = filesystems.uuid_of(root_dev)
@@ -100,9 +103,19 @@ def open_root(stack: contextlib.ExitStack, path: str,
     have made, instead of producing an empty or partial result.
     """
     blockdev.check_disk_usable(path)
+    is_file = not blockdev.is_block_device(path)
     dev = stack.enter_context(blockdev.attached(path, read_only=read_only))
     layout = partitions.read_layout(dev)
-    root_dev = stack.enter_context(partitions.mapped_root(dev, layout, read_only=read_only))
+    if is_file and layout.style != "none":
+        # As create does: the partition of a file disk through one loop
+        # device over the file's byte range. A loop device over the disk's
+        # loop device reads every block through two page caches: dump of a
+        # 2 GiB instance took 1.9 s that way against 1.2 s.
+        root_dev = stack.enter_context(blockdev.loop_device(
+            path, offset=layout.offset_bytes, size=layout.size_bytes, read_only=read_only))
+    else:
+        root_dev = stack.enter_context(partitions.mapped_root(dev, layout,
+                                                              read_only=read_only))
     fstype = filesystems.fs_type(root_dev)
     if fstype not in ROOT_FILESYSTEMS:
         found = f"a {fstype} filesystem" if fstype else "no filesystem we recognise"

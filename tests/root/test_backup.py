@@ -163,6 +163,33 @@ def test_what_export_writes_is_restorable_by_plain_restore(tree, instance, tmp_p
     assert read(target, "/etc/hostname") == "bk1.example.org\n"
 
 
+def test_export_piped_straight_into_plain_restore_gives_the_instance(tree, instance, tmp_path):
+    """Export writes 64 KiB dump records; restore reading a pipe (as behind
+    Ganeti's transfer) takes them as it takes dump's default 10 KiB ones."""
+    target = str(tmp_path / "piped")
+    os.makedirs(target)
+    export = subprocess.Popen(
+        [scripts.PYTHON, scripts.LAUNCHER, tree.sysconfdir, tree.localstatedir,
+         tree.os_dir, "export"], env=export_env(instance), cwd=tree.os_dir,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    restore = subprocess.run(["restore", "-r", "-y", "-f", "-"], stdin=export.stdout,
+                             cwd=target, capture_output=True, text=True)
+    assert export.stdout is not None
+    export.stdout.close()
+    _, err = export.communicate()
+    assert export.returncode == 0, err.decode()
+    assert restore.returncode == 0, restore.stderr
+    assert "End-of-input" not in restore.stderr
+    assert read(target, "/etc/hostname") == "bk1.example.org\n"
+    with mounted_root(instance) as root:
+        assert (os.path.getsize(os.path.join(target, "usr/lib/x86_64-linux-gnu/libc.so.6"))
+                == os.path.getsize(os.path.join(root, "usr/lib/x86_64-linux-gnu/libc.so.6")))
+    # dump pads its last record: a stream of 64 KiB records (10 KiB by default).
+    stream = str(tmp_path / "s.dump")
+    export_to_file(tree, instance, stream)
+    assert os.path.getsize(stream) % 65536 == 0
+
+
 def test_shell_edition_stream_with_old_fstab_imports(tree, instance, tmp_path):
     # What the shell edition's export held: a dump -0 of a root whose fstab
     # names devices (/dev/sda1 root, /dev/sdb swap), made here by hand.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -161,3 +162,44 @@ def test_image_path_gives_the_journal_mkfs_gives(tree, tmp_path, fstype, mib):
     image_path_journal = journals[1]
     assert image_path_journal == journals[0], journals
     assert image_path_journal > 4096, "bigger than the image's own 16 MiB journal"
+
+
+def _data_and_unwritten(path: str) -> tuple[int, int]:
+    """Bytes with data and bytes allocated unwritten in ``path`` (FIEMAP)."""
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    from gidb_bench import diskio
+    found = diskio.allocation(path)
+    return found.written, found.unwritten
+
+
+@pytest.mark.parametrize("mib,journal_skipped", [(900, False), (20480, True)])
+def test_a_replaced_journal_is_not_copied_and_the_filesystem_is_whole(tree, tmp_path, mib,
+                                                                      journal_skipped):
+    """The image's 16 MiB journal is copied only when the instance keeps it;
+    a 20 GiB root gets a 128 MiB journal instead, and the copy leaves the old
+    one's blocks (beyond its superblock) as the disk had them."""
+    disk = scripts.sparse_disk(str(tmp_path), mib)
+    run_script(tree, "create", create_env("journal2", disk))
+    fsck_clean(disk)
+    with root_device(disk) as dev:
+        blocks = int(subprocess.run(["blockdev", "--getsize64", dev], capture_output=True,
+                                    text=True, check=True).stdout) // 4096
+        assert journal_blocks(dev) == image_cache.default_journal_blocks(blocks)
+    image = os.path.join(tree.cache_dir,
+                         bootstrap_fixture.default_key().stem + ".ext4.img")
+    image_data = os.stat(image).st_blocks * 512
+    data, unwritten = _data_and_unwritten(disk)
+    # What create writes beside the image's blocks: the partition table,
+    # the instance's files, the new journal's first transactions.
+    assert data <= image_data * 1.1
+    if journal_skipped:
+        assert data < image_data - 8 * 2**20, (data, image_data)
+        # The new journal is zeroed without writing data (fallocate on the file).
+        assert unwritten >= 64 * 2**20
+    else:
+        assert data > image_data - 2**20
+    with mounted_root(disk) as root:
+        assert os.path.exists(os.path.join(root, "etc", "hostname"))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 
 import pytest
 
@@ -67,3 +69,90 @@ def test_a_superblock_without_a_block_count_is_an_error(fake_runner):
     fake_runner.expect("dumpe2fs", stdout="dumpe2fs 1.47.0\nBlock size: 4096\n")
     with pytest.raises(Exception, match="shows no 'Block count'"):
         image_cache.grow_and_renew("/dev/loop1", "ext4")
+
+
+def test_a_journal_left_out_of_the_copy_is_replaced_even_at_the_right_size(fake_runner):
+    fake_runner.expect("resize2fs")
+    fake_runner.expect("dumpe2fs", stdout=superblock(200000, 4096))
+    fake_runner.expect("tune2fs")
+    new_uuid = image_cache.grow_and_renew("/dev/loop1", "ext4", journal_copied=False)
+    assert fake_runner.commands()[-1] == (
+        f"tune2fs -U {new_uuid} -O ^has_journal -J size=16 /dev/loop1")
+
+
+@pytest.mark.parametrize("extents,skip,kept", [
+    ([(0, 100)], (), [(0, 100)]),
+    ([(0, 100)], ((20, 30),), [(0, 20), (50, 50)]),          # cut from the middle
+    ([(0, 100), (200, 50)], ((90, 120),), [(0, 90), (210, 40)]),  # across two
+    ([(0, 100)], ((0, 100),), []),                             # all of it
+    ([(0, 100)], ((100, 10), (300, 5)), [(0, 100)]),           # outside
+])
+def test_skipped_ranges_are_cut_out_of_the_copied_extents(extents, skip, kept):
+    assert image_cache._without(extents, skip) == kept
+
+
+def _mke2fs(path: str, fstype: str, mib: int) -> None:
+    with open(path, "wb") as f:
+        f.truncate(mib * 2**20)
+    # mke2fs on a regular file needs no root.
+    subprocess.run(["mke2fs", "-F", "-q", "-T", "default", "-b", "4096", "-t", fstype,
+                    "-J", "size=16", path], check=True, capture_output=True)
+
+
+def _debugfs_journal_blocks(path: str) -> list[tuple[int, int]]:
+    """The journal inode's extents as debugfs shows them: (first block, count)."""
+    out = subprocess.run(["debugfs", "-R", "stat <8>", path], check=True,
+                         capture_output=True, text=True).stdout
+    found = []
+    for first, _, last in re.findall(r"\(\d+(?:-\d+)?\):(\d+)(-(\d+))?", out):
+        found.append((int(first), (int(last) if last else int(first)) - int(first) + 1))
+    return found
+
+
+def test_the_journal_is_found_from_the_superblock_as_debugfs_shows_it(tmp_path):
+    path = str(tmp_path / "fs.img")
+    _mke2fs(path, "ext4", 300)
+    ranges = image_cache.journal_extents(path)
+    assert ranges is not None
+    blocks = [(start // 4096, length // 4096) for start, length in ranges]
+    assert _merged(blocks) == _merged(_debugfs_journal_blocks(path))
+    assert sum(length for _, length in ranges) == 16 * 2**20
+
+
+def _merged(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, length in sorted(runs):
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], out[-1][1] + length)
+        else:
+            out.append((start, length))
+    return out
+
+
+def test_an_ext3_journal_mapped_by_blocks_is_not_found_so_it_is_copied(tmp_path):
+    path = str(tmp_path / "fs.img")
+    _mke2fs(path, "ext3", 300)
+    assert image_cache.journal_extents(path) is None
+    image = image_cache.FsImage(path, "ext3", os.path.getsize(path))
+    assert image_cache.journal_to_replace(image, 20 * 2**30) == ()
+
+
+def test_the_journal_after_its_superblock_is_skipped_only_when_it_is_replaced(tmp_path):
+    path = str(tmp_path / "fs.img")
+    _mke2fs(path, "ext4", 300)
+    image = image_cache.FsImage(path, "ext4", os.path.getsize(path))
+    (start, length), *rest = image_cache.journal_extents(path) or ()
+    # A 20 GiB root gets a 128 MiB journal: all but the journal's own
+    # superblock (its first block) is left out of the copy.
+    assert image_cache.journal_to_replace(image, 20 * 2**30) == (
+        (start + 4096, length - 4096), *rest)
+    # 512 MiB gets 16 MiB, the image's size: it is kept, so copied.
+    assert image_cache.journal_to_replace(image, 512 * 2**20) == ()
+    ext2 = image_cache.FsImage(path, "ext2", image.size)
+    assert image_cache.journal_to_replace(ext2, 20 * 2**30) == ()
+
+
+def test_something_that_is_no_ext_filesystem_has_no_journal_to_skip(tmp_path):
+    path = tmp_path / "zeros.img"
+    path.write_bytes(bytes(8192))
+    assert image_cache.journal_extents(str(path)) is None
