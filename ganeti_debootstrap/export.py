@@ -48,17 +48,7 @@ def check_consistent(root_dev: str, path: str) -> dict[str, str]:
             f"be consistent. Shut the instance down for the export (gnt-backup "
             f"export without --noshutdown), or run e2fsck on the stopped "
             f"instance's filesystem if it crashed.")
-    return superblock_fields(header)
-
-
-def superblock_fields(header: str) -> dict[str, str]:
-    """The ``name: value`` lines of ``dumpe2fs -h`` (the first of each name)."""
-    fields: dict[str, str] = {}
-    for line in header.splitlines():
-        name, sep, value = line.partition(":")
-        if sep:
-            fields.setdefault(name.strip(), value.strip())
-    return fields
+    return filesystems.superblock_fields(header)
 
 
 # dump(8) writes 1 KiB records: one header per inode, then its data blocks
@@ -126,6 +116,30 @@ def estimate_bytes(fields: dict[str, str]) -> int:
     return max(used_blocks, 0) * block_size + used_inodes * _TP_BSIZE + maps
 
 
+def expected_size(fields: dict[str, str], root_dev: str) -> int:
+    """estimate_bytes, or dump's own estimate where the superblock does not add up.
+
+    The superblock is the tenant's: it may be missing a field, hold a
+    malformed number or give a negative size. Then dump -S, the second pass
+    over the filesystem, answers instead of a traceback.
+    """
+    try:
+        size = estimate_bytes(fields)
+    except (KeyError, ValueError, ZeroDivisionError) as exc:
+        logger.info("The superblock gives no size estimate (%s: %s); asking dump",
+                    type(exc).__name__, exc)
+        size = -1
+    if size > 0:
+        return size
+    out = runner.output(["dump", "-0", "-S", root_dev])
+    try:
+        return int(out.split()[-1])
+    except (IndexError, ValueError):
+        raise DiskError(f"dump -S printed no size for {root_dev} ({out.strip()[:80]!r}): "
+                        f"the filesystem is damaged. Run e2fsck on the stopped "
+                        f"instance's disk, then export again.") from None
+
+
 def check_size_fd(fd: int) -> None:
     """Refuse an EXP_SIZE_FD that is not open for writing, before the disk is opened."""
     try:
@@ -161,7 +175,7 @@ def run(request: Request, paths: Paths) -> None:
                                                      read_only=True)
             fields = check_consistent(root_dev, request.disk_path)
         if request.exp_size_fd is not None:
-            size = estimate_bytes(fields)
+            size = expected_size(fields, root_dev)
             logger.debug("expected stream size: %d bytes", size)
             write_expected_size(request.exp_size_fd, size)
         with log.phase("dump"):

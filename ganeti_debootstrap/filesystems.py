@@ -113,13 +113,19 @@ def ext_state(dev: str) -> ExtState:
     return parse_ext_state(out)
 
 
-def parse_ext_state(dumpe2fs_header: str) -> ExtState:
-    """ExtState from the text of ``dumpe2fs -h``."""
+def superblock_fields(dumpe2fs_header: str) -> dict[str, str]:
+    """The ``name: value`` lines of ``dumpe2fs -h`` (the first of each name)."""
     fields: dict[str, str] = {}
     for line in dumpe2fs_header.splitlines():
         key, sep, value = line.partition(":")
         if sep:
             fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def parse_ext_state(dumpe2fs_header: str) -> ExtState:
+    """ExtState from the text of ``dumpe2fs -h``."""
+    fields = superblock_fields(dumpe2fs_header)
     if "Filesystem state" not in fields:
         raise DiskError("dumpe2fs printed no filesystem state; the device "
                         "does not hold an ext filesystem.")

@@ -75,3 +75,35 @@ def test_a_filesystem_without_a_journal_has_none_in_its_overhead():
     base = fields(*MEASURED[0][1:7], None)
     no_journal = dict(base, **{"Filesystem features": FEATURES.replace("has_journal ", "")})
     assert export.overhead_blocks(base) - export.overhead_blocks(no_journal) == 8192
+
+
+@pytest.mark.parametrize("damage", ["missing field", "not a number", "negative size"])
+def test_a_superblock_that_does_not_add_up_falls_back_to_dumps_own_estimate(
+        fake_runner, damage):
+    found = fields(*MEASURED[0][1:7], overhead=MEASURED[0][7])
+    if damage == "missing field":
+        del found["Free blocks"]
+    elif damage == "not a number":
+        found["Inode count"] = "12x"
+    else:
+        found["Block count"] = "0"
+        found["Free blocks"] = "0"
+        found["Inode count"] = "0"
+        found["Free inodes"] = "0"
+    fake_runner.expect("dump", "-0", "-S", "/dev/loop7", stdout="223855616\n")
+    assert export.expected_size(found, "/dev/loop7") == 223855616
+    assert fake_runner.calls == [("dump", "-0", "-S", "/dev/loop7")]
+
+
+def test_a_sane_superblock_needs_no_second_pass(fake_runner):
+    found = fields(*MEASURED[0][1:7], overhead=MEASURED[0][7])
+    assert export.expected_size(found, "/dev/loop7") == export.estimate_bytes(found)
+    assert fake_runner.calls == []
+
+
+def test_dump_without_an_estimate_is_a_clear_error(fake_runner):
+    found = fields(*MEASURED[0][1:7], overhead=MEASURED[0][7])
+    del found["Block size"]
+    fake_runner.expect("dump", "-0", "-S", "/dev/loop7", stdout="DUMP: bad sb\n")
+    with pytest.raises(export.DiskError, match="e2fsck"):
+        export.expected_size(found, "/dev/loop7")
