@@ -288,7 +288,7 @@ def test_the_confined_program_dies_with_the_process_that_started_it(target, tmp_
             child = int(pidfile.read_text())
             assert not gone(child)
             # The starter, confine outside the namespace, its PID 1, the program.
-            assert len(faultkit.tagged_processes(tag)) == 4
+            wait_for(lambda: len(faultkit.tagged_processes(tag)) == 4, timeout=10)
         finally:
             parent.kill()
             parent.wait()
@@ -365,8 +365,8 @@ def test_a_signal_to_confine_ends_the_program_at_once_and_leaves_no_process(
                                 text=True, env=env)
         try:
             assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-            # confine, its PID 1, the shell (now sleep) and its child.
-            assert len(faultkit.tagged_processes(tag)) == 4
+            # confine, its PID 1, the shell (becoming sleep) and its child.
+            wait_for(lambda: len(faultkit.tagged_processes(tag)) == 4, timeout=10)
             start = time.monotonic()
             proc.send_signal(signum)
             assert proc.wait(timeout=10) == -signum
