@@ -588,8 +588,9 @@ def _exit_code(status: int) -> int:
 
 
 def _end_like(status: int) -> int:
-    """End this process as the one whose wait status this is ended: killed
-    by the same signal, or the exit code to return."""
+    """End this process the way the one with this wait status ended: killed
+    by the same signal (so that import reports it as restore's), or the
+    exit code to return."""
     if not os.WIFSIGNALED(status):
         return os.waitstatus_to_exitcode(status)
     signum = os.WTERMSIG(status)
@@ -677,10 +678,18 @@ def run_confined(command: list[str], env: dict[str, str], what: str) -> int:
             os._exit(code)
     os.close(alive_read)
     os.close(status_write)
-    _forward_signals(os.pidfd_open(pid))
+    try:
+        _forward_signals(os.pidfd_open(pid))
+    except OSError as exc:
+        os.kill(pid, signal.SIGKILL)  # (not reaped: still our child)
+        os.waitpid(pid, 0)
+        print(f"confine: cannot confine {what}: pidfd_open: {exc.strerror}",
+              file=sys.stderr)
+        return SETUP_FAILED
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     _, status = os.waitpid(pid, 0)
-    # PID 1's own status when it could not report the program's (killed).
+    # The program's status, as PID 1 reported it; else (PID 1 was killed
+    # before it could) PID 1's own.
     reported = os.read(status_read, 32)
     if reported.isdigit() and int(reported) <= 0xFFFF:
         status = int(reported)
