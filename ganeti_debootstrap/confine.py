@@ -5,12 +5,15 @@ Usage: ``/usr/bin/python3 -I -S confine.py TARGET -- PROGRAM [ARG...]``
 import feeds restore(8) a stream any tenant can shape, as root. A restore
 that misbehaves (a bug, or a crafted stream taking it over) must not reach
 the node. This runs as its own process, single-threaded (import runs a pump
-thread, so nothing of this can happen between fork and exec there), and
-then becomes PROGRAM:
+thread, so nothing of this can happen between fork and exec there), sets
+up the confinement and runs PROGRAM in it:
 
-- new mount, network, IPC and UTS namespaces: every mount made here is
-  private and vanishes with the process, whatever kills it; no network and
-  no abstract unix socket of the node;
+- new mount, network, IPC, UTS and PID namespaces: every mount made here is
+  private and vanishes with its processes, whatever kills them; no network and
+  no abstract unix socket of the node; no process of the node to signal or
+  to set limits on (restore runs as root, keeping CAP_SYS_RESOURCE: in the
+  node's PID namespace it could kill or starve any of root's processes,
+  Ganeti's daemons among them);
 - a new root: a small read-only tmpfs holding only what the program needs,
   each a clone of the node's mount made read-only, nosuid and nodev for this
   namespace alone (the node's own mounts keep their flags): /usr (and the
@@ -35,6 +38,19 @@ then becomes PROGRAM:
   warns);
 - a minimal environment, and SIGKILL when import dies.
 
+A new PID namespace holds only the processes started after unshare(2), so
+this process forks once the confinement is complete (every step above
+applies to both sides) and stays outside as the supervisor: it passes
+SIGTERM, SIGINT and SIGHUP on and ends as PROGRAM ended (its exit status,
+or killed by the same signal). The child is the namespace's PID 1 and forks
+PROGRAM as PID 2, so that PROGRAM is an ordinary process: a PID 1 ignores
+every signal it has no handler for, its own abort() included. PID 1 only
+waits (reaping whatever PROGRAM leaves orphaned), passes the signals on and
+reports PROGRAM's end; when it exits the kernel kills everything left in
+the namespace, and it dies (SIGKILL) with the supervisor. It starts a
+session of its own, so that PROGRAM cannot signal even the supervisor's
+process group.
+
 This file is run by path with ``python3 -I -S`` (no site, no path taken from
 the environment or the working directory), so it imports the standard
 library only.
@@ -44,6 +60,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import signal
 import sys
 
@@ -80,6 +97,10 @@ CAP_SYS_ADMIN = 21
 # top-level program directories exist inside.)
 ENVIRONMENT = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                "LC_ALL": "C", "TMPDIR": "/tmp", "HOME": "/"}
+# The signals a stopped import (or an administrator) sends, passed on to the
+# program: a PID 1 receives only those it handles, even from the node.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
 # Test-only: lets the fault tests find the process (tests/root/faultkit.py).
 PASSED_VARIABLES = ("GIDB_TEST_TAG",)
 
@@ -89,6 +110,7 @@ SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -113,6 +135,7 @@ SYS_OPEN_TREE = 428
 SYS_MOVE_MOUNT = 429
 SYS_MOUNT_SETATTR = 442
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
@@ -217,7 +240,9 @@ BLOCKED_SYSCALLS = (
     # fanotify on a filesystem, opening files by handle (past any root).
     "quotactl", "quotactl_fd", "swapon", "swapoff", "fanotify_init",
     "name_to_handle_at", "open_by_handle_at",
-    # Other processes of the node (same pid namespace, same uid).
+    # Other processes: only the namespace's PID 1 remains visible (kill,
+    # tgkill, pidfd_send_signal and prlimit64 reach nothing else, so they
+    # stay allowed), but it is no business of restore's either.
     "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "kcmp",
     "process_madvise",
     # The machine's clock and names, I/O priority, accounting, terminals, ports.
@@ -529,8 +554,9 @@ def confine(target: str) -> None:
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "set the parent-death signal")
     if os.getppid() != parent:
         raise SetupError("import exited before restore started")
+    # (The new PID namespace is for the children only: see run_confined.)
     _check(_libc.unshare(ctypes.c_int(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC
-                                      | CLONE_NEWUTS)), "unshare")
+                                      | CLONE_NEWUTS | CLONE_NEWPID)), "unshare")
     # Nothing mounted here may propagate back to the node.
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     last_cap, permitted = current_capabilities()
@@ -541,24 +567,149 @@ def confine(target: str) -> None:
     drop_privileges(last_cap, permitted, host_table())
 
 
+def _forward_signals(pidfd: int) -> None:
+    """Pass FORWARDED_SIGNALS on to the process behind ``pidfd`` (never to
+    another process that got its number once it is gone)."""
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            signal.pidfd_send_signal(pidfd, signum)
+        except ProcessLookupError:
+            pass
+
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, forward)
+
+
+def _exit_code(status: int) -> int:
+    """A wait status as an exit code (a signal: 128 + its number, as the shell's)."""
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _end_like(status: int) -> int:
+    """End this process the way the one with this wait status ended: killed
+    by the same signal (so that import reports it as restore's), or the
+    exit code to return."""
+    if not os.WIFSIGNALED(status):
+        return os.waitstatus_to_exitcode(status)
+    signum = os.WTERMSIG(status)
+    # The program's core file, if any, was its own; none of this process.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _prctl(PR_SET_DUMPABLE, 0, "give up core dumps")
+    if signum != signal.SIGKILL:
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+    os.kill(os.getpid(), signum)
+    return 128 + signum  # a signal that does not end a process (never reported)
+
+
+def _exec(command: list[str], env: dict[str, str], mask: set[int | signal.Signals]) -> None:
+    """Become the program (PID 2 of the namespace); never returns."""
+    code = SETUP_FAILED
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        try:
+            os.execvpe(command[0], command, env)
+        except OSError as exc:
+            print(f"confine: cannot run {command[0]}: {exc.strerror}", file=sys.stderr)
+            if isinstance(exc, FileNotFoundError):
+                code = NOT_FOUND
+    finally:
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _init(command: list[str], env: dict[str, str], what: str, mask: set[int | signal.Signals],
+          alive_fd: int, status_fd: int) -> int:
+    """PID 1 of the new PID namespace: start the program, wait for it (and
+    reap whatever else ends here), pass the signals on; report its wait
+    status to the supervisor on ``status_fd``. Our exit code."""
+    # Killed with the supervisor, even by SIGKILL: the kernel then kills
+    # the whole namespace. The supervisor may have died just before.
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "set the parent-death signal")
+    os.set_blocking(alive_fd, False)
+    try:
+        if os.read(alive_fd, 1) == b"":
+            return SETUP_FAILED
+    except BlockingIOError:
+        pass
+    os.close(alive_fd)
+    # Out of the supervisor's process group: kill(0, ...) reaches only us.
+    os.setsid()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        print(f"confine: cannot confine {what}: fork: {exc.strerror}", file=sys.stderr)
+        return SETUP_FAILED
+    if pid == 0:
+        _exec(command, env, mask)
+    _forward_signals(os.pidfd_open(pid))
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    while True:
+        reaped, status = os.waitpid(-1, 0)
+        if reaped == pid:
+            break
+    os.write(status_fd, str(status).encode())
+    return _exit_code(status)
+
+
+def run_confined(command: list[str], env: dict[str, str], what: str) -> int:
+    """Run the program in the new PID namespace (confine() done); its end as ours."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+    alive_read, alive_write = os.pipe()  # EOF: the supervisor is gone
+    status_read, status_write = os.pipe()  # the program's wait status
+    sys.stderr.flush()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        print(f"confine: cannot confine {what}: fork: {exc.strerror}", file=sys.stderr)
+        return SETUP_FAILED
+    if pid == 0:
+        code = SETUP_FAILED
+        try:
+            os.close(alive_write)
+            os.close(status_read)
+            code = _init(command, env, what, mask, alive_read, status_write)
+        except BaseException as exc:
+            print(f"confine: cannot confine {what}: {exc}", file=sys.stderr)
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(alive_read)
+    os.close(status_write)
+    try:
+        _forward_signals(os.pidfd_open(pid))
+    except OSError as exc:
+        os.kill(pid, signal.SIGKILL)  # (not reaped: still our child)
+        os.waitpid(pid, 0)
+        print(f"confine: cannot confine {what}: pidfd_open: {exc.strerror}",
+              file=sys.stderr)
+        return SETUP_FAILED
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    _, status = os.waitpid(pid, 0)
+    # The program's status, as PID 1 reported it; else (PID 1 was killed
+    # before it could) PID 1's own.
+    reported = os.read(status_read, 32)
+    if reported.isdigit() and int(reported) <= 0xFFFF:
+        status = int(reported)
+    return _end_like(status)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 4 or argv[2] != "--" or not os.path.isabs(argv[1]):
         print("usage: confine.py /TARGET -- PROGRAM [ARG...]", file=sys.stderr)
         return SETUP_FAILED
     target, command = argv[1], argv[3:]
+    what = f"{command[0]} to {target}"
     try:
         confine(target)
     except (SetupError, OSError) as exc:
-        print(f"confine: cannot confine {command[0]} to {target}: {exc}", file=sys.stderr)
+        print(f"confine: cannot confine {what}: {exc}", file=sys.stderr)
         return SETUP_FAILED
     env = dict(ENVIRONMENT)
     env.update({k: os.environ[k] for k in PASSED_VARIABLES if k in os.environ})
-    try:
-        os.execvpe(command[0], command, env)
-    except OSError as exc:
-        print(f"confine: cannot run {command[0]}: {exc.strerror}", file=sys.stderr)
-        return NOT_FOUND if isinstance(exc, FileNotFoundError) else SETUP_FAILED
-    return SETUP_FAILED  # not reached
+    return run_confined(command, env, what)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from ganeti_debootstrap import confine
+from tests.root import faultkit
 
 # The misbehaving program: tries to write everywhere, reports what worked.
 # argv: canary directory, loop device numbers "major:minor", abstract socket name.
@@ -253,30 +254,153 @@ def test_only_the_target_and_scratch_space_are_writable_and_all_goes_with_sigkil
     assert confinement_mounts_on_node() == []
 
 
+def tagged_run() -> tuple[str, dict[str, str]]:
+    """A tag and the environment passing it to every process of a run."""
+    tag = f"gidb-confine-{uuid.uuid4().hex}"
+    return tag, {**os.environ, faultkit.TAG_VARIABLE: tag}
+
+
+@contextlib.contextmanager
+def killing_leftovers(tag: str) -> Iterator[None]:
+    """Kill what the run tagged ``tag`` left, were the test to fail."""
+    try:
+        yield
+    finally:
+        for pid, _ in faultkit.tagged_processes(tag):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_the_confined_program_dies_with_the_process_that_started_it(target, tmp_path):
     # import killed by SIGKILL cannot stop restore: the kernel must.
     pidfile = tmp_path / "pid"
+    tag, env = tagged_run()
     starter = (f"import subprocess, sys, time\n"
                f"p = subprocess.Popen({confined(target, PYTHON, '-I', '-c', SLEEPER)!r},"
                f" stdout=subprocess.PIPE, text=True)\n"
                f"assert p.stdout.readline() == 'ready\\n'\n"
                f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
                f"time.sleep(600)\n")
-    parent = subprocess.Popen([PYTHON, "-I", "-c", starter])
-    try:
-        wait_for(lambda: pidfile.exists() and pidfile.read_text() != "")
-        child = int(pidfile.read_text())
-        assert not gone(child)
-    finally:
-        parent.kill()
-        parent.wait()
-    try:
+    with killing_leftovers(tag):
+        parent = subprocess.Popen([PYTHON, "-I", "-c", starter], env=env)
+        try:
+            wait_for(lambda: pidfile.exists() and pidfile.read_text() != "")
+            child = int(pidfile.read_text())
+            assert not gone(child)
+            # The starter, confine outside the namespace, its PID 1, the program.
+            wait_for(lambda: len(faultkit.tagged_processes(tag)) == 4, timeout=10)
+        finally:
+            parent.kill()
+            parent.wait()
         wait_for(lambda: gone(child), timeout=10)
-    finally:
-        if not gone(child):
-            os.kill(child, signal.SIGKILL)
+        # Everything in the namespace went with it.
+        wait_for(lambda: faultkit.tagged_processes(tag) == [], timeout=10)
     assert confinement_mounts_on_node() == []
 
+
+# Run in the confinement: what it can see of the node's processes and do to
+# one of them (argv: its pid on the node).
+PID_PROBE = r"""
+import json, os, resource, signal, sys
+other = int(sys.argv[1])
+results = {"pid": os.getpid(), "ppid": os.getppid(), "sid": os.getsid(0),
+           "pgrp": os.getpgrp()}
+def attempt(name, action):
+    try:
+        action()
+        results[name] = "ok"
+    except OSError as exc:
+        results[name] = exc.strerror
+attempt("kill 0", lambda: os.kill(other, 0))
+attempt("kill SIGKILL", lambda: os.kill(other, signal.SIGKILL))
+attempt("pidfd_open", lambda: os.close(os.pidfd_open(other)))
+attempt("prlimit", lambda: resource.prlimit(other, resource.RLIMIT_NOFILE, (1, 1)))
+attempt("setpriority", lambda: os.setpriority(os.PRIO_PROCESS, other, 19))
+# (Only PID 1 of the namespace, confine's, is there besides us.)
+attempt("kill PID 1", lambda: os.kill(1, 0))
+json.dump(results, sys.stdout)
+"""
+
+
+def test_the_program_is_alone_in_a_pid_namespace_and_cannot_touch_the_nodes_processes(
+        target):
+    # (Not the node's init or Ganeti's daemons: a process of ours, as root.)
+    other = subprocess.Popen(["sleep", "600"])
+    try:
+        limits = open(f"/proc/{other.pid}/limits").read()
+        res = subprocess.run(confined(target, PYTHON, "-I", "-S", "-c", PID_PROBE,
+                                      str(other.pid)),
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        results = json.loads(res.stdout)
+        # PID 2, child of the namespace's PID 1, in a session of their own
+        # (not even confine's process group on the node is reachable).
+        assert (results.pop("pid"), results.pop("ppid")) == (2, 1)
+        assert (results.pop("sid"), results.pop("pgrp")) == (1, 1)
+        assert results.pop("kill PID 1") == "ok"
+        assert results == {name: "No such process" for name in
+                           ("kill 0", "kill SIGKILL", "pidfd_open", "prlimit", "setpriority")}
+        assert other.poll() is None
+        with open(f"/proc/{other.pid}/limits") as f:
+            assert f.read() == limits
+        assert os.getpriority(os.PRIO_PROCESS, other.pid) == 0
+    finally:
+        other.kill()
+        other.wait()
+
+
+# A program that starts a child of its own and waits (tagged, like restore).
+WAITING = ["/bin/sh", "-c", "sleep 600 & echo ready; exec sleep 600"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                    signal.SIGKILL], ids=lambda s: s.name)
+def test_a_signal_to_confine_ends_the_program_at_once_and_leaves_no_process(
+        target, signum):
+    # SIGTERM, SIGINT, SIGHUP are passed on; the program, an ordinary
+    # process (PID 2), dies of them and confine ends as it did.
+    tag, env = tagged_run()
+    with killing_leftovers(tag):
+        proc = subprocess.Popen(confined(target, *WAITING), stdout=subprocess.PIPE,
+                                text=True, env=env)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+            # confine, its PID 1, the shell (becoming sleep) and its child.
+            wait_for(lambda: len(faultkit.tagged_processes(tag)) == 4, timeout=10)
+            start = time.monotonic()
+            proc.send_signal(signum)
+            assert proc.wait(timeout=10) == -signum
+            assert time.monotonic() - start < 2
+        finally:
+            proc.kill()
+            proc.wait()
+        if signum == signal.SIGKILL:
+            # (The kernel kills PID 1, then the namespace, after confine.)
+            wait_for(lambda: faultkit.tagged_processes(tag) == [], timeout=5)
+        else:
+            # PID 1 exited last, after the kernel had killed the rest.
+            assert faultkit.tagged_processes(tag) == []
+    assert confinement_mounts_on_node() == []
+
+
+@pytest.mark.parametrize(("program", "status", "stderr"), [
+    (["/bin/sh", "-c", "exit 3"], 3, ""),
+    (["/bin/sh", "-c", "echo failed >&2; exit 1"], 1, "failed\n"),
+    (["/bin/sh", "-c", "kill -USR1 $$"], -signal.SIGUSR1, ""),
+    (["/nonexistent"], confine.NOT_FOUND,
+     "confine: cannot run /nonexistent: No such file or directory\n"),
+], ids=["exit 3", "stderr", "SIGUSR1", "not found"])
+def test_confine_ends_as_the_program_did(target, program, status, stderr):
+    res = subprocess.run(confined(target, *program), capture_output=True, text=True,
+                         timeout=60)
+    assert (res.returncode, res.stderr) == (status, stderr)
+
+
+def test_a_confinement_that_cannot_be_set_up_runs_nothing(tmp_path):
+    res = subprocess.run(confined(str(tmp_path / "missing"), "/bin/true"),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == confine.SETUP_FAILED
+    assert res.stderr.startswith(f"confine: cannot confine /bin/true to {tmp_path}/missing: ")
 
 
 # Run in the confinement with CAP_SYS_ADMIN kept: every call it would turn
