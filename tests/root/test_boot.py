@@ -13,6 +13,11 @@ qemu), the gpt instance from its own GRUB through its BIOS boot partition,
 and an exported and imported instance from the GRUB the node's tools put
 on its disk. GRUB on msdos is also checked on the disk itself (boot code in
 the MBR, core.img embedded after it).
+
+UEFI (bootloader=grub-efi, variant ``bootefi``, the same cache): a created
+instance boots under OVMF (qemu -bios, software emulation) from the
+node-built EFI/BOOT/BOOTX64.EFI, then its export and import does too: two
+more boots, about 65-75 s each here.
 """
 
 from __future__ import annotations
