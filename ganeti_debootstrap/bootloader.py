@@ -857,8 +857,6 @@ def install_efi(t: Target, request: Request, conf: Settings, *, esp_device: str,
             if console is not None:
                 t.write_text(GRUB_DEFAULTS_DROPIN, grub_defaults_text(console))
         except (_GrubSkipped, TargetPathError, OSError) as e:
-            if strict:
-                raise
             if isinstance(e, OSError):
                 name = e.filename2 or e.filename
                 why = (f"{_inner(t, os.fsdecode(name)) if name else 'a file'} in the "

@@ -230,3 +230,13 @@ def test_import_with_boot_efi_a_file_in_the_instance_warns_and_writes_no_esp(
                                                 esp_device=ESP)
     assert fake_runner.calls == []
     assert "/boot/efi" in caplog.text
+
+
+def test_create_with_boot_efi_not_a_directory_is_an_error_naming_it(
+        fake_runner, node_efi, tmp_path):
+    t = make_tree(tmp_path / "root")
+    Path(t.root, "boot/efi").write_text("not a directory")
+    with pytest.raises(bootloader.BootloaderError, match="/boot/efi in the instance is"):
+        bootloader.install(t, request(), efi_settings(), disk_device="/dev/loop3",
+                           root_uuid=UUID, esp_device=ESP)
+    assert fake_runner.calls == []
