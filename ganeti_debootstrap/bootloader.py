@@ -104,6 +104,8 @@ def resolve(conf: Settings, param: str, arch: str) -> Settings:
     before anything is bootstrapped or written.
     """
     loader = param or conf.bootloader
+    if loader == "grub-efi":
+        return _resolve_efi(conf, param, arch)
     if loader != "grub":
         return dataclasses.replace(conf, bootloader="none")
     asked = ("the OS parameter bootloader=grub" if param else
@@ -118,6 +120,31 @@ def resolve(conf: Settings, param: str, arch: str) -> Settings:
     added = tuple(p for p in packages(arch) if p not in conf.extra_pkgs)
     partitions.check_boot_area(conf.partition_style, conf.partition_alignment)
     return dataclasses.replace(conf, bootloader="grub",
+                               extra_pkgs=conf.extra_pkgs + added)
+
+
+def _resolve_efi(conf: Settings, param: str, arch: str) -> Settings:
+    """resolve() for grub-efi: gpt and amd64 only; the kernel joins EXTRA_PKGS.
+
+    No GRUB package: the EFI image is built by the node's GRUB (see
+    :func:`install_efi`), on create as on import.
+    """
+    asked = ("the OS parameter bootloader=grub-efi" if param else
+             f"BOOTLOADER=grub-efi (set in {' or '.join(conf.sources) or 'the settings'})")
+    if arch != EFI_ARCH:
+        raise ConfigError(
+            f"{asked} installs GRUB for x86_64 UEFI, which boots {EFI_ARCH} "
+            f"instances only, not ARCH={arch}. Use bootloader=grub (BIOS) or "
+            f"none and Ganeti's kernel_path.")
+    if conf.partition_style != "gpt":
+        raise ConfigError(
+            f"{asked} needs a gpt partition table on disk 0 (for the EFI "
+            f"system partition), but PARTITION_STYLE={conf.partition_style}. "
+            f"Set PARTITION_STYLE=gpt for this variant, or use bootloader=grub "
+            f"(BIOS).")
+    kernel = kernel_package(arch)
+    added = () if kernel in conf.extra_pkgs else (kernel,)
+    return dataclasses.replace(conf, bootloader="grub-efi",
                                extra_pkgs=conf.extra_pkgs + added)
 
 
@@ -312,7 +339,7 @@ def debconf_install_devices(device: str) -> bytes:
 
 
 def install(t: Target, request: Request, conf: Settings, *, disk_device: str,
-            root_uuid: str) -> bool:
+            root_uuid: str, esp_device: str = "") -> bool:
     """create: install and configure GRUB on ``disk_device`` when ``conf`` says grub.
 
     Runs the freshly bootstrapped system's own grub-install in a chroot
@@ -321,7 +348,13 @@ def install(t: Target, request: Request, conf: Settings, *, disk_device: str,
     package. Writes grub.cfg and the console drop-in, and grub-pc's
     debconf answer for later upgrades. A system without GRUB or kernel is
     an error. Returns whether GRUB was installed.
+
+    grub-efi: :func:`install_efi` (the node's GRUB, as on import), any
+    failure an error.
     """
+    if conf.bootloader == "grub-efi":
+        return install_efi(t, request, conf, esp_device=esp_device,
+                           root_uuid=root_uuid, strict=True)
     if conf.bootloader != "grub":
         return False
     missing = missing_for_grub(t)
@@ -614,7 +647,7 @@ def record_install_devices(t: Target, device: str) -> bool:
 
 
 def install_from_node(t: Target, request: Request, conf: Settings, *, disk_device: str,
-                      root_uuid: str) -> bool:
+                      root_uuid: str, esp_device: str = "") -> bool:
     """import: put the node's GRUB on ``disk_device`` for the restored system at ``t``.
 
     Nothing of the instance runs: core.img is built by the node's
@@ -624,8 +657,12 @@ def install_from_node(t: Target, request: Request, conf: Settings, *, disk_devic
     instance, without GRUB for BIOS on the node, or where GRUB's files
     cannot be written into the instance, the import goes on without a boot
     loader (nothing written to the disk's boot area) and one warning says
-    how to boot it. Returns whether GRUB was installed.
+    how to boot it. Returns whether GRUB was installed. grub-efi:
+    :func:`install_efi`, with the same warnings.
     """
+    if conf.bootloader == "grub-efi":
+        return install_efi(t, request, conf, esp_device=esp_device,
+                           root_uuid=root_uuid, strict=False)
     if conf.bootloader != "grub":
         return False
     if kernel_paths(t) is None:
@@ -683,7 +720,7 @@ def repair_config(t: Target, request: Request, conf: Settings, root_uuid: str) -
     kernel's postinst hook does), which writes no entry while the root is
     on the node's loop device: the instance would stop at GRUB's prompt.
     """
-    if conf.bootloader != "grub" or not t.exists(GRUB_CFG):
+    if conf.bootloader not in ("grub", "grub-efi") or not t.exists(GRUB_CFG):
         return False
     try:
         check_config(t.read_text(GRUB_CFG))
@@ -700,3 +737,135 @@ def repair_config(t: Target, request: Request, conf: Settings, root_uuid: str) -
     write_config(t, request, conf, root_uuid)
     return True
 
+
+
+# --- UEFI: the node's GRUB for x86_64 EFI, on create and import ------------------
+#
+# The firmware boots EFI/BOOT/BOOTX64.EFI of the EFI system partition (the
+# removable-media path: no NVRAM entry needed, so a fresh OVMF varstore
+# boots it). That image is built by the node's grub-mkimage, for create as
+# for import: one path, and on import nothing of the instance runs. Every
+# module it needs is inside it (no module directory in the instance to
+# keep in step with the node's GRUB); its embedded configuration finds the
+# root by UUID and hands over to normal, which reads our grub.cfg there.
+# The ESP is a fresh FAT made by format_disk, written with mtools through
+# the loop device over it: never mounted, no FAT driver in the node's
+# kernel needed.
+
+EFI_ARCH = "amd64"
+NODE_GRUB_EFI_PACKAGE = "grub-efi-amd64-bin"
+NODE_GRUB_EFI_MODULES = "/usr/lib/grub/x86_64-efi"
+GRUB_EFI_TARGET = "x86_64-efi"
+EFI_BOOT_DIR = "::/EFI/BOOT"
+EFI_BOOT_IMAGE = "BOOTX64.EFI"
+# The ESP's mount point in the instance (its fstab entry: instance_files).
+ESP_MOUNTPOINT = "/boot/efi"
+# The image's modules: the partition map and filesystems (the root's, and
+# FAT for the ESP), the search by UUID of the embedded configuration and
+# grub.cfg's, the menu (normal) and what grub.cfg uses (linux, serial,
+# terminal_*), EFI's framebuffer for the kernel's screen.
+EFI_MODULES = ("part_gpt", "part_msdos", "fat", "ext2", "search_fs_uuid", "search",
+               "normal", "configfile", "echo", "test", "linux", "boot", "serial",
+               "terminal", "efi_gop", "efi_uga", "all_video", "gzio", "reboot", "halt")
+# mtools on a loop device: no geometry checks (it is no floppy).
+MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1"}
+
+
+def node_grub_efi() -> str | None:
+    """The node's x86_64-efi module directory, or None without grub-efi-amd64-bin."""
+    files = [os.path.join(NODE_GRUB_EFI_MODULES, f"{m}.mod") for m in EFI_MODULES]
+    files.append(os.path.join(NODE_GRUB_EFI_MODULES, "kernel.img"))
+    if all(os.path.isfile(f) for f in files) and os.access(NODE_GRUB_MKIMAGE, os.X_OK):
+        return NODE_GRUB_EFI_MODULES
+    return None
+
+
+def efi_mkimage_argv(modules_dir: str, config: str, output: str) -> list[str]:
+    """grub-mkimage building the x86_64 EFI image from the node's modules."""
+    return [NODE_GRUB_MKIMAGE, f"--format={GRUB_EFI_TARGET}", f"--directory={modules_dir}",
+            f"--config={config}", f"--prefix={GRUB_DIR}", f"--output={output}",
+            *EFI_MODULES]
+
+
+def esp_commands(esp_device: str, image: str) -> list[list[str]]:
+    """mtools commands putting ``image`` at EFI/BOOT/BOOTX64.EFI on the ESP."""
+    return [["mmd", "-i", esp_device, "::/EFI", EFI_BOOT_DIR],
+            ["mcopy", "-i", esp_device, "-o", image, f"{EFI_BOOT_DIR}/{EFI_BOOT_IMAGE}"]]
+
+
+def _build_efi_image(modules_dir: str, root_uuid: str) -> bytes:
+    """BOOTX64.EFI for the root ``root_uuid``, built in a private directory of the node."""
+    with tempfile.TemporaryDirectory(prefix="gidb-grub-efi-") as work:
+        config = os.path.join(work, "load.cfg")
+        with open(config, "w", encoding="ascii") as f:
+            f.write(core_config_text(root_uuid))
+        output = os.path.join(work, EFI_BOOT_IMAGE)
+        runner.run(efi_mkimage_argv(modules_dir, config, output),
+                   hint=f"The node's GRUB ({NODE_GRUB_EFI_PACKAGE}) could not build "
+                        f"its EFI image; check that {NODE_GRUB_EFI_PACKAGE} is fully "
+                        f"installed.")
+        with open(output, "rb") as f:
+            return f.read()
+
+
+def _write_esp(esp_device: str, image: bytes) -> None:
+    """Write ``image`` as EFI/BOOT/BOOTX64.EFI onto the fresh ESP ``esp_device``."""
+    with tempfile.TemporaryDirectory(prefix="gidb-esp-") as work:
+        path = os.path.join(work, EFI_BOOT_IMAGE)
+        with open(path, "wb") as f:
+            f.write(image)
+        for argv in esp_commands(esp_device, path):
+            runner.run(argv, env=MTOOLS_ENV,
+                       hint="Writing GRUB's EFI image onto the EFI system partition "
+                            "failed; check that mtools is installed on the node.")
+
+
+def install_efi(t: Target, request: Request, conf: Settings, *, esp_device: str,
+                root_uuid: str, strict: bool) -> bool:
+    """GRUB for x86_64 UEFI: grub.cfg in the instance, the node-built image on the ESP.
+
+    Nothing of the instance runs (create and import alike). ``strict``
+    (create): a missing kernel or node GRUB is an error; otherwise
+    (import) a warning, and the instance is imported without a boot loader
+    (its ESP stays empty). Returns whether GRUB was installed.
+    """
+    if not esp_device:
+        raise ValueError("grub-efi needs the EFI system partition's device")
+
+    def refuse(message: str) -> bool:
+        if strict:
+            raise BootloaderError(message)
+        logger.warning("%s The instance is imported without a boot loader; boot "
+                       "it with Ganeti's kernel_path.", message)
+        return False
+
+    if kernel_paths(t) is None:
+        return refuse("bootloader=grub-efi, but the system on the disk lacks a kernel "
+                      "(the /vmlinuz and /initrd.img links).")
+    modules_dir = node_grub_efi()
+    if modules_dir is None:
+        return refuse(f"bootloader=grub-efi, but this node has no GRUB for x86_64 "
+                      f"UEFI ({NODE_GRUB_EFI_PACKAGE}, which provides "
+                      f"{NODE_GRUB_EFI_MODULES}). Install {NODE_GRUB_EFI_PACKAGE} "
+                      f"(and mtools, dosfstools) on the node.")
+    with log.phase("boot loader"):
+        # The instance's files first, the ESP last (as for BIOS).
+        try:
+            _real_directory(t, ESP_MOUNTPOINT)
+            kernel = write_config(t, request, conf, root_uuid)
+            console = serial_console(request)
+            if console is not None:
+                t.write_text(GRUB_DEFAULTS_DROPIN, grub_defaults_text(console))
+        except (_GrubSkipped, TargetPathError, OSError) as e:
+            if isinstance(e, OSError):
+                name = e.filename2 or e.filename
+                why = (f"{_inner(t, os.fsdecode(name)) if name else 'a file'} in the "
+                       f"instance cannot be written ({e.strerror})")
+            else:
+                why = str(e)
+            return refuse(f"bootloader=grub-efi, but {why}.")
+        image = _build_efi_image(modules_dir, root_uuid)
+        _write_esp(esp_device, image)
+        logger.info("GRUB for UEFI (the node's) installed as EFI/BOOT/%s on %s, "
+                    "booting %s", EFI_BOOT_IMAGE, esp_device, kernel)
+    return True

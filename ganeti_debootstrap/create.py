@@ -198,9 +198,10 @@ def run(request: Request, paths: Paths) -> None:
         # creates need not wait for them.
         target = Target(target_dir)
         with log.phase("configure instance"):
-            instance_files.configure(target, p.instance, root=disk.root, swap=disk.swap)
+            instance_files.configure(target, p.instance, root=disk.root, swap=disk.swap,
+                                     esp=disk.esp)
         bootloader.install(target, request, conf, disk_device=disk.device,
-                           root_uuid=disk.root.uuid)
+                           root_uuid=disk.root.uuid, esp_device=disk.esp_device)
         hook_list = hooks.list_hooks(conf.customize_dir)
         if hook_list:
             with log.phase(f"hooks ({len(hook_list)})"):

@@ -50,6 +50,14 @@ def make_filesystem(dev: str, fstype: str, label: str = "") -> None:
     runner.run(argv)
 
 
+def make_esp(dev: str) -> str:
+    """Make the FAT filesystem of an EFI system partition on ``dev``; return its UUID."""
+    # -I: the loop device over the partition's range may look like a whole
+    # disk to mkfs.fat's checks; -n: the label installers give it.
+    runner.run(["mkfs.vfat", "-I", "-n", "EFI", dev])
+    return uuid_of(dev)
+
+
 def make_swap(dev: str) -> str:
     """Make a swap area on ``dev``; return its UUID."""
     # -f: the swap disk Ganeti gives may be a whole disk that once held a

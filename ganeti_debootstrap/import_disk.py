@@ -119,11 +119,13 @@ def run(request: Request, paths: Paths) -> None:
             logger.info("restored %d bytes of dump stream", size)
         target = Target(target_dir)
         with log.phase("adapt instance"):
-            instance_files.rewrite_fstab(target, root=disk.root, swap=disk.swap)
+            instance_files.rewrite_fstab(target, root=disk.root, swap=disk.swap,
+                                         esp=disk.esp)
             instance_files.remove_persistent_net_rules(target)
             instance_files.reset_identity(target)
         # The old GRUB looked for the old root UUID on the old disk. The
         # node's GRUB: nothing of the restored system runs.
+        # grub-efi: the ESP is a new one (export dumps the root only).
         bootloader.install_from_node(target, request, conf, disk_device=disk.device,
-                                     root_uuid=disk.root.uuid)
+                                     root_uuid=disk.root.uuid, esp_device=disk.esp_device)
     logger.info("Instance %s imported onto %s", request.instance_name, request.disk_path)

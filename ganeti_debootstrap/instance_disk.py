@@ -33,6 +33,10 @@ class FormattedDisk:
     root: FsEntry
     swap: FsEntry | None
     from_image: bool = False  # the root filesystem is a copy of a cache image
+    # BOOTLOADER=grub-efi: the EFI system partition (fresh FAT) and a loop
+    # device over it, attached as long as the disk is.
+    esp: FsEntry | None = None
+    esp_device: str = ""
 
 
 def format_disk(stack: contextlib.ExitStack, request: Request, conf: Settings,
@@ -58,7 +62,8 @@ def format_disk(stack: contextlib.ExitStack, request: Request, conf: Settings,
         # GRUB (BOOTLOADER=grub) needs room before the root partition.
         layout = partitions.write_table(path, conf.partition_style,
                                         conf.partition_alignment, size, arch,
-                                        boot_area=conf.bootloader == "grub")
+                                        boot_area=conf.bootloader == "grub",
+                                        esp=conf.bootloader == "grub-efi")
     use_image = image is not None and image_cache.fits(image, layout.size_bytes)
     if image is not None and not use_image:
         logger.info("The root partition (%d MiB) is smaller than the cache's "
@@ -92,7 +97,16 @@ def format_disk(stack: contextlib.ExitStack, request: Request, conf: Settings,
         if request.swap_device:
             swap_dev = stack.enter_context(blockdev.attached(request.swap_device))
             swap = FsEntry(filesystems.make_swap(swap_dev), "swap")
-    return FormattedDisk(dev, root_dev, FsEntry(uuid, fstype), swap, use_image)
+        esp, esp_dev = None, ""
+        if layout.esp_size_sectors:
+            # Through a loop device over its byte range on every node: the
+            # FAT is written by mkfs.vfat and mtools, never mounted.
+            esp_dev = stack.enter_context(blockdev.loop_device(
+                path if is_file else dev, offset=layout.esp_offset_bytes,
+                size=layout.esp_size_bytes))
+            esp = FsEntry(filesystems.make_esp(esp_dev), "vfat")
+    return FormattedDisk(dev, root_dev, FsEntry(uuid, fstype), swap, use_image,
+                         esp, esp_dev)
 
 
 def open_root(stack: contextlib.ExitStack, path: str,

@@ -221,26 +221,39 @@ FSTAB_HEADER = ("# /etc/fstab: static file system information.\n"
 ROOT_OPTIONS = {"ext2": "errors=remount-ro", "ext3": "errors=remount-ro",
                 "ext4": "errors=remount-ro"}
 
+# Where the EFI system partition (BOOTLOADER=grub-efi) is mounted; umask
+# 0077: its files (boot loaders) are root's alone, as Debian's installer
+# mounts it.
+ESP_MOUNTPOINT = "/boot/efi"
+ESP_OPTIONS = "umask=0077"
+
 # Sources naming a device rather than a swap file on the root filesystem.
 _DEVICE_SOURCES = ("UUID=", "LABEL=", "PARTUUID=", "PARTLABEL=", "/dev/")
 
 
 def _conflicts(line: str) -> bool:
-    """Whether an fstab line is about the root or a swap device (ours replace it)."""
+    """Whether an fstab line is about the root, /boot/efi or a swap device (ours replace it).
+
+    /boot/efi too when the new disk has no EFI system partition: an entry
+    for one that no longer exists would stop the instance's boot.
+    """
     stripped = line.strip()
     if "UNCONFIGURED FSTAB" in stripped:  # debootstrap's placeholder
         return True
     if not stripped or stripped.startswith("#"):
         return False
     fields = stripped.split()
-    if len(fields) >= 2 and fields[1] == "/":
+    if len(fields) >= 2 and fields[1] in ("/", ESP_MOUNTPOINT):
         return True
     return (len(fields) >= 3 and fields[2] == "swap"
             and fields[0].startswith(_DEVICE_SOURCES))
 
 
-def fstab_text(existing: str, root: FsEntry, swap: FsEntry | None) -> str:
+def fstab_text(existing: str, root: FsEntry, swap: FsEntry | None,
+               esp: FsEntry | None = None) -> str:
     """``existing`` with its root and swap-device lines replaced by ours, by UUID.
+
+    With ``esp``, a /boot/efi line for it (an old /boot/efi line goes).
 
     Other entries (and comments) an administrator preseeded in the cache
     stay, after ours; debootstrap's placeholder goes.
@@ -256,6 +269,9 @@ def fstab_text(existing: str, root: FsEntry, swap: FsEntry | None) -> str:
     lines = [f"UUID={root.uuid}\t/\t{root.fstype}\t{options}\t0\t1"]
     if swap is not None:
         lines.append(f"UUID={swap.uuid}\tnone\tswap\tsw\t0\t0")
+    if esp is not None:
+        lines.append(f"UUID={esp.uuid}\t{ESP_MOUNTPOINT}\t{esp.fstype}\t"
+                     f"{ESP_OPTIONS}\t0\t1")
     text = FSTAB_HEADER + "\n".join(lines) + "\n"
     if kept:
         text += "\n" + "\n".join(kept) + "\n"
@@ -268,13 +284,14 @@ FSTAB_ADVICE = ("It cannot be pointed at the instance's new disks, so the "
                 "then export and import again (or create again).")
 
 
-def rewrite_fstab(t: Target, *, root: FsEntry, swap: FsEntry | None = None) -> None:
-    """Point the tree's /etc/fstab at ``root`` and ``swap`` (see :func:`fstab_text`)."""
+def rewrite_fstab(t: Target, *, root: FsEntry, swap: FsEntry | None = None,
+                  esp: FsEntry | None = None) -> None:
+    """Point the tree's /etc/fstab at ``root``, ``swap`` and ``esp`` (:func:`fstab_text`)."""
     try:
         existing = t.read_text("/etc/fstab", advice=FSTAB_ADVICE)
     except FileNotFoundError:
         existing = ""
-    t.write_text("/etc/fstab", fstab_text(existing, root, swap))
+    t.write_text("/etc/fstab", fstab_text(existing, root, swap, esp))
 
 
 # --- root password ----------------------------------------------------------
@@ -615,7 +632,7 @@ def regenerate_ssh_host_keys(t: Target, comment: str,
 # --- everything, in order -----------------------------------------------------
 
 def configure(t: Target, instance: Instance, *, root: FsEntry,
-              swap: FsEntry | None = None,
+              swap: FsEntry | None = None, esp: FsEntry | None = None,
               node_files: NodeFiles = NodeFiles()) -> Configured:
     """Write the instance's own files into the freshly installed tree at ``t``."""
     versions = installed_package_versions(t)
@@ -641,7 +658,7 @@ def configure(t: Target, instance: Instance, *, root: FsEntry,
         host_address = network.host_address(seed.nics)
     write_hosts(t, instance.name, host_address)
     copy_resolv_conf(t, node_files)
-    rewrite_fstab(t, root=root, swap=swap)
+    rewrite_fstab(t, root=root, swap=swap, esp=esp)
     if instance.login.given:
         log.info("Access: %s", access.configure(t, instance.login, packages))
     else:

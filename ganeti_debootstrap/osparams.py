@@ -41,9 +41,10 @@ PARAMETERS: tuple[Parameter, ...] = (
               ("ext4", "ext3", "ext2"), "ext4"),
     # Empty (the default) leaves the choice to the BOOTLOADER setting.
     Parameter("bootloader", "Boot loader on disk 0: none (Ganeti boots the "
-              "node's kernel, kernel_path) or grub (boots with an empty "
-              "kernel_path); default: the BOOTLOADER setting",
-              ("none", "grub"), ""),
+              "node's kernel, kernel_path), grub (BIOS) or grub-efi (UEFI; "
+              "both boot with an empty kernel_path); default: the BOOTLOADER "
+              "setting",
+              ("none", "grub", "grub-efi"), ""),
     Parameter("network", "Network configuration from the instance's NICs: auto "
               "(default: ifupdown if installed, else systemd-networkd), ifupdown, "
               "networkd or none (loopback only)", NETWORK_MODES, "auto"),

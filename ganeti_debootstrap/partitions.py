@@ -5,7 +5,9 @@ bootable partition) and ``gpt`` (one root partition). The partition starts
 at PARTITION_ALIGNMENT (in 512-byte sectors) and runs to the end of the
 disk. With room for a BIOS boot loader (BOOTLOADER=grub), a gpt table also
 gets a BIOS boot partition, numbered 2, in the gap before the root, which
-stays partition 1. Partition 1 is reached through kpartx where the node has
+stays partition 1. For UEFI (BOOTLOADER=grub-efi) a gpt table gets an EFI
+system partition instead, numbered 2, at the alignment, and the root
+follows it. Partition 1 is reached through kpartx where the node has
 device-mapper (the shell edition's way), else through a loop device over
 the partition's byte range.
 """
@@ -63,6 +65,11 @@ GPT_BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
 # (trixie); GRUB's manual asks for at least 31 KiB and advises 1 MiB.
 # Twice the measured size leaves room for a GRUB that grows in upgrades.
 MIN_BOOT_AREA_BYTES = 64 * 1024
+# The EFI system partition (BOOTLOADER=grub-efi): GPT type, and its size.
+# It holds GRUB's EFI image (about 1 MiB); 64 MiB leaves room for more
+# loaders and keeps FAT16 (mkfs.vfat's choice at this size).
+GPT_EFI_SYSTEM = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+ESP_BYTES = 64 * 1024 * 1024
 
 DM_CONTROL = "/dev/mapper/control"
 MAPPER_DIR = "/dev/mapper"
@@ -91,6 +98,10 @@ class Layout:
     # 2, in the gap before the root; size 0 when there is none.
     boot_start_sector: int = 0
     boot_size_sectors: int = 0
+    # The EFI system partition (gpt, BOOTLOADER=grub-efi): partition 2,
+    # from the alignment up to the root; size 0 when there is none.
+    esp_start_sector: int = 0
+    esp_size_sectors: int = 0
 
     @property
     def offset_bytes(self) -> int:
@@ -99,6 +110,14 @@ class Layout:
     @property
     def size_bytes(self) -> int:
         return self.size_sectors * self.sector_size
+
+    @property
+    def esp_offset_bytes(self) -> int:
+        return self.esp_start_sector * self.sector_size
+
+    @property
+    def esp_size_bytes(self) -> int:
+        return self.esp_size_sectors * self.sector_size
 
 
 def _gpt_table_sectors(sector_size: int) -> int:
@@ -145,16 +164,19 @@ def check_boot_area(style: str, alignment_sectors: int,
 
 
 def plan(style: str, alignment_sectors: int, disk_size: int,
-         sector_size: int = 512, boot_area: bool = False) -> Layout:
+         sector_size: int = 512, boot_area: bool = False, esp: bool = False) -> Layout:
     """The layout write_table makes on a disk of ``disk_size`` bytes.
 
     ``alignment_sectors`` counts 512-byte sectors, as PARTITION_ALIGNMENT
     always has. ``boot_area`` leaves room for a BIOS boot loader (see
-    :func:`check_boot_area`): on gpt, a BIOS boot partition. Raises
-    DiskError when a partition cannot fit.
+    :func:`check_boot_area`): on gpt, a BIOS boot partition. ``esp`` (gpt
+    only) puts an EFI system partition of ESP_BYTES at the alignment and
+    the root right after it. Raises DiskError when a partition cannot fit.
     """
     if style not in STYLES:
         raise ValueError(f"unknown partition style {style!r}")
+    if esp and (style != "gpt" or boot_area):
+        raise ValueError("an EFI system partition goes on gpt, without BIOS boot area")
     total = disk_size // sector_size
     if style == "none":
         if boot_area:
@@ -175,6 +197,8 @@ def plan(style: str, alignment_sectors: int, disk_size: int,
             f"{setting} puts the partition inside the {style} table itself "
             f"(it needs the first {first_usable} sectors). Use 2048, the "
             f"usual one MiB alignment.")
+    esp_start, esp_size = start, (ESP_BYTES // sector_size if esp else 0)
+    start += esp_size
     size = total - end_reserved - start
     if style == "msdos" and start + size > _MSDOS_MAX_SECTORS:
         limit = _MSDOS_MAX_SECTORS * sector_size // blockdev.MIB
@@ -182,13 +206,16 @@ def plan(style: str, alignment_sectors: int, disk_size: int,
             f"The disk is {disk_size // blockdev.MIB} MiB, more than an msdos "
             f"partition table can address ({limit} MiB). Set "
             f"PARTITION_STYLE=gpt (or none) for disks this large.")
-    if size * sector_size < MIN_PARTITION_MIB * blockdev.MIB:
+    if (size + esp_size) * sector_size < MIN_PARTITION_MIB * blockdev.MIB:
         left = max(size, 0) * sector_size // blockdev.MIB
         raise DiskError(
             f"{setting} leaves {left} MiB for the root partition of this "
             f"{disk_size // blockdev.MIB} MiB disk, but at least "
             f"{MIN_PARTITION_MIB} MiB are needed. Lower PARTITION_ALIGNMENT "
             f"(2048 sectors, one MiB, is usual) or grow the disk.")
+    if esp:
+        return Layout(style, start, size, sector_size, esp_start_sector=esp_start,
+                      esp_size_sectors=esp_size)
     if not boot_area:
         return Layout(style, start, size, sector_size)
     room = check_boot_area(style, alignment_sectors, sector_size)
@@ -217,21 +244,25 @@ def sfdisk_script(layout: Layout, arch: str = "") -> str:
             # look for it there, as kpartx's "-part1" mapping does).
             script += (f"start={layout.boot_start_sector}, "
                        f"size={layout.boot_size_sectors}, type={GPT_BIOS_BOOT}\n")
+        if layout.esp_size_sectors:
+            # Numbered 2 as well, for the same reason.
+            script += (f"start={layout.esp_start_sector}, "
+                       f"size={layout.esp_size_sectors}, type={GPT_EFI_SYSTEM}\n")
         return script
     raise ValueError(f"no partition table for style {layout.style!r}")
 
 
 def write_table(dev: str, style: str, alignment_sectors: int, disk_size: int,
-                arch: str = "", boot_area: bool = False) -> Layout:
+                arch: str = "", boot_area: bool = False, esp: bool = False) -> Layout:
     """Write a new partition table (or, for "none", erase every old one).
 
     One partition from ``alignment_sectors`` (512-byte sectors) to the end
     of the disk: type 83 and bootable for msdos, the root type of the dpkg
-    architecture ``arch`` for gpt; ``boot_area``: see :func:`plan`.
+    architecture ``arch`` for gpt; ``boot_area``, ``esp``: see :func:`plan`.
     Returns where the root filesystem goes.
     """
     layout = plan(style, alignment_sectors, disk_size,
-                  blockdev.logical_sector_size(dev), boot_area)
+                  blockdev.logical_sector_size(dev), boot_area, esp)
     # Erase every old signature first: a stale filesystem or GPT backup
     # header left at the disk's start or end would make blkid (and the
     # instance's boot) see two things at once. wipefs finds GPT's backup

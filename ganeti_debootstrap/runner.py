@@ -41,6 +41,8 @@ PACKAGES: Mapping[str, str] = {
     "mmdebstrap": "mmdebstrap", "tar": "tar", "chroot": "coreutils",
     "run-parts": "debianutils", "udevadm": "udev", "fuser": "psmisc",
     "ssh-keygen": "openssh-client", "dpkg": "dpkg",
+    "mkfs.vfat": "dosfstools", "mmd": "mtools", "mcopy": "mtools",
+    "grub-mkimage": "grub-common",
 }
 
 # Output kept from a failed command for its error message: Ganeti shows the

@@ -40,7 +40,7 @@ BOOTSTRAP_TOOLS = ("auto", "debootstrap", "mmdebstrap")
 # for hooks that install many packages over a slow link.
 DEFAULT_HOOK_TIMEOUT = 3600
 # none: Ganeti boots the node's kernel (kernel_path); grub: GRUB on disk 0.
-BOOTLOADERS = ("none", "grub")
+BOOTLOADERS = ("none", "grub", "grub-efi")
 
 
 @dataclass(frozen=True)

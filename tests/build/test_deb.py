@@ -99,7 +99,8 @@ def test_relationships_are_the_runtime_needs(built_package: BuiltPackage) -> Non
     depends = {d.split()[0] for d in deb_field(built_package.deb, "Depends").split(", ")}
     assert depends == {"python3:any", "python3-debian", "debootstrap", "dump",
                        "e2fsprogs", "fdisk", "mount"}
-    assert deb_field(built_package.deb, "Recommends") == "mmdebstrap, kpartx, grub-pc-bin"
+    assert deb_field(built_package.deb, "Recommends") == (
+        "mmdebstrap, kpartx, grub-pc-bin, grub-efi-amd64-bin, dosfstools, mtools")
     assert deb_field(built_package.deb, "Enhances") == "ganeti"
     assert deb_field(built_package.deb, "Architecture") == "all"
 

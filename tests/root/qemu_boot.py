@@ -47,7 +47,9 @@ CONSOLE_TAIL_LINES = 60
 MEMORY_MIB = 1024
 SECTOR = 512
 
-Mode = Literal["kernel", "disk"]
+Mode = Literal["kernel", "disk", "efi"]
+# UEFI firmware for "efi" boots (Debian's ovmf); read-only, no NVRAM kept.
+OVMF = "/usr/share/ovmf/OVMF.fd"
 
 # agetty prints "<hostname> login: " once the system is up.
 _LOGIN_PROMPT = re.compile(r"(?m)^([\w.-]+) login: ")
@@ -239,6 +241,8 @@ def qemu_argv(image: Path, *, mode: Mode, kernel: KernelFiles | None = None,
             append = f"root=UUID={kernel.root_uuid} ro console=ttyS0"
         argv += ["-kernel", os.fspath(kernel.kernel),
                  "-initrd", os.fspath(kernel.initrd), "-append", append]
+    elif mode == "efi":
+        argv += ["-bios", OVMF]
     elif mode != "disk":
         raise ValueError(f"unknown boot mode {mode!r}")
     return argv

@@ -17,8 +17,10 @@ import threading
 
 import pytest
 
-from ganeti_debootstrap import blockdev, filesystems, mounts, partitions
+from ganeti_debootstrap import blockdev, filesystems, instance_disk, mounts, partitions
+from ganeti_debootstrap.environment import Request
 from ganeti_debootstrap.errors import CommandError, DiskError
+from ganeti_debootstrap.settings import Settings
 from tests.root.sparse import MIB, sparse_file
 
 DISK_MIB = 600
@@ -345,3 +347,31 @@ def test_swap_gets_a_uuid_blkid_agrees_with(tmp_path):
         uuid = filesystems.make_swap(dev)
         assert filesystems.fs_type(dev) == "swap"
     assert probe(path, 0)["UUID"] == uuid
+
+
+def test_grub_efi_disk_gets_a_fat_esp_before_the_root_and_export_finds_the_root(tmp_path):
+    path = sparse_file(tmp_path, DISK_MIB)
+    request = Request(script="create", api_version=20, instance_name="efi.example.org",
+                      disk_path=path)
+    conf = Settings(bootloader="grub-efi", partition_style="gpt")
+    with contextlib.ExitStack() as stack:
+        disk = instance_disk.format_disk(stack, request, conf, "ext4", "amd64")
+        assert disk.esp is not None and disk.esp.fstype == "vfat"
+        assert disk.esp_device.startswith("/dev/loop")
+    assert loops_of(path) == []
+    table = sfdisk_table(path)
+    root, esp = table["partitions"]
+    assert root["node"].endswith("1") and esp["node"].endswith("2")
+    assert root["type"] == "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
+    assert esp["type"] == partitions.GPT_EFI_SYSTEM
+    assert (esp["start"], esp["size"]) == (2048, 64 * 2048)
+    assert root["start"] == 2048 + 64 * 2048
+    found = probe(path, esp["start"] * 512)
+    assert found["TYPE"] == "vfat" and found["UUID"] == disk.esp.uuid
+    assert found.get("LABEL") == "EFI"
+    assert probe(path, root["start"] * 512)["UUID"] == disk.root.uuid
+    # export and rename find the root as partition 1, the ESP before it.
+    with contextlib.ExitStack() as stack:
+        _, root_dev, fstype = instance_disk.open_root(stack, path, read_only=True)
+        assert fstype == "ext4" and filesystems.uuid_of(root_dev) == disk.root.uuid
+    assert loops_of(path) == []
