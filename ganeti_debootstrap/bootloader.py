@@ -493,6 +493,16 @@ class _GrubSkipped(Exception):
     """GRUB's files cannot be written into the instance (why, as text)."""
 
 
+def _unwritable(t: Target, e: Exception) -> str:
+    """Why GRUB's files could not go into the instance, as a clause."""
+    if not isinstance(e, OSError):
+        return str(e)
+    # os.replace(temporary, file) names the file second.
+    name = e.filename2 or e.filename
+    return (f"{_inner(t, os.fsdecode(name)) if name else 'a file'} in the "
+            f"instance cannot be written ({e.strerror})")
+
+
 def _inner(t: Target, path: str) -> str:
     """The instance's name of the node path ``path`` inside its root."""
     relative = os.path.relpath(path, t.root)
@@ -691,13 +701,7 @@ def install_from_node(t: Target, request: Request, conf: Settings, *, disk_devic
             if console is not None:
                 t.write_text(GRUB_DEFAULTS_DROPIN, grub_defaults_text(console))
         except (_GrubSkipped, TargetPathError, OSError) as e:
-            if isinstance(e, OSError):
-                # os.replace(temporary, file) names the file second.
-                name = e.filename2 or e.filename
-                why = (f"{_inner(t, os.fsdecode(name)) if name else 'a file'} in the "
-                       f"instance cannot be written ({e.strerror})")
-            else:
-                why = str(e)
+            why = _unwritable(t, e)
             logger.warning("bootloader=grub, but %s: the instance is imported without "
                            "a boot loader; boot it with Ganeti's kernel_path, or fix "
                            "that path in the instance, export and import it again.", why)
@@ -857,12 +861,7 @@ def install_efi(t: Target, request: Request, conf: Settings, *, esp_device: str,
             if console is not None:
                 t.write_text(GRUB_DEFAULTS_DROPIN, grub_defaults_text(console))
         except (_GrubSkipped, TargetPathError, OSError) as e:
-            if isinstance(e, OSError):
-                name = e.filename2 or e.filename
-                why = (f"{_inner(t, os.fsdecode(name)) if name else 'a file'} in the "
-                       f"instance cannot be written ({e.strerror})")
-            else:
-                why = str(e)
+            why = _unwritable(t, e)
             return refuse(f"bootloader=grub-efi, but {why}.")
         image = _build_efi_image(modules_dir, root_uuid)
         _write_esp(esp_device, image)
