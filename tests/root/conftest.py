@@ -9,6 +9,7 @@ leak fails the test and is then released, so one leak does not cascade.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 
@@ -123,6 +124,34 @@ def no_leaks(request, tmp_path_factory):
     if any(leaked.values()):
         release(ours)
         pytest.fail(f"test left resources behind: {leaked}", pytrace=False)
+    remove_scratch_of_passed(request.node)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the item, for remove_scratch_of_passed."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"_gidb_report_{report.when}", report)
+
+
+def remove_scratch_of_passed(item) -> None:
+    """Remove the tmp_path of a test that passed.
+
+    Root tests make sparse disk images, backup streams and restored trees
+    (up to 1 GiB a test); pytest 7.2 keeps every test's directory until
+    the session after next, so a whole run held about 57 GiB and once
+    filled this machine's disk. A failed test keeps its files to look at.
+    Nothing is removed while something is mounted below the directory.
+    """
+    path = getattr(item, "funcargs", {}).get("tmp_path")
+    report = getattr(item, "_gidb_report_call", None)
+    if path is None or report is None or not report.passed:
+        return
+    top = str(path).rstrip("/") + "/"
+    if any((m + "/").startswith(top) for m in _mounts()):
+        return
+    shutil.rmtree(path, ignore_errors=True)
 
 # One real bootstrap per session, shared by every test that needs a warm cache.
 from tests.root import scripts  # noqa: E402
