@@ -493,6 +493,16 @@ class _GrubSkipped(Exception):
     """GRUB's files cannot be written into the instance (why, as text)."""
 
 
+def _write_instance_config(t: Target, request: Request, conf: Settings,
+                           root_uuid: str) -> str:
+    """grub.cfg and the console drop-in, written as files (import); the kernel booted."""
+    kernel = write_config(t, request, conf, root_uuid)
+    console = serial_console(request)
+    if console is not None:
+        t.write_text(GRUB_DEFAULTS_DROPIN, grub_defaults_text(console))
+    return kernel
+
+
 def _unwritable(t: Target, e: Exception) -> str:
     """Why GRUB's files could not go into the instance, as a clause."""
     if not isinstance(e, OSError):
@@ -696,10 +706,7 @@ def install_from_node(t: Target, request: Request, conf: Settings, *, disk_devic
             platform_dir = _real_directory(t, GRUB_PLATFORM_DIR)
             core = _build_core(grub, conf.partition_style, root_uuid)
             _copy_platform_files(t, grub, platform_dir, core)
-            kernel = write_config(t, request, conf, root_uuid)
-            console = serial_console(request)
-            if console is not None:
-                t.write_text(GRUB_DEFAULTS_DROPIN, grub_defaults_text(console))
+            kernel = _write_instance_config(t, request, conf, root_uuid)
         except (_GrubSkipped, TargetPathError, OSError) as e:
             why = _unwritable(t, e)
             logger.warning("bootloader=grub, but %s: the instance is imported without "
@@ -856,10 +863,7 @@ def install_efi(t: Target, request: Request, conf: Settings, *, esp_device: str,
         # The instance's files first, the ESP last (as for BIOS).
         try:
             _real_directory(t, ESP_MOUNTPOINT)
-            kernel = write_config(t, request, conf, root_uuid)
-            console = serial_console(request)
-            if console is not None:
-                t.write_text(GRUB_DEFAULTS_DROPIN, grub_defaults_text(console))
+            kernel = _write_instance_config(t, request, conf, root_uuid)
         except (_GrubSkipped, TargetPathError, OSError) as e:
             why = _unwritable(t, e)
             return refuse(f"bootloader=grub-efi, but {why}.")

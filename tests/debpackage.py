@@ -33,6 +33,7 @@ class PackageBuildError(Exception):
 
 
 def source_files(root: Path) -> list[str]:
+    """The work tree's files (tracked, and untracked but not ignored)."""
     out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached",
                           "--others", "--exclude-standard"],
                          capture_output=True, check=True, timeout=60).stdout

@@ -55,6 +55,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
+from tests.debpackage import copy_clean_tree
+
 NODE_NAME = "node1.gnt-test.example"
 CLUSTER_NAME = "cluster.gnt-test.example"
 NODE_IP = "198.51.100.1"
@@ -799,15 +801,6 @@ def state_differences(before: dict[str, list[str]],
 
 # --- building and installing the OS definition ------------------------------
 
-def source_files(root: Path) -> list[str]:
-    """The work tree's files (tracked, and untracked but not ignored)."""
-    out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached",
-                          "--others", "--exclude-standard"],
-                         capture_output=True, check=True, timeout=60).stdout
-    return sorted(n for n in out.decode().split("\0")
-                  if n and os.path.lexists(root / n))
-
-
 def install_os_definition(source_root: Path, workdir: Path, localstatedir: Path,
                           *, timeout: float = 600.0) -> Path:
     """Build a copy of the source and ``make install`` it under ``workdir``.
@@ -818,13 +811,7 @@ def install_os_definition(source_root: Path, workdir: Path, localstatedir: Path,
     """
     srcdir = workdir / "source"
     prefix = workdir / "prefix"
-    for name in source_files(source_root):
-        src, dest = source_root / name, srcdir / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_symlink():
-            dest.symlink_to(os.readlink(src))
-        else:
-            shutil.copy2(src, dest)
+    copy_clean_tree(source_root, srcdir)
     env = {k: v for k, v in os.environ.items()
            if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "DESTDIR", "PYTHON",
                         "CONFIG_SITE", "PYTHONPATH")}
