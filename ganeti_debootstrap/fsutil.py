@@ -1,0 +1,62 @@
+"""Small file-system helpers every module may use: atomic writes and the umask.
+
+The node's own files only (the cache, records beside it). A file inside an
+instance is written through :class:`target.Target`, which never follows the
+tenant's links.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+
+
+def fsync_path(path: str) -> None:
+    """Flush ``path`` (a file or a directory) to the disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes | str, *, mode: int = 0o644,
+                 tmp_prefix: str | None = None) -> None:
+    """Replace ``path`` with ``data`` so that a reader sees the old or the new file.
+
+    The data is written to a temporary file beside ``path`` (named with
+    ``tmp_prefix``, by default the file's name), flushed to the disk, given
+    ``mode`` and renamed over ``path``; on any failure the temporary file is
+    removed and ``path`` is left as it was.
+    """
+    directory = os.path.dirname(path) or "."
+    prefix = tmp_prefix if tmp_prefix is not None else os.path.basename(path) + "."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    """Run the block with the process umask set to ``mask``.
+
+    Ganeti runs the scripts with umask 077; files that an instance's packages
+    would make world-readable (a user's home, package tools' output, systemd
+    directories) are made under 022 instead.
+    """
+    saved = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(saved)
