@@ -15,9 +15,8 @@ import logging
 from dataclasses import dataclass
 
 from . import (access, blockdev, bootloader, bootstrap, cache, cloudinit, hooks,
-               image_cache, instance_disk, instance_files, log, mounts, network,
-               osparams, settings)
-from .errors import DefinitionError
+               instance_disk, instance_files, log, mounts, network, osparams,
+               settings)
 from .environment import Request
 from .paths import Paths
 from .settings import Settings
@@ -72,67 +71,13 @@ def refuse_early(request: Request, conf: Settings, paths: Paths) -> None:
         cache.check_trusted(paths.cache_dir)
 
 
-@dataclass(frozen=True)
-class Source:
-    """Where the system comes from: the cache (archive, image) or a bootstrap."""
-
-    store: cache.Cache
-    key: cache.CacheKey
-    entry: cache.CacheEntry | None = None
-    image: image_cache.FsImage | None = None
+def find_source(hold: contextlib.ExitStack, p: Plan, paths: Paths) -> cache.Source:
+    """Look up (and lock) the cache for this plan (cache.open_source)."""
+    return cache.open_source(hold, p.settings, p.tool, p.arch, p.params.filesystem,
+                             paths.cache_dir)
 
 
-def find_source(hold: contextlib.ExitStack, p: Plan, paths: Paths) -> Source:
-    """Look up (and lock) the cache for this plan; make its image if needed.
-
-    The key's lock is registered on ``hold``. A complete cache (archive
-    and, with CACHE_IMAGE=yes, its image) is read under a shared lock, so
-    that creates copying it run side by side; a missing or stale one is
-    made or repaired under an exclusive lock, so that concurrent creates
-    with the same inputs bootstrap once while the others wait, and nobody
-    replaces the archive or image while another create copies from it.
-    With GENERATE_CACHE=no the cache is not used at all, as in the shell
-    edition: every create bootstraps.
-    """
-    key = cache.CacheKey.from_settings(p.settings, p.tool, p.arch)
-    store = cache.Cache(paths.cache_dir, clean_days=p.settings.clean_cache_days)
-    if not p.settings.generate_cache:
-        return Source(store, key)
-    store.expire()
-    image_cache.prune(store.directory)
-    fstype, want_image = p.params.filesystem, p.settings.cache_image
-
-    def complete() -> Source | None:
-        entry = store.peek(key)
-        if entry is None:
-            return None
-        if not want_image:
-            return Source(store, key, entry)
-        image = image_cache.lookup(entry, fstype)
-        return Source(store, key, entry, image) if image else None
-
-    use = hold.enter_context(store.using(key, complete))
-    if use.found is not None:
-        return use.found
-    entry = store.lookup(key)
-    if entry is None:
-        # This create bootstraps, holding the lock until the cache is stored.
-        return Source(store, key)
-    image = None
-    if want_image:
-        try:
-            with log.phase("filesystem image"):
-                image = image_cache.ensure(store, entry, fstype)
-        except DefinitionError as exc:
-            # The archive still works: a failed image must not fail the create.
-            logger.warning("Cannot use a filesystem image of the cache (%s); "
-                           "unpacking the archive instead", exc)
-    # Complete (or as complete as it gets): others may read it with us.
-    use.share()
-    return Source(store, key, entry, image)
-
-
-def install_system(p: Plan, source: Source, target_dir: str) -> None:
+def install_system(p: Plan, source: cache.Source, target_dir: str) -> None:
     """Fill the mounted, empty root filesystem from the cache or a bootstrap.
 
     A fresh bootstrap goes straight into the instance's filesystem and, with
@@ -147,26 +92,7 @@ def install_system(p: Plan, source: Source, target_dir: str) -> None:
     bootstrap.run(p.settings, p.tool, target_dir)
     bootstrap.clean_tree(target_dir)
     if p.settings.generate_cache:
-        store_cache(p, source, target_dir)
-
-
-def store_cache(p: Plan, source: Source, target_dir: str) -> None:
-    """Archive the freshly bootstrapped tree (and make its image) as the cache."""
-    try:
-        entry = source.store.store(source.key, target_dir)
-        if p.settings.cache_image:
-            # Made now, from the tree at hand and under the lock, so that
-            # creates waiting for this cache copy the image at once instead
-            # of one of them unpacking and making it.
-            with log.phase("filesystem image"):
-                image_cache.build(source.store, entry, p.params.filesystem,
-                                  tree=target_dir)
-    except DefinitionError as exc:
-        # The instance is complete: a cache that cannot be written (a full
-        # /var) must not fail it, and make Ganeti remove its disks.
-        logger.warning("Could not store the bootstrap cache (or its image), so "
-                       "the next create makes it again; the instance is fine. "
-                       "%s", exc)
+        cache.store_tree(source, target_dir, p.params.filesystem, p.settings.cache_image)
 
 
 def run(request: Request, paths: Paths) -> None:

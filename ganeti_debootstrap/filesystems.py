@@ -121,6 +121,18 @@ def ext_state(dev: str) -> ExtState:
     return parse_ext_state(out)
 
 
+def superblock(dev: str) -> dict[str, str]:
+    """The superblock (and journal) fields ``dumpe2fs -h`` shows for ``dev``."""
+    return superblock_fields(runner.output(["dumpe2fs", "-h", dev]))
+
+
+def superblock_number(fields: dict[str, str], dev: str, name: str) -> int:
+    """The number ``name`` of ``dev``'s ``superblock`` fields; DiskError if absent."""
+    if name not in fields:
+        raise DiskError(f"dumpe2fs -h {dev} shows no {name!r}")
+    return int(fields[name])
+
+
 def superblock_fields(dumpe2fs_header: str) -> dict[str, str]:
     """The ``name: value`` lines of ``dumpe2fs -h`` (the first of each name)."""
     fields: dict[str, str] = {}

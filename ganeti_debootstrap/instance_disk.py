@@ -12,7 +12,8 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-from . import blockdev, filesystems, image_cache, log, partitions
+from . import blockdev, filesystems, image_copy, log, partitions
+from .cache_images import FsImage
 from .environment import Request
 from .errors import DiskError
 from .instance_files import FsEntry
@@ -41,7 +42,7 @@ class FormattedDisk:
 
 def format_disk(stack: contextlib.ExitStack, request: Request, conf: Settings,
                 fstype: str, arch: str,
-                image: image_cache.FsImage | None = None) -> FormattedDisk:
+                image: FsImage | None = None) -> FormattedDisk:
     """Check, partition and format ``request.disk_path`` (and API 5 swap).
 
     With ``image`` (and room for it), the root filesystem is that image
@@ -64,18 +65,18 @@ def format_disk(stack: contextlib.ExitStack, request: Request, conf: Settings,
                                         conf.partition_alignment, size, arch,
                                         boot_area=conf.bootloader == "grub",
                                         esp=conf.bootloader == "grub-efi")
-    use_image = image is not None and image_cache.fits(image, layout.size_bytes)
+    use_image = image is not None and image_copy.fits(image, layout.size_bytes)
     if image is not None and not use_image:
         logger.info("The root partition (%d MiB) is smaller than the cache's "
                     "filesystem image (%d MiB): unpacking the archive instead",
                     layout.size_bytes // 2**20, image.size // 2**20)
     # The image's journal is left out of the copy when a new one of the
     # partition's size replaces it.
-    skip = image_cache.journal_to_replace(image, layout.size_bytes) if use_image and image else ()
+    skip = image_copy.journal_to_replace(image, layout.size_bytes) if use_image and image else ()
     if use_image and is_file:
         assert image is not None
         with log.phase("copy filesystem image"):
-            image_cache.write(image, path, layout.offset_bytes, skip)
+            image_copy.write(image, path, layout.offset_bytes, skip)
     dev = stack.enter_context(blockdev.attached(path))
     if is_file and layout.style != "none":
         # A file disk's partition is reached through a loop device over the
@@ -88,8 +89,8 @@ def format_disk(stack: contextlib.ExitStack, request: Request, conf: Settings,
         if use_image:
             assert image is not None
             if not is_file:
-                image_cache.write(image, root_dev, skip=skip)
-            uuid = image_cache.grow_and_renew(root_dev, fstype, journal_copied=not skip)
+                image_copy.write(image, root_dev, skip=skip)
+            uuid = image_copy.grow_and_renew(root_dev, fstype, journal_copied=not skip)
         else:
             filesystems.make_filesystem(root_dev, fstype)
             uuid = filesystems.uuid_of(root_dev)

@@ -17,7 +17,7 @@ import os
 import pytest
 
 from ganeti_debootstrap import bootstrap
-from ganeti_debootstrap.cache import Cache, CacheEntry, CacheKey
+from ganeti_debootstrap.cache_store import Cache, CacheEntry, CacheKey
 from ganeti_debootstrap.paths import Paths
 from ganeti_debootstrap.settings import Settings
 
@@ -45,7 +45,7 @@ def ensure_default_cache(localstatedir: str) -> CacheEntry:
     tool = bootstrap.choose_tool(settings.bootstrap_tool)
     key = CacheKey.from_settings(settings, tool)
     store = Cache(cache_dir(localstatedir), clean_days=None)
-    with store.locked(key):
+    with store.using(key, lambda: None):
         entry = store.lookup(key)
         if entry is None:
             with store.staging_dir(key) as root:

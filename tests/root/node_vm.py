@@ -35,8 +35,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ganeti_debootstrap import image_cache
-from ganeti_debootstrap.cache import Cache
+from ganeti_debootstrap import cache_images
+from ganeti_debootstrap.cache_store import Cache
 from tests.root import bootstrap_fixture, scripts
 from tests.root.qemu_boot import (
     BootFailed,
@@ -165,10 +165,10 @@ def _warm_cache_files(localstatedir: str) -> list[Path]:
     """The default settings' cache entry and its ext4 image (made if missing)."""
     entry = bootstrap_fixture.ensure_default_cache(localstatedir)
     store = Cache(bootstrap_fixture.cache_dir(localstatedir), clean_days=None)
-    with store.locked(entry.key):
-        image = image_cache.ensure(store, entry, "ext4")
+    with store.using(entry.key, lambda: None):
+        image = cache_images.ensure(store, entry, "ext4")
     return [Path(entry.path), Path(entry.inputs_file), Path(image.path),
-            Path(image_cache.record_path(entry, "ext4"))]
+            Path(cache_images.record_path(entry, "ext4"))]
 
 
 def make_data_disk(localstatedir: str, path: Path) -> None:

@@ -10,7 +10,7 @@ import stat
 import pytest
 
 from ganeti_debootstrap import bootstrap
-from ganeti_debootstrap.cache import Cache, CacheKey
+from ganeti_debootstrap.cache_store import Cache, CacheKey
 from ganeti_debootstrap.errors import CommandError, ConfigError
 from ganeti_debootstrap.settings import DEFAULT_SUITE, Settings
 from tests.root.bootstrap_fixture import (bootstrapped_localstatedir,  # noqa: F401
@@ -26,7 +26,7 @@ BASE_PACKAGES = {"base-files", "base-passwd", "dpkg", "apt", "bash", "coreutils"
 def default_cache(bootstrapped_localstatedir):  # noqa: F811
     store = Cache(cache_dir(bootstrapped_localstatedir), clean_days=None)
     key = default_key()
-    with store.locked(key):
+    with store.using(key, lambda: None):
         entry = store.lookup(key)
     assert entry is not None, "the session fixture left no valid cache entry"
     return store, entry
@@ -37,7 +37,7 @@ def tree(default_cache, tmp_path_factory):
     """The default cache unpacked once for this module's checks."""
     store, entry = default_cache
     dest = tmp_path_factory.mktemp("tree")
-    with store.locked(entry.key):
+    with store.using(entry.key, lambda: None):
         store.extract(entry, str(dest))
     return dest
 
@@ -114,9 +114,9 @@ def test_changed_extra_packages_miss_the_cache(default_cache):
     settings = Settings(extra_pkgs=("openssh-server",))
     key = CacheKey.from_settings(settings, bootstrap.choose_tool(settings.bootstrap_tool))
     assert key != entry.key and key.stem != entry.key.stem
-    with store.locked(key):
+    with store.using(key, lambda: None):
         assert store.lookup(key) is None
-    with store.locked(entry.key):
+    with store.using(entry.key, lambda: None):
         assert store.lookup(entry.key) == entry
 
 
@@ -135,7 +135,7 @@ def test_failed_bootstrap_leaves_nothing_under_the_cache_name(tmp_path):
         pytest.skip("mmdebstrap is not installed")
     key = CacheKey.from_settings(settings, tool)
     store = Cache(str(tmp_path / "cache"))
-    with store.locked(key):
+    with store.using(key, lambda: None):
         with pytest.raises(CommandError) as err:
             with store.staging_dir(key) as root:
                 bootstrap.run(settings, tool, root)

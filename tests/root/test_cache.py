@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from ganeti_debootstrap.cache import Cache, CacheKey
+from ganeti_debootstrap.cache_store import Cache, CacheKey
 from ganeti_debootstrap.errors import CacheError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -95,7 +95,7 @@ def store(tmp_path):
 
 @pytest.fixture
 def entry(store, tmp_path):
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         with store.staging_dir(KEY) as root:
             make_system(root)
             return store.store(KEY, root)
@@ -107,7 +107,7 @@ def test_extracted_tree_keeps_every_kind_of_metadata(store, entry, tmp_path):
     make_system(str(source))
     dest = tmp_path / "dest"
     dest.mkdir()
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         store.extract(entry, str(dest))
     before, after = describe(str(source)), describe(str(dest))
     assert sorted(after) == sorted(before)
@@ -118,7 +118,7 @@ def test_extracted_tree_keeps_every_kind_of_metadata(store, entry, tmp_path):
 def test_capabilities_acls_and_special_files_survive(store, entry, tmp_path):
     dest = tmp_path / "dest"
     dest.mkdir()
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         store.extract(entry, str(dest))
     assert "cap_net_raw=ep" in tool_output(["getcap", "usr/bin/ping"], str(dest))
     acl = tool_output(["getfacl", "-n", "-p", "srv/shared/report", "srv/shared"], str(dest))
@@ -141,8 +141,8 @@ def test_acl_ids_are_the_instances_not_mapped_through_node_names(store, entry, t
         lines = [ln for ln in f if ln.split(":")[2] != "100"]
     group.write_text("".join(lines) + "renumbered:x:100:\nusers:x:555:\n")
     extract = run_script(f"""
-        from ganeti_debootstrap.cache import CacheEntry
-        with store.locked(key):
+        from ganeti_debootstrap.cache_store import CacheEntry
+        with store.using(key, lambda: None):
             store.extract(CacheEntry(key, {entry.path!r}, {entry.inputs_file!r}),
                           {str(dest)!r})
     """, store.directory, wrap=["unshare", "--mount", "sh", "-c",
@@ -158,7 +158,7 @@ def test_archive_is_readable_by_root_only(entry):
 
 
 def test_recorded_archive_is_found_again(store, entry):
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         assert store.lookup(KEY) == entry
 
 
@@ -178,7 +178,7 @@ def damage(path: str, how: str) -> None:
 @pytest.mark.parametrize("how", ["truncated", "cut-at-record", "garbage", "empty"])
 def test_damaged_archive_is_removed_before_use(store, entry, how):
     damage(entry.path, how)
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         assert store.lookup(KEY) is None
     assert not os.path.exists(entry.path)
     assert not os.path.exists(entry.inputs_file)
@@ -189,7 +189,7 @@ def test_valid_tar_of_something_else_is_removed(store, entry, tmp_path):
     (other / "data").mkdir(parents=True)
     (other / "data" / "file").write_text("not a system")
     subprocess.run(["tar", "-cf", entry.path, "-C", str(other), "."], check=True)
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         assert store.lookup(KEY) is None
     assert not os.path.exists(entry.path)
 
@@ -204,7 +204,7 @@ def test_administrators_repack_is_kept_and_used(store, entry, tmp_path, compress
     (work / "etc" / "motd").write_text("Site preseed\n")
     subprocess.run(["tar", "-cf", entry.path, *compress, "--numeric-owner",
                     "--xattrs", "-C", str(work), "."], check=True)
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         assert store.lookup(KEY) == entry
         dest = tmp_path / "dest"
         dest.mkdir()
@@ -220,7 +220,7 @@ def run_script(body: str, *args: str, wrap: list[str] = ()) -> subprocess.Popen:
         import os, sys, time
         sys.path.insert(0, {ROOT!r})
         from ganeti_debootstrap import log
-        from ganeti_debootstrap.cache import Cache, CacheKey
+        from ganeti_debootstrap.cache_store import Cache, CacheKey
         log.setup(False)
         store = Cache(sys.argv[1], clean_days=14)
         key = CacheKey(suite="trixie", arch="amd64", mirror="", components=(),
@@ -232,7 +232,7 @@ def run_script(body: str, *args: str, wrap: list[str] = ()) -> subprocess.Popen:
 
 BUILD_ONCE = """
     from tests.root.test_cache import make_system
-    with store.locked(key):
+    with store.using(key, lambda: None):
         entry = store.lookup(key)
         if entry is None:
             with open(sys.argv[2], "a") as f:
@@ -258,7 +258,7 @@ def test_concurrent_creates_build_once_and_share_the_archive(store, tmp_path):
 
 HOLD_AND_WAIT = """
     import tempfile
-    with store.locked(key):
+    with store.using(key, lambda: None):
         with store.staging_dir(key) as root:
             os.makedirs(os.path.join(root, "etc"))
             fd, tmp = tempfile.mkstemp(dir=store.directory, prefix=key.stem + ".tar.tmp-")
@@ -277,7 +277,7 @@ def test_killed_runs_leftovers_are_removed_and_its_lock_is_free(store):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         assert store.lookup(KEY) is None
         assert os.listdir(store.directory) == [KEY.stem + ".lock"]
 
@@ -285,7 +285,7 @@ def test_killed_runs_leftovers_are_removed_and_its_lock_is_free(store):
 def test_staging_cleanup_never_deletes_through_a_mount(store, tmp_path):
     proc_dir = None
     try:
-        with store.locked(KEY):
+        with store.using(KEY, lambda: None):
             with pytest.raises(CacheError, match="mount point"):
                 with store.staging_dir(KEY) as root:
                     proc_dir = os.path.join(root, "proc")
@@ -295,11 +295,11 @@ def test_staging_cleanup_never_deletes_through_a_mount(store, tmp_path):
                         f.write("must survive")
         assert os.path.exists(os.path.join(proc_dir, "node-file"))
         # The leftover does not stop the next run; it stays until unmounted.
-        with store.locked(KEY):
+        with store.using(KEY, lambda: None):
             assert os.path.exists(os.path.join(proc_dir, "node-file"))
     finally:
         if proc_dir:
             subprocess.run(["umount", proc_dir], check=False)
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         assert os.listdir(store.directory) == [KEY.stem + ".lock"]
     assert os.listdir(store.directory) == []

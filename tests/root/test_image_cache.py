@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ganeti_debootstrap import image_cache
+from ganeti_debootstrap import image_copy
 from tests.root import bootstrap_fixture, scripts
 from tests.root.scripts import create_env, mounted_root, read, root_device, run_script
 from tests.treecompare import differences
@@ -141,7 +141,7 @@ def journal_blocks(dev: str) -> int:
 def test_journal_table_matches_this_nodes_mke2fs(tmp_path, mib):
     path = scripts.sparse_disk(str(tmp_path), mib, "fs.img")
     subprocess.run(["mke2fs", "-F", "-q", "-t", "ext4", "-b", "4096", path], check=True)
-    assert journal_blocks(path) == image_cache.default_journal_blocks(mib * 256)
+    assert journal_blocks(path) == image_copy.default_journal_blocks(mib * 256)
 
 
 @pytest.mark.parametrize("fstype,mib", [("ext4", 2048), ("ext4", 20480), ("ext3", 40960)])
@@ -187,7 +187,7 @@ def test_a_replaced_journal_is_not_copied_and_the_filesystem_is_whole(tree, tmp_
     with root_device(disk) as dev:
         blocks = int(subprocess.run(["blockdev", "--getsize64", dev], capture_output=True,
                                     text=True, check=True).stdout) // 4096
-        assert journal_blocks(dev) == image_cache.default_journal_blocks(blocks)
+        assert journal_blocks(dev) == image_copy.default_journal_blocks(blocks)
     image = os.path.join(tree.cache_dir,
                          bootstrap_fixture.default_key().stem + ".ext4.img")
     image_data = os.stat(image).st_blocks * 512

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from ganeti_debootstrap import cache
-from ganeti_debootstrap.cache import Cache, CacheKey
+from ganeti_debootstrap import cache_store
+from ganeti_debootstrap.cache_store import Cache, CacheKey
 from ganeti_debootstrap.errors import CommandError
 from ganeti_debootstrap.settings import Settings
 
@@ -52,7 +52,7 @@ def stored(store, key=KEY, data=None):
     from tests.fakes import FakeRunner
     from ganeti_debootstrap import runner
     fake = FakeRunner().expect("tar", "--create", action=fake_tar_create(data or tar_bytes()))
-    with runner.replaced(fake), store.locked(key):
+    with runner.replaced(fake), store.using(key, lambda: None):
         return store.store(key, "/tree")
 
 
@@ -80,7 +80,7 @@ def test_key_uses_an_arch_the_caller_already_resolved(fake_runner):
 @pytest.mark.parametrize("change", [
     {"suite": "bookworm"}, {"arch": "i386"}, {"mirror": "http://m.invalid/debian"},
     {"components": ("main", "contrib")}, {"extra_pkgs": ("vim",)},
-    {"tool": "debootstrap"}, {"format": cache.FORMAT_VERSION + 1}])
+    {"tool": "debootstrap"}, {"format": cache_store.FORMAT_VERSION + 1}])
 def test_every_input_changes_the_key(change):
     changed = CacheKey(**{**_fields(KEY), **change})
     assert changed.digest != KEY.digest
@@ -116,7 +116,7 @@ def test_file_names_keep_the_shell_editions_prefix(store):
 
 def test_store_writes_a_private_archive_and_records_its_inputs(fake_runner, store):
     fake_runner.expect("tar", "--create", action=fake_tar_create(tar_bytes()))
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         entry = store.store(KEY, "/tree")
     tmp = fake_runner.calls[0][3]
     assert fake_runner.calls == [(
@@ -136,7 +136,7 @@ def test_store_writes_a_private_archive_and_records_its_inputs(fake_runner, stor
 def test_failed_tar_leaves_nothing_under_the_real_name(fake_runner, store):
     fake_runner.expect("tar", "--create", returncode=2, stderr="tar: write error",
                        action=fake_tar_create(b"half an archive"))
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         with pytest.raises(CommandError, match="write error"):
             store.store(KEY, "/tree")
         assert os.listdir(store.directory) == [KEY.stem + ".lock"]
@@ -148,8 +148,8 @@ def test_interrupt_while_recording_removes_the_temporary_archive(fake_runner, st
 
     def fail(*args):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(cache.Cache, "_record", fail)
-    with store.locked(KEY):
+    monkeypatch.setattr(cache_store.Cache, "_record", fail)
+    with store.using(KEY, lambda: None):
         with pytest.raises(OSError, match="No space"):
             store.store(KEY, "/tree")
         assert os.listdir(store.directory) == [KEY.stem + ".lock"]
@@ -163,7 +163,7 @@ def test_store_without_the_lock_is_a_programming_error(store):
 
 
 def test_staging_dir_is_private_and_removed_after_use(store):
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         with store.staging_dir(KEY) as root:
             parent = os.path.dirname(root)
             assert stat.S_IMODE(os.stat(parent).st_mode) == 0o700
@@ -174,7 +174,7 @@ def test_staging_dir_is_private_and_removed_after_use(store):
 
 
 def test_staging_dir_is_removed_when_the_bootstrap_fails(store):
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         with pytest.raises(CommandError):
             with store.staging_dir(KEY) as root:
                 os.makedirs(os.path.join(root, "usr/bin"))
@@ -185,7 +185,7 @@ def test_staging_dir_is_removed_when_the_bootstrap_fails(store):
 def test_extract_keeps_owners_modes_acls_and_attributes(fake_runner, store):
     entry = stored(store)
     fake_runner.expect("tar", "--extract")
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         store.extract(entry, "/target")
     assert fake_runner.calls == [(
         "tar", "--extract", "--file", entry.path, "--directory", "/target",
@@ -196,21 +196,21 @@ def test_extract_keeps_owners_modes_acls_and_attributes(fake_runner, store):
 # -- lookup -------------------------------------------------------------------
 
 def test_lookup_without_an_archive_finds_nothing(fake_runner, store):
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         assert store.lookup(KEY) is None
     assert fake_runner.calls == []
 
 
 def test_unchanged_archive_is_trusted_without_reading_it(fake_runner, store):
     entry = stored(store)
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         assert store.lookup(KEY) == entry
     assert fake_runner.calls == []  # no tar run: size and mtime matched
 
 
 def test_other_keys_do_not_find_an_archive(fake_runner, store):
     stored(store)
-    with store.locked(OTHER):
+    with store.using(OTHER, lambda: None):
         assert store.lookup(OTHER) is None
 
 
@@ -220,7 +220,7 @@ def test_garbage_archive_is_removed(fake_runner, store):
         f.write(b"this is not a tar archive at all" * 100)
     fake_runner.expect("tar", "--list", returncode=2,
                        stderr="tar: This does not look like a tar archive")
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         assert store.lookup(KEY) is None
     assert fake_runner.commands() == [f"tar --list --file {entry.path}"]
     assert not os.path.exists(entry.path)
@@ -231,7 +231,7 @@ def test_truncated_archive_is_removed_without_listing_it(fake_runner, store):
     entry = stored(store)
     with open(entry.path, "r+b") as f:
         f.truncate(1024)  # header and first data block: no end-of-archive marker
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         assert store.lookup(KEY) is None
     assert fake_runner.calls == []
     assert not os.path.exists(entry.path)
@@ -240,7 +240,7 @@ def test_truncated_archive_is_removed_without_listing_it(fake_runner, store):
 def test_empty_archive_is_removed(fake_runner, store):
     entry = stored(store)
     open(entry.path, "w").close()
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         assert store.lookup(KEY) is None
     assert not os.path.exists(entry.path)
 
@@ -249,7 +249,7 @@ def test_archive_without_a_debian_tree_is_removed(fake_runner, store, caplog):
     entry = stored(store)
     os.utime(entry.path, (1, 1))
     fake_runner.expect("tar", "--list", stdout="./\n./etc/\n./etc/os-release\n")
-    with store.locked(KEY), caplog.at_level(logging.WARNING):
+    with store.using(KEY, lambda: None), caplog.at_level(logging.WARNING):
         assert store.lookup(KEY) is None
     assert "etc/debian_version, usr/bin/dpkg" in caplog.text
     assert not os.path.exists(entry.path)
@@ -260,14 +260,14 @@ def test_repacked_valid_archive_is_accepted_and_recorded_again(fake_runner, stor
     with open(entry.path, "wb") as f:
         f.write(tar_bytes(members=9))
     fake_runner.expect("tar", "--list", stdout=LISTING)
-    with store.locked(KEY), caplog.at_level(logging.INFO):
+    with store.using(KEY, lambda: None), caplog.at_level(logging.INFO):
         assert store.lookup(KEY) == entry
     assert "changed since it was recorded" in caplog.text
     record = json.load(open(entry.inputs_file))
     assert record["size"] == os.path.getsize(entry.path)
     assert "recorded_again" in record
     # Recorded again: the next lookup is cheap.
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         assert store.lookup(KEY) == entry
     assert len(fake_runner.calls) == 1
 
@@ -277,7 +277,7 @@ def test_compressed_repack_is_listed_by_tar(fake_runner, store):
     with open(entry.path, "wb") as f:
         f.write(b"\x1f\x8b\x08" + bytes(100))  # gzip: no ustar header to check
     fake_runner.expect("tar", "--list", stdout=LISTING.replace("./", ""))
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         assert store.lookup(KEY) == entry
 
 
@@ -285,7 +285,7 @@ def test_archive_whose_record_was_lost_is_checked_and_recorded(fake_runner, stor
     entry = stored(store)
     os.unlink(entry.inputs_file)
     fake_runner.expect("tar", "--list", stdout=LISTING)
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         assert store.lookup(KEY) == entry
     assert json.load(open(entry.inputs_file))["key"] == KEY.inputs()
 
@@ -295,7 +295,7 @@ def test_record_without_a_key_counts_as_lost(fake_runner, store):
     with open(entry.inputs_file, "w") as f:
         f.write('{"size": 1}')
     fake_runner.expect("tar", "--list", stdout=LISTING)
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         assert store.lookup(KEY) == entry
     assert json.load(open(entry.inputs_file))["key"] == KEY.inputs()
 
@@ -313,7 +313,7 @@ def test_archive_recorded_for_other_inputs_is_removed(fake_runner, store):
     record["key"]["extra_pkgs"] = ["openssh-server"]
     with open(entry.inputs_file, "w") as f:
         json.dump(record, f)
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         assert store.lookup(KEY) is None
     assert not os.path.exists(entry.path)
 
@@ -321,7 +321,7 @@ def test_archive_recorded_for_other_inputs_is_removed(fake_runner, store):
 def test_record_without_archive_is_dropped(fake_runner, store):
     entry = stored(store)
     os.unlink(entry.path)
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         assert store.lookup(KEY) is None
     assert not os.path.exists(entry.inputs_file)
 
@@ -331,7 +331,7 @@ def test_shell_edition_cache_is_mentioned_not_used(fake_runner, store, caplog):
     legacy = os.path.join(store.directory, "cache-trixie-amd64.tar")
     with open(legacy, "wb") as f:
         f.write(tar_bytes())
-    with store.locked(KEY), caplog.at_level(logging.INFO):
+    with store.using(KEY, lambda: None), caplog.at_level(logging.INFO):
         assert store.lookup(KEY) is None
     assert "Not using" in caplog.text and os.path.exists(legacy)
 
@@ -351,7 +351,7 @@ def leftovers(store, stem):
 def test_taking_the_lock_removes_the_keys_leftovers(store):
     tmp, staging = leftovers(store, KEY.stem)
     other_tmp, _ = leftovers(store, OTHER.stem)
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         assert not os.path.exists(tmp) and not os.path.exists(staging)
     assert os.path.exists(other_tmp)
 
@@ -364,8 +364,8 @@ def test_expiry_removes_leftovers_whose_lock_is_free(store):
 
 def test_expiry_keeps_leftovers_of_a_running_build(store):
     tmp, staging = leftovers(store, KEY.stem)
-    with store.locked(KEY):
-        # locked() itself removed them; recreate as the running build's files.
+    with store.using(KEY, lambda: None):
+        # Taking the lock removed them; recreate as the running build's files.
         tmp, staging = leftovers(store, KEY.stem)
         other = Cache(store.directory, clean_days=14)
         other.expire()
@@ -377,7 +377,7 @@ def test_lock_of_a_dead_holder_does_not_block(store):
     # A lock file left behind (its flock died with its process) is reused.
     open(store.lock_path(KEY), "w").close()
     start = time.monotonic()
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         pass
     assert time.monotonic() - start < 1
 
@@ -391,7 +391,8 @@ def test_waiter_on_a_removed_lock_file_takes_the_new_one(store, monkeypatch):
     removed = []
 
     def flock(lock_fd, op):
-        if lock_fd != fd and op == fcntl.LOCK_EX and not removed:
+        # Any blocking lock: the store waits shared, then converts.
+        if lock_fd != fd and op in (fcntl.LOCK_EX, fcntl.LOCK_SH) and not removed:
             # While we "wait", expiry removes the lock file and releases it.
             os.unlink(path)
             os.close(fd)
@@ -399,7 +400,7 @@ def test_waiter_on_a_removed_lock_file_takes_the_new_one(store, monkeypatch):
         return real_flock(lock_fd, op)
 
     monkeypatch.setattr(fcntl, "flock", flock)
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         held = os.stat(path)
     assert removed and held.st_nlink == 1
 
@@ -583,7 +584,7 @@ def test_archive_in_use_is_not_expired(store):
     entry = stored(store)
     now = time.time()
     age(entry.path, 15, now)
-    with store.locked(KEY):
+    with store.using(KEY, lambda: None):
         assert Cache(store.directory, clean_days=14).expire(now) == []
         assert os.path.exists(entry.path)
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from ganeti_debootstrap import image_cache
+from ganeti_debootstrap import image_copy
 
 GIB_BLOCKS = 2**30 // 4096
 
@@ -31,7 +31,7 @@ def superblock(blocks: int, journal_blocks: int | None) -> str:
     (32 * GIB_BLOCKS, 65536), (64 * GIB_BLOCKS, 131072),
     (128 * GIB_BLOCKS - 1, 131072), (128 * GIB_BLOCKS, 262144), (4096 * GIB_BLOCKS, 262144)])
 def test_journal_sizes_follow_mke2fs(blocks, journal):
-    assert image_cache.default_journal_blocks(blocks) == journal
+    assert image_copy.default_journal_blocks(blocks) == journal
 
 
 def test_a_grown_root_gets_a_new_uuid_and_the_journal_mkfs_would_give_it(fake_runner):
@@ -39,7 +39,7 @@ def test_a_grown_root_gets_a_new_uuid_and_the_journal_mkfs_would_give_it(fake_ru
     fake_runner.expect("dumpe2fs", "-h", "/dev/loop1",
                        stdout=superblock(50 * GIB_BLOCKS, 4096))
     fake_runner.expect("tune2fs")
-    new_uuid = image_cache.grow_and_renew("/dev/loop1", "ext4")
+    new_uuid = image_copy.grow_and_renew("/dev/loop1", "ext4")
     assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}",
                         new_uuid)
     # One tune2fs: the UUID, and the 16 MiB journal replaced by the 256 MiB
@@ -52,14 +52,14 @@ def test_a_journal_of_the_right_size_is_kept(fake_runner):
     fake_runner.expect("resize2fs")
     fake_runner.expect("dumpe2fs", stdout=superblock(200000, 4096))
     fake_runner.expect("tune2fs")
-    new_uuid = image_cache.grow_and_renew("/dev/loop1", "ext3")
+    new_uuid = image_copy.grow_and_renew("/dev/loop1", "ext3")
     assert fake_runner.commands()[-1] == f"tune2fs -U {new_uuid} /dev/loop1"
 
 
 def test_ext2_has_no_journal_to_size(fake_runner):
     fake_runner.expect("resize2fs")
     fake_runner.expect("tune2fs")
-    new_uuid = image_cache.grow_and_renew("/dev/loop1", "ext2")
+    new_uuid = image_copy.grow_and_renew("/dev/loop1", "ext2")
     assert fake_runner.commands() == ["resize2fs -f /dev/loop1",
                                       f"tune2fs -U {new_uuid} /dev/loop1"]
 
@@ -68,14 +68,14 @@ def test_a_superblock_without_a_block_count_is_an_error(fake_runner):
     fake_runner.expect("resize2fs")
     fake_runner.expect("dumpe2fs", stdout="dumpe2fs 1.47.0\nBlock size: 4096\n")
     with pytest.raises(Exception, match="shows no 'Block count'"):
-        image_cache.grow_and_renew("/dev/loop1", "ext4")
+        image_copy.grow_and_renew("/dev/loop1", "ext4")
 
 
 def test_a_journal_left_out_of_the_copy_is_replaced_even_at_the_right_size(fake_runner):
     fake_runner.expect("resize2fs")
     fake_runner.expect("dumpe2fs", stdout=superblock(200000, 4096))
     fake_runner.expect("tune2fs")
-    new_uuid = image_cache.grow_and_renew("/dev/loop1", "ext4", journal_copied=False)
+    new_uuid = image_copy.grow_and_renew("/dev/loop1", "ext4", journal_copied=False)
     assert fake_runner.commands()[-1] == (
         f"tune2fs -U {new_uuid} -O ^has_journal -J size=16 /dev/loop1")
 
@@ -88,7 +88,7 @@ def test_a_journal_left_out_of_the_copy_is_replaced_even_at_the_right_size(fake_
     ([(0, 100)], ((100, 10), (300, 5)), [(0, 100)]),           # outside
 ])
 def test_skipped_ranges_are_cut_out_of_the_copied_extents(extents, skip, kept):
-    assert image_cache._without(extents, skip) == kept
+    assert image_copy._without(extents, skip) == kept
 
 
 def _mke2fs(path: str, fstype: str, mib: int) -> None:
@@ -112,7 +112,7 @@ def _debugfs_journal_blocks(path: str) -> list[tuple[int, int]]:
 def test_the_journal_is_found_from_the_superblock_as_debugfs_shows_it(tmp_path):
     path = str(tmp_path / "fs.img")
     _mke2fs(path, "ext4", 300)
-    ranges = image_cache.journal_extents(path)
+    ranges = image_copy.journal_extents(path)
     assert ranges is not None
     blocks = [(start // 4096, length // 4096) for start, length in ranges]
     assert _merged(blocks) == _merged(_debugfs_journal_blocks(path))
@@ -132,27 +132,27 @@ def _merged(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
 def test_an_ext3_journal_mapped_by_blocks_is_not_found_so_it_is_copied(tmp_path):
     path = str(tmp_path / "fs.img")
     _mke2fs(path, "ext3", 300)
-    assert image_cache.journal_extents(path) is None
-    image = image_cache.FsImage(path, "ext3", os.path.getsize(path))
-    assert image_cache.journal_to_replace(image, 20 * 2**30) == ()
+    assert image_copy.journal_extents(path) is None
+    image = image_copy.FsImage(path, "ext3", os.path.getsize(path))
+    assert image_copy.journal_to_replace(image, 20 * 2**30) == ()
 
 
 def test_the_journal_after_its_superblock_is_skipped_only_when_it_is_replaced(tmp_path):
     path = str(tmp_path / "fs.img")
     _mke2fs(path, "ext4", 300)
-    image = image_cache.FsImage(path, "ext4", os.path.getsize(path))
-    (start, length), *rest = image_cache.journal_extents(path) or ()
+    image = image_copy.FsImage(path, "ext4", os.path.getsize(path))
+    (start, length), *rest = image_copy.journal_extents(path) or ()
     # A 20 GiB root gets a 128 MiB journal: all but the journal's own
     # superblock (its first block) is left out of the copy.
-    assert image_cache.journal_to_replace(image, 20 * 2**30) == (
+    assert image_copy.journal_to_replace(image, 20 * 2**30) == (
         (start + 4096, length - 4096), *rest)
     # 512 MiB gets 16 MiB, the image's size: it is kept, so copied.
-    assert image_cache.journal_to_replace(image, 512 * 2**20) == ()
-    ext2 = image_cache.FsImage(path, "ext2", image.size)
-    assert image_cache.journal_to_replace(ext2, 20 * 2**30) == ()
+    assert image_copy.journal_to_replace(image, 512 * 2**20) == ()
+    ext2 = image_copy.FsImage(path, "ext2", image.size)
+    assert image_copy.journal_to_replace(ext2, 20 * 2**30) == ()
 
 
 def test_something_that_is_no_ext_filesystem_has_no_journal_to_skip(tmp_path):
     path = tmp_path / "zeros.img"
     path.write_bytes(bytes(8192))
-    assert image_cache.journal_extents(str(path)) is None
+    assert image_copy.journal_extents(str(path)) is None

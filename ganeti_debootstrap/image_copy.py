@@ -1,248 +1,32 @@
-"""The fast form of a cache entry: a ready-made, minimal filesystem image.
+"""Putting a cache's filesystem image onto an instance's root partition.
 
-Unpacking the tar archive costs a filesystem's worth of small writes and a
-long writeback at unmount. Instead, each archive gets (on first use, per
-filesystem type) an image ``<stem>.<fstype>.img`` beside it: the tree made
-into a filesystem by ``mke2fs -d`` and shrunk to its minimum. create copies
-only the image's allocated extents onto the root partition (in the kernel:
-copy_file_range into a disk file, sendfile onto a block device), grows the
-filesystem to fill the partition and gives it a fresh UUID.
-
-The tar archive stays the form administrators inspect and repack: the image
-records the archive's size and mtime it was made from, and is made again
-when they change. ``CACHE_IMAGE=no`` turns this off.
+What create does with an image cache_images.py made: copy only the image's
+allocated extents onto the root partition (in the kernel: a reflink or
+copy_file_range into a disk file, direct writes or sendfile onto a block
+device), leaving out a journal that is about to be replaced; then grow the
+filesystem to fill the partition and give it a fresh UUID and the journal
+mkfs would give that size. It sits beside instance_disk.py, which decides
+whether an image fits and calls it: this is disk code, not cache code.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
-import json
 import logging
 import mmap
 import os
-import re
 import stat
 import struct
-import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-from . import runner
-from .cache import Cache, CacheEntry
+from . import filesystems, runner
+from .cache_images import FsImage
 from .errors import CacheError, DiskError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIX = ".img"
-RECORD_SUFFIX = ".img.json"
-TMP_TAG = ".tmp-"
-FORMAT_VERSION = 1
-
-# mke2fs options shared by every image. The usage type "default" and 4 KiB
-# blocks are forced: mke2fs would otherwise pick its "small" profile (1 KiB
-# blocks, many inodes) for a few hundred MiB, which cannot be grown into a
-# normal filesystem. Discard is off so that mke2fs writes (rather than
-# punches and assumes zero) every metadata block it relies on: only the
-# image's data extents are copied to the instance disk, whose old contents
-# remain everywhere else. Inode tables stay lazily initialised (flagged as
-# such, the kernel zeroes them after mount) and the journal is written.
-_COMMON_OPTIONS = ("-F", "-q", "-T", "default", "-b", "4096",
-                   "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=0")
-# metadata_csum_seed makes the UUID change at each create instant: without
-# it every checksum in the filesystem depends on the UUID and is rewritten.
-_FEATURES = {"ext4": ("-O", "metadata_csum_seed"), "ext3": (), "ext2": ()}
-
-# Room for mke2fs -d before the image is shrunk to its minimum.
-_HEADROOM = 1.5
-_EXTRA_BYTES = 128 * 2**20
-
-
-@dataclass(frozen=True)
-class FsImage:
-    """A usable filesystem image of a cache entry."""
-
-    path: str
-    fstype: str
-    size: int  # bytes of filesystem (the image file's length)
-
-
-def image_path(entry: CacheEntry, fstype: str) -> str:
-    return os.path.join(os.path.dirname(entry.path), f"{entry.key.stem}.{fstype}{IMAGE_SUFFIX}")
-
-
-def record_path(entry: CacheEntry, fstype: str) -> str:
-    return os.path.join(os.path.dirname(entry.path), f"{entry.key.stem}.{fstype}{RECORD_SUFFIX}")
-
-
-def _source_stamp(entry: CacheEntry) -> dict[str, int]:
-    st = os.stat(entry.path)
-    return {"format": FORMAT_VERSION, "archive_size": st.st_size,
-            "archive_mtime_ns": st.st_mtime_ns}
-
-
-def lookup(entry: CacheEntry, fstype: str) -> FsImage | None:
-    """The image of ``entry`` for ``fstype`` if it was made from the archive as it is.
-
-    Changes nothing (a shared lock on the key is enough).
-    """
-    path, record = image_path(entry, fstype), record_path(entry, fstype)
-    try:
-        with open(record, encoding="utf-8") as f:
-            data = json.load(f)
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    stamp = _source_stamp(entry)
-    if any(data.get(k) != v for k, v in stamp.items()) or data.get("size") != st.st_size:
-        return None
-    return FsImage(path, fstype, st.st_size)
-
-
-def _tree_bytes(root: str) -> tuple[int, int]:
-    """Allocated bytes and inode count of a tree (hard links counted once)."""
-    total, inodes, seen = 0, 0, set()
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            st = os.lstat(os.path.join(dirpath, name))
-            if (st.st_dev, st.st_ino) in seen:
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            inodes += 1
-            total += max(st.st_blocks * 512, 4096 if not stat.S_ISLNK(st.st_mode) else 0)
-    return total, inodes
-
-
-def build(store: Cache, entry: CacheEntry, fstype: str,
-          tree: str | None = None) -> FsImage:
-    """Make the image of ``entry`` for ``fstype`` (caller holds the key's lock).
-
-    ``tree`` is the archived tree itself when the caller still has it (the
-    create that just bootstrapped and stored it): no unpacking then.
-    """
-    path, record = image_path(entry, fstype), record_path(entry, fstype)
-    _remove_leftovers(entry)
-    with contextlib.ExitStack() as stack:
-        if tree is None:
-            tree = stack.enter_context(store.staging_dir(entry.key))
-            store.extract(entry, tree)
-        used, inodes = _tree_bytes(tree)
-        size = int(used * _HEADROOM) + _EXTRA_BYTES
-        size -= size % 4096
-        fd, tmp = tempfile.mkstemp(dir=store.directory,
-                                   prefix=f"{entry.key.stem}.{fstype}{IMAGE_SUFFIX}{TMP_TAG}")
-        os.close(fd)
-        try:
-            os.truncate(tmp, size)
-            # Inodes as mke2fs would give the final filesystem (one per 16
-            # KiB), but never fewer than the tree needs with room to spare.
-            inode_count = max(size // 16384, inodes * 2)
-            runner.run(["mke2fs", *_COMMON_OPTIONS, *_FEATURES[fstype], "-t", fstype,
-                        "-N", str(inode_count), "-d", tree, tmp],
-                       hint="Making the cache's filesystem image failed; "
-                            "set CACHE_IMAGE=no to unpack the archive instead.")
-            # resize2fs insists on a freshly checked filesystem before it
-            # shrinks one to its minimum size.
-            runner.run(["e2fsck", "-f", "-y", tmp])
-            runner.run(["resize2fs", "-M", tmp])
-            blocks = int(_dumpe2fs_field(tmp, "Block count"))
-            os.truncate(tmp, blocks * 4096)
-            check = runner.run(["e2fsck", "-fn", tmp], check=False)
-            if check.returncode != 0:
-                raise CacheError(f"The filesystem image made from {entry.path} does "
-                                 f"not pass e2fsck; set CACHE_IMAGE=no and report "
-                                 f"this.")
-            os.chmod(tmp, 0o600)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            record_data: dict[str, object] = dict(_source_stamp(entry))
-            record_data.update(size=os.path.getsize(tmp), fstype=fstype)
-            _write_json(record, record_data)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-    log.info("Made the filesystem image %s (%.0f MiB)", path, os.path.getsize(path) / 2**20)
-    return FsImage(path, fstype, os.path.getsize(path))
-
-
-def _dumpe2fs_field(dev: str, field: str, info: dict[str, str] | None = None) -> str:
-    """One superblock field of ``dev`` (from ``info`` when already read)."""
-    if info is None:
-        info = _superblock(dev)
-    if field not in info:
-        raise CacheError(f"dumpe2fs -h {dev} shows no {field!r}")
-    return info[field]
-
-
-def _superblock(dev: str) -> dict[str, str]:
-    """The superblock (and journal) fields dumpe2fs -h shows for ``dev``."""
-    found: dict[str, str] = {}
-    for line in runner.output(["dumpe2fs", "-h", dev]).splitlines():
-        name, sep, value = line.partition(":")
-        if sep:
-            found.setdefault(name.strip(), value.strip())
-    return found
-
-
-def _write_json(path: str, data: dict[str, object]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + TMP_TAG)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _remove_leftovers(entry: CacheEntry) -> None:
-    """Temporary images of killed runs for this key (the caller holds its lock)."""
-    directory = os.path.dirname(entry.path)
-    pattern = re.compile(re.escape(entry.key.stem) + r"\.ext[234]\.img(\.json)?" +
-                         re.escape(TMP_TAG))
-    for name in os.listdir(directory):
-        if pattern.match(name):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(directory, name))
-
-
-def ensure(store: Cache, entry: CacheEntry, fstype: str) -> FsImage:
-    """The current image of ``entry`` for ``fstype``, made if needed (lock held)."""
-    found = lookup(entry, fstype)
-    if found is not None:
-        return found
-    if os.path.exists(image_path(entry, fstype)):
-        log.info("The filesystem image %s is older than its archive; making it again",
-                 image_path(entry, fstype))
-    return build(store, entry, fstype)
-
-
-def prune(directory: str) -> list[str]:
-    """Remove images whose archive is gone (expired or removed); return them."""
-    removed: list[str] = []
-    if not os.path.isdir(directory):
-        return removed
-    names = set(os.listdir(directory))
-    pattern = re.compile(r"^(?P<stem>cache-.+)\.ext[234]\.img(\.json)?$")
-    for name in sorted(names):
-        m = pattern.match(name)
-        if m and m.group("stem") + ".tar" not in names:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(directory, name))
-            removed.append(name)
-    return removed
-
-
-# -- writing an image onto an instance disk ---------------------------------
 
 def _data_extents(fd: int, length: int) -> Iterator[tuple[int, int]]:
     """(offset, length) of the parts of a sparse file that hold data."""
@@ -297,8 +81,8 @@ def journal_extents(path: str) -> tuple[tuple[int, int], ...] | None:
     ``path``, from the superblock's backup of the journal inode's extent map.
 
     None when they cannot be known that way (no journal, no backup, not a
-    flat extent map): the image is then copied whole. build() runs e2fsck,
-    which keeps that backup equal to the journal inode.
+    flat extent map): the image is then copied whole. cache_images.build
+    runs e2fsck, which keeps that backup equal to the journal inode.
     """
     with open(path, "rb") as f:
         f.seek(_SB_OFFSET)
@@ -367,7 +151,7 @@ def write(image: FsImage, dest: str, offset: int = 0,
     the destination refuses O_DIRECT (tmpfs, an unaligned offset), the copy
     stays in the kernel (copy_file_range, else sendfile). What lies between
     the extents keeps the disk's old contents: the image's metadata never
-    relies on it (see _COMMON_OPTIONS).
+    relies on it (see cache_images._COMMON_OPTIONS).
     """
     copied = 0
     src = os.open(image.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -475,7 +259,7 @@ def _copy_direct(src: int, out: int, extents: list[tuple[int, int]], offset: int
         try:
             for start, length in extents:
                 if start % _DIRECT_ALIGN or length % _DIRECT_ALIGN:
-                    raise CacheError(f"The filesystem image {image_name(src)} has an "
+                    raise CacheError(f"The filesystem image {_file_name(src)} has an "
                                      f"extent not on a 4 KiB boundary; remove it so "
                                      f"that it is made again.")
                 done = 0
@@ -483,7 +267,7 @@ def _copy_direct(src: int, out: int, extents: list[tuple[int, int]], offset: int
                     n = os.preadv(src, [view[:min(_DIRECT_CHUNK, length - done)]],
                                   start + done)
                     if n == 0:
-                        raise CacheError(f"The filesystem image {image_name(src)} "
+                        raise CacheError(f"The filesystem image {_file_name(src)} "
                                          f"ended early; remove it so that it is "
                                          f"made again.")
                     written = os.pwritev(out, [view[:n]], offset + start + done)
@@ -522,13 +306,14 @@ def _copy_range(src: int, out: int, start: int, length: int, offset: int,
             os.lseek(out, offset + start + done, os.SEEK_SET)
             n = os.sendfile(out, src, start + done, length - done)
         if n == 0:
-            raise CacheError(f"Copying the filesystem image {image_name(src)} stopped "
+            raise CacheError(f"Copying the filesystem image {_file_name(src)} stopped "
                              f"early; is the instance disk smaller than it claims?")
         done += n
     return done, in_kernel_copy
 
 
-def image_name(fd: int) -> str:
+def _file_name(fd: int) -> str:
+    """What an open file descriptor names, for messages."""
     try:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
@@ -584,9 +369,9 @@ def _journal_resize_options(root_dev: str, force: bool = False) -> list[str]:
     size costs milliseconds: tune2fs zeroes it with the disk's write-zeroes
     operation, and places it mid-disk as mke2fs does.
     """
-    info = _superblock(root_dev)
-    blocks = int(_dumpe2fs_field(root_dev, "Block count", info))
-    block_size = int(_dumpe2fs_field(root_dev, "Block size", info))
+    info = filesystems.superblock(root_dev)
+    blocks = filesystems.superblock_number(info, root_dev, "Block count")
+    block_size = filesystems.superblock_number(info, root_dev, "Block size")
     have = int(info.get("Total journal blocks", "0"))
     want = default_journal_blocks(blocks)
     if have == want and not force:

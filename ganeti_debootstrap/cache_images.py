@@ -1,0 +1,174 @@
+"""The fast form of a cache entry: a ready-made, minimal filesystem image.
+
+Unpacking the tar archive costs a filesystem's worth of small writes and a
+long writeback at unmount. Instead, each archive gets (on first use, per
+filesystem type) an image ``<stem>.<fstype>.img`` beside it: the tree made
+into a filesystem by ``mke2fs -d`` and shrunk to its minimum. create copies
+only the image's allocated extents onto the root partition, grows the
+filesystem to fill the partition and gives it a fresh UUID (image_copy.py,
+beside the disk code).
+
+The tar archive stays the form administrators inspect and repack: the image
+records the archive's size and mtime it was made from, and is made again
+when they change. ``CACHE_IMAGE=no`` turns this off. The images' names,
+temporary names and format version are cache_store's; images whose archive
+is gone are removed by its expiry, leftovers of killed runs when the key's
+lock is taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import stat
+import tempfile
+from dataclasses import dataclass
+
+from . import filesystems, runner
+from .cache_store import (FORMAT_VERSION, TMP_TAG, Cache, CacheEntry, image_name,
+                          image_record_name)
+from .errors import CacheError
+from .fsutil import atomic_write, fsync_path
+
+log = logging.getLogger(__name__)
+
+# mke2fs options shared by every image. The usage type "default" and 4 KiB
+# blocks are forced: mke2fs would otherwise pick its "small" profile (1 KiB
+# blocks, many inodes) for a few hundred MiB, which cannot be grown into a
+# normal filesystem. Discard is off so that mke2fs writes (rather than
+# punches and assumes zero) every metadata block it relies on: only the
+# image's data extents are copied to the instance disk, whose old contents
+# remain everywhere else. Inode tables stay lazily initialised (flagged as
+# such, the kernel zeroes them after mount) and the journal is written.
+_COMMON_OPTIONS = ("-F", "-q", "-T", "default", "-b", "4096",
+                   "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=0")
+# metadata_csum_seed makes the UUID change at each create instant: without
+# it every checksum in the filesystem depends on the UUID and is rewritten.
+_FEATURES = {"ext4": ("-O", "metadata_csum_seed"), "ext3": (), "ext2": ()}
+
+# Room for mke2fs -d before the image is shrunk to its minimum.
+_HEADROOM = 1.5
+_EXTRA_BYTES = 128 * 2**20
+
+
+@dataclass(frozen=True)
+class FsImage:
+    """A usable filesystem image of a cache entry."""
+
+    path: str
+    fstype: str
+    size: int  # bytes of filesystem (the image file's length)
+
+
+def image_path(entry: CacheEntry, fstype: str) -> str:
+    return os.path.join(os.path.dirname(entry.path), image_name(entry.key.stem, fstype))
+
+
+def record_path(entry: CacheEntry, fstype: str) -> str:
+    return os.path.join(os.path.dirname(entry.path), image_record_name(entry.key.stem, fstype))
+
+
+def _source_stamp(entry: CacheEntry) -> dict[str, int]:
+    st = os.stat(entry.path)
+    return {"format": FORMAT_VERSION, "archive_size": st.st_size,
+            "archive_mtime_ns": st.st_mtime_ns}
+
+
+def lookup(entry: CacheEntry, fstype: str) -> FsImage | None:
+    """The image of ``entry`` for ``fstype`` if it was made from the archive as it is.
+
+    Changes nothing (a shared lock on the key is enough).
+    """
+    path, record = image_path(entry, fstype), record_path(entry, fstype)
+    try:
+        with open(record, encoding="utf-8") as f:
+            data = json.load(f)
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    stamp = _source_stamp(entry)
+    if any(data.get(k) != v for k, v in stamp.items()) or data.get("size") != st.st_size:
+        return None
+    return FsImage(path, fstype, st.st_size)
+
+
+def _tree_bytes(root: str) -> tuple[int, int]:
+    """Allocated bytes and inode count of a tree (hard links counted once)."""
+    total, inodes, seen = 0, 0, set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            inodes += 1
+            total += max(st.st_blocks * 512, 4096 if not stat.S_ISLNK(st.st_mode) else 0)
+    return total, inodes
+
+
+def build(store: Cache, entry: CacheEntry, fstype: str,
+          tree: str | None = None) -> FsImage:
+    """Make the image of ``entry`` for ``fstype`` (caller holds the key's lock).
+
+    ``tree`` is the archived tree itself when the caller still has it (the
+    create that just bootstrapped and stored it): no unpacking then.
+    Temporaries of killed runs were removed when the lock was taken.
+    """
+    path, record = image_path(entry, fstype), record_path(entry, fstype)
+    with contextlib.ExitStack() as stack:
+        if tree is None:
+            tree = stack.enter_context(store.staging_dir(entry.key))
+            store.extract(entry, tree)
+        used, inodes = _tree_bytes(tree)
+        size = int(used * _HEADROOM) + _EXTRA_BYTES
+        size -= size % 4096
+        fd, tmp = tempfile.mkstemp(dir=store.directory,
+                                   prefix=image_name(entry.key.stem, fstype) + TMP_TAG)
+        os.close(fd)
+        try:
+            os.truncate(tmp, size)
+            # Inodes as mke2fs would give the final filesystem (one per 16
+            # KiB), but never fewer than the tree needs with room to spare.
+            inode_count = max(size // 16384, inodes * 2)
+            runner.run(["mke2fs", *_COMMON_OPTIONS, *_FEATURES[fstype], "-t", fstype,
+                        "-N", str(inode_count), "-d", tree, tmp],
+                       hint="Making the cache's filesystem image failed; "
+                            "set CACHE_IMAGE=no to unpack the archive instead.")
+            # resize2fs insists on a freshly checked filesystem before it
+            # shrinks one to its minimum size.
+            runner.run(["e2fsck", "-f", "-y", tmp])
+            runner.run(["resize2fs", "-M", tmp])
+            blocks = filesystems.superblock_number(filesystems.superblock(tmp), tmp,
+                                                   "Block count")
+            os.truncate(tmp, blocks * 4096)
+            check = runner.run(["e2fsck", "-fn", tmp], check=False)
+            if check.returncode != 0:
+                raise CacheError(f"The filesystem image made from {entry.path} does "
+                                 f"not pass e2fsck; set CACHE_IMAGE=no and report "
+                                 f"this.")
+            os.chmod(tmp, 0o600)
+            fsync_path(tmp)
+            record_data: dict[str, object] = dict(_source_stamp(entry))
+            record_data.update(size=os.path.getsize(tmp), fstype=fstype)
+            atomic_write(record, json.dumps(record_data, indent=2) + "\n",
+                         tmp_prefix=os.path.basename(record) + TMP_TAG)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    log.info("Made the filesystem image %s (%.0f MiB)", path, os.path.getsize(path) / 2**20)
+    return FsImage(path, fstype, os.path.getsize(path))
+
+
+def ensure(store: Cache, entry: CacheEntry, fstype: str) -> FsImage:
+    """The current image of ``entry`` for ``fstype``, made if needed (lock held)."""
+    found = lookup(entry, fstype)
+    if found is not None:
+        return found
+    if os.path.exists(image_path(entry, fstype)):
+        log.info("The filesystem image %s is older than its archive; making it again",
+                 image_path(entry, fstype))
+    return build(store, entry, fstype)
