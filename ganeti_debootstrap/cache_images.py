@@ -23,14 +23,13 @@ import json
 import logging
 import os
 import stat
-import tempfile
 from dataclasses import dataclass
 
 from . import filesystems, runner
 from .cache_store import (FORMAT_VERSION, TMP_TAG, Cache, CacheEntry, image_name,
                           image_record_name)
 from .errors import CacheError
-from .fsutil import atomic_write, fsync_path
+from .fsutil import atomic_write, fsync_path, temporary_file
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +123,8 @@ def build(store: Cache, entry: CacheEntry, fstype: str,
         used, inodes = _tree_bytes(tree)
         size = int(used * _HEADROOM) + _EXTRA_BYTES
         size -= size % 4096
-        fd, tmp = tempfile.mkstemp(dir=store.directory,
-                                   prefix=image_name(entry.key.stem, fstype) + TMP_TAG)
-        os.close(fd)
-        try:
+        with temporary_file(store.directory,
+                            image_name(entry.key.stem, fstype) + TMP_TAG) as tmp:
             os.truncate(tmp, size)
             # Inodes as mke2fs would give the final filesystem (one per 16
             # KiB), but never fewer than the tree needs with room to spare.
@@ -155,10 +152,6 @@ def build(store: Cache, entry: CacheEntry, fstype: str,
             atomic_write(record, json.dumps(record_data, indent=2) + "\n",
                          tmp_prefix=os.path.basename(record) + TMP_TAG)
             os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
     log.info("Made the filesystem image %s (%.0f MiB)", path, os.path.getsize(path) / 2**20)
     return FsImage(path, fstype, os.path.getsize(path))
 

@@ -40,7 +40,6 @@ import os
 import random
 import re
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -48,7 +47,7 @@ from typing import Any, Generic, TypeVar
 
 from . import mounts, runner
 from .bootstrap import packages, resolved_arch
-from .fsutil import atomic_write, fsync_path
+from .fsutil import atomic_write, fsync_path, temporary_file
 from .errors import CacheError, CommandError
 from .settings import Settings
 
@@ -443,10 +442,7 @@ class Cache:
         """
         self._require_lock(key)
         archive, inputs_file = self.archive_path(key), self.inputs_path(key)
-        fd, tmp = tempfile.mkstemp(dir=self.directory,
-                                   prefix=key.stem + ARCHIVE_SUFFIX + TMP_TAG)
-        os.close(fd)
-        try:
+        with temporary_file(self.directory, key.stem + ARCHIVE_SUFFIX + TMP_TAG) as tmp:
             runner.run(["tar", "--create", "--file", tmp, "--directory", tree,
                         *TAR_CREATE_OPTIONS, "."],
                        hint=f"Writing the cache in {self.directory} failed: "
@@ -458,10 +454,6 @@ class Cache:
             self._record(key, tmp, inputs_file, None)
             os.replace(tmp, archive)
             fsync_path(self.directory)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
         size = os.path.getsize(archive)
         log.info("Stored the cache %s (%.0f MiB)", archive, size / 2**20)
         return CacheEntry(key, archive, inputs_file)

@@ -33,14 +33,26 @@ def atomic_write(path: str, data: bytes | str, *, mode: int = 0o644,
     """
     directory = os.path.dirname(path) or "."
     prefix = tmp_prefix if tmp_prefix is not None else os.path.basename(path) + "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with temporary_file(directory, prefix) as tmp:
+        with open(tmp, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def temporary_file(directory: str, prefix: str) -> Iterator[str]:
+    """A new empty file (0600) in ``directory``, for the block to fill and rename.
+
+    If the block fails, the file is removed (unless already renamed away)
+    and the error passes on; after success it is left where the block put it.
+    """
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix)
+    os.close(fd)
+    try:
+        yield tmp
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
