@@ -10,15 +10,8 @@ others wait, then read the finished cache side by side (shared).
 
 Every name in the cache directory, temporaries included, is defined here
 once: the images' module imports them, and expiry, leftover removal and
-pruning of images whose archive is gone all match the same patterns.
-
-The cache is three flat modules rather than a subpackage because the
-package is installed flat (Makefile.am installs ganeti_debootstrap/*.py,
-and the build tests and uninstall check exactly that list):
-``cache`` is what create calls (open_source, store_tree), this module owns
-the directory, ``cache_images`` the filesystem images made from archives.
-Writing an image onto an instance's disk is the disk's concern
-(image_copy.py).
+pruning of images whose archive is gone all match the same patterns. (How
+the cache's three modules divide the work: see cache.py.)
 
 Archives are written under a temporary name and renamed into place, so the
 real name only ever holds a complete archive; leftovers of a killed run are
