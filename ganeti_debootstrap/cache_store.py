@@ -63,7 +63,8 @@ STAGING_TAG = ".staging-"
 # Names of our own files. Expiry looks at every ``cache-*.tar`` (the shell
 # edition's names too) and at our temporaries, never at anything else.
 _STEM = r"cache-.+-[0-9a-f]{%d}" % DIGEST_LENGTH
-# The filesystem types images are made of, as they appear in image names.
+# What follows the stem in the name of an image or of its record: the
+# filesystem type (images are made of ext2/3/4), .img, then .json for the record.
 _IMAGE = r"\.ext[234]%s(?:%s)?" % (re.escape(IMAGE_SUFFIX),
                                    re.escape(IMAGE_RECORD_SUFFIX[len(IMAGE_SUFFIX):]))
 # The temporaries of images (``<stem>.ext4.img.tmp-*``) count too: a run
