@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from . import log, mounts, partitions, runner
 from .environment import Request
 from .errors import ConfigError, DefinitionError
-from .settings import Settings, is_number
+from .names import is_number
+from .settings import Settings
 from .target import Target, TargetPathError, UnsafeFileError, kind_of
 
 logger = logging.getLogger(__name__)

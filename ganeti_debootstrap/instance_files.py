@@ -26,7 +26,7 @@ from . import access, apt_sources, cloudinit, network, runner
 from .environment import Request
 from .errors import DefinitionError
 from .names import short_hostname
-from .settings import is_number
+from .names import is_number
 from .target import Target, UnsafeFileError
 
 if TYPE_CHECKING:
