@@ -58,14 +58,13 @@ def choose_tool(setting: BootstrapTool) -> str:
     return setting
 
 
-def node_architecture() -> str:
-    """The node's own dpkg architecture (what the tools install by default)."""
-    return runner.output(["dpkg", "--print-architecture"])
-
-
 def resolved_arch(settings: Settings) -> str:
-    """ARCH, or the node's architecture when ARCH is empty."""
-    return settings.arch or node_architecture()
+    """ARCH, or the node's own dpkg architecture when ARCH is empty.
+
+    The one place the architecture is decided (create and import: plan.py):
+    the node's is what the tools install by default.
+    """
+    return settings.arch or runner.output(["dpkg", "--print-architecture"])
 
 
 def packages(settings: Settings) -> tuple[str, ...]:
