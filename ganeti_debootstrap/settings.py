@@ -124,31 +124,24 @@ def setting(name: str, default: str, parse: Callable[[str], object], help: str, 
 
 # --- what a value may be ---------------------------------------------------------
 
-def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+def _checked(ok: Callable[[str], bool], refused: str, *,
+             empty_ok: bool = False) -> Callable[[str], str]:
+    """A text ``ok`` accepts (and "" with ``empty_ok``); else "<value> <refused>"."""
     def parse(value: str) -> str:
-        if value not in choices:
-            raise Invalid(f"{value!r} must be one of {', '.join(choices)}")
+        if not (empty_ok and value == "") and not ok(value):
+            raise Invalid(f"{value!r} {refused}")
         return value
     return parse
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    return _checked(choices.__contains__, f"must be one of {', '.join(choices)}")
 
 
 def _yes_no(value: str) -> bool:
     if value not in ("yes", "no"):
         raise Invalid(f"{value!r} must be yes or no")
     return value == "yes"
-
-
-def _suite(value: str) -> str:
-    if not is_suite_name(value):
-        raise Invalid(f"{value!r} is not a release name such as trixie or stable")
-    return value
-
-
-def _arch(value: str) -> str:
-    if value and not is_arch_name(value):
-        raise Invalid(f"{value!r} is not a dpkg architecture name such as amd64 "
-                      f"or i386 (empty: the node's)")
-    return value
 
 
 def _url(schemes: tuple[str, ...], refused: str) -> Callable[[str], str]:
@@ -185,10 +178,8 @@ def _count(what: str, *, positive: bool = False,
     return parse
 
 
-def _absolute_path(value: str) -> str:
-    if value and not value.startswith("/"):
-        raise Invalid(f"{value!r} must be an absolute path")
-    return value
+_absolute_path = _checked(lambda value: value.startswith("/"), "must be an absolute path",
+                          empty_ok=True)
 
 
 # --- the settings ------------------------------------------------------------------
@@ -204,10 +195,15 @@ class Settings:
     """
 
     suite: str = setting(
-        "SUITE", DEFAULT_SUITE, _suite, "release to install (codename or suite)",
+        "SUITE", DEFAULT_SUITE,
+        _checked(is_suite_name, "is not a release name such as trixie or stable"),
+        "release to install (codename or suite)",
         shell_default=DEFAULT_SUITE)
     arch: str = setting(
-        "ARCH", "", _arch, "dpkg architecture to install; empty: the node's")
+        "ARCH", "",
+        _checked(is_arch_name, "is not a dpkg architecture name such as amd64 or i386 "
+                 "(empty: the node's)", empty_ok=True),
+        "dpkg architecture to install; empty: the node's")
     mirror: str = setting(
         "MIRROR", "", _url(("http://", "https://", "ftp://", "file:/"),
                            "an http://, https://, ftp:// or file:/ URL (empty: "
