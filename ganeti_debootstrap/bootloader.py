@@ -34,9 +34,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import log, mounts, partitions, runner
-from .environment import Request
+from .environment import DEFAULT_SERIAL_SPEED, Request
 from .errors import ConfigError, DefinitionError
-from .settings import Settings, is_number
+from .settings import Settings
 from .target import Target, TargetPathError, UnsafeFileError, kind_of
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,6 @@ GRUB_CFG = "/boot/grub/grub.cfg"
 GRUB_DEFAULTS_DROPIN = "/etc/default/grub.d/ganeti-instance-debootstrap.cfg"
 # Debian's GRUB_TIMEOUT, so that the menu behaves the same after update-grub.
 MENU_TIMEOUT_SECONDS = 5
-DEFAULT_SERIAL_SPEED = "115200"
 
 # Debian keeps these links to the default kernel, in / (or in /boot with
 # link_in_boot in kernel-img.conf), and moves them on kernel upgrades, so
@@ -173,8 +172,7 @@ def serial_console(request: Request) -> SerialConsole | None:
     device = request.serial_console
     if device is None:
         return None
-    speed = request.hv_params.get("serial_speed", "")
-    return SerialConsole(device, speed if is_number(speed) else DEFAULT_SERIAL_SPEED)
+    return SerialConsole(device, request.serial_speed or DEFAULT_SERIAL_SPEED)
 
 
 def instance_disk_name(request: Request) -> str:

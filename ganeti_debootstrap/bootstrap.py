@@ -16,12 +16,13 @@ import os
 import shutil
 from . import runner
 from .errors import CommandError, ConfigError, MissingProgramError
-from .settings import Settings
+from .settings import BOOTSTRAP_TOOLS, BootstrapTool, Settings
 from .target import Target
 
 log = logging.getLogger(__name__)
 
-TOOLS = ("debootstrap", "mmdebstrap")
+# The programs BOOTSTRAP_TOOL names (all but "auto").
+TOOLS = tuple(t for t in BOOTSTRAP_TOOLS if t != "auto")
 
 # debootstrap knows a suite only if it ships a script for it.
 DEBOOTSTRAP_SCRIPTS = "/usr/share/debootstrap/scripts"
@@ -44,7 +45,7 @@ MMDEBSTRAP_CLEANUP_HOOK = 'rm -f "$1/etc/apt/apt.conf.d/99mmdebstrap"'
 DEBOOTSTRAP_LOG_LINES = 6
 
 
-def choose_tool(setting: str) -> str:
+def choose_tool(setting: BootstrapTool) -> str:
     """The tool to run for BOOTSTRAP_TOOL ``setting`` (auto, or a tool name).
 
     ``auto`` prefers mmdebstrap (it bootstraps in a third of debootstrap's
@@ -52,22 +53,18 @@ def choose_tool(setting: str) -> str:
     """
     if setting == "auto":
         return "mmdebstrap" if shutil.which("mmdebstrap") else "debootstrap"
-    if setting not in TOOLS:
-        raise ConfigError(f"BOOTSTRAP_TOOL={setting!r} is not one of auto, "
-                          f"{', '.join(TOOLS)}; fix it in the settings file.")
     if not shutil.which(setting):
         raise MissingProgramError(setting, runner.PACKAGES.get(setting, setting))
     return setting
 
 
-def node_architecture() -> str:
-    """The node's own dpkg architecture (what the tools install by default)."""
-    return runner.output(["dpkg", "--print-architecture"])
-
-
 def resolved_arch(settings: Settings) -> str:
-    """ARCH, or the node's architecture when ARCH is empty."""
-    return settings.arch or node_architecture()
+    """ARCH, or the node's own dpkg architecture when ARCH is empty.
+
+    The one place the architecture is decided (create and import: plan.py):
+    the node's is what the tools install by default.
+    """
+    return settings.arch or runner.output(["dpkg", "--print-architecture"])
 
 
 def packages(settings: Settings) -> tuple[str, ...]:

@@ -36,7 +36,7 @@ def main(script: str, common: object, script_file: str,
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     env = os.environ if environ is None else environ
-    debug = env.get("DEBUG_LEVEL", "0") not in ("", "0")
+    debug = environment.debug_requested(env)
     log.setup(debug)
     signals.install()
     if paths is None:

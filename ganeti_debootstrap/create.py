@@ -14,11 +14,11 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-from . import (access, blockdev, bootloader, bootstrap, cache, cloudinit, hooks,
-               instance_disk, instance_files, log, mounts, network, osparams,
-               settings)
+from . import (blockdev, bootloader, bootstrap, cache, hooks, instance_disk,
+               instance_files, log, mounts, network, osparams)
 from .environment import Request
 from .paths import Paths
+from .plan import prepare
 from .settings import Settings
 from .target import Target
 
@@ -39,17 +39,12 @@ class Plan:
 
 def plan(request: Request, paths: Paths) -> Plan:
     """Read and check settings and parameters; nothing is touched yet."""
-    conf = settings.load(paths, request.os_variant, request.api_version)
-    params = osparams.validate(request.os_params)
-    tool = bootstrap.choose_tool(conf.bootstrap_tool)
-    arch = conf.arch or bootstrap.node_architecture()
-    # With GRUB, its packages join EXTRA_PKGS, so the cache key too.
-    conf = bootloader.resolve(conf, params.bootloader, arch)
+    common = prepare(request, paths, bootstraps=True)
+    conf, params = common.settings, common.params
     instance = instance_files.Instance.from_request(request, params, conf)
-    access.refuse_without_sudo(params.admin_user, conf.extra_pkgs)
-    cloudinit.refuse_without_cloud_init(params.cloud_init, conf.extra_pkgs)
+    osparams.check_packages(params, conf.extra_pkgs)
     refuse_early(request, conf, paths)
-    return Plan(conf, params, tool, arch, instance)
+    return Plan(conf, params, common.tool, common.arch, instance)
 
 
 def refuse_early(request: Request, conf: Settings, paths: Paths) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .errors import ConfigError, UsageError
-from .names import hostname_problem, line_break_problem
+from .names import hostname_problem, is_number, line_break_problem
 
 API_VERSIONS = (20, 15, 10, 5)
 SCRIPTS = ("create", "import", "export", "rename", "verify")
@@ -49,6 +49,10 @@ MAX_FD = 2**20 - 1
 # A decimal number longer than this is refused before int() sees it:
 # int() of a very long digit string is slow, and past 4300 digits raises.
 _MAX_DIGITS = 20
+
+# The serial console's speed when Ganeti gives none (the common PC UART
+# speed; GRUB and the kernel need one).
+DEFAULT_SERIAL_SPEED = "115200"
 
 # The variables whose values are checked for line breaks and control
 # characters (names.line_break_problem) before anything uses them: every
@@ -103,7 +107,6 @@ class Request:
     instance_name: str = ""
     old_instance_name: str = ""
     os_variant: str = ""
-    debug: bool = False
     hypervisor: str = ""
     disks: tuple[Disk, ...] = ()
     nics: tuple[Nic, ...] = ()
@@ -129,6 +132,12 @@ class Request:
         if self.hv_params.get("serial_console", "").lower() == "true":
             return "ttyS0"
         return None
+
+    @property
+    def serial_speed(self) -> str:
+        """INSTANCE_HV_serial_speed (KVM) when it is a number, else ""."""
+        speed = self.hv_params.get("serial_speed", "")
+        return speed if is_number(speed) else ""
 
 
 def _whole_number(value: str) -> int | None:
@@ -300,7 +309,6 @@ def _parse_api5(script: str, argv: Sequence[str],
         raise ConfigError("Invalid arguments from Ganeti:\n  " + "\n  ".join(problems))
     return Request(script=script, api_version=5, instance_name=values["-i"],
                    old_instance_name=values.get("-o", ""),
-                   debug=env.get("DEBUG_LEVEL", "0") not in ("", "0"),
                    disks=(Disk(0, values["-b"]),), disk_path=values["-b"],
                    swap_device=values.get("-s", ""),
                    ganeti_env=_ganeti_env(env))
@@ -309,6 +317,15 @@ def _parse_api5(script: str, argv: Sequence[str],
 def _ganeti_env(env: Mapping[str, str]) -> dict[str, str]:
     """Ganeti's variables as given (everything but the few we must not pass)."""
     return {k: v for k, v in env.items() if k not in ("PWD", "OLDPWD", "SHLVL", "_")}
+
+
+def debug_requested(env: Mapping[str, str]) -> bool:
+    """Whether Ganeti asks for debugging output (DEBUG_LEVEL other than 0).
+
+    Read before anything else is parsed: a refused variable is reported
+    with its traceback then too.
+    """
+    return env.get("DEBUG_LEVEL", "0") not in ("", "0")
 
 
 def parse(script: str, argv: Sequence[str], env: Mapping[str, str]) -> Request:
@@ -389,7 +406,6 @@ def parse(script: str, argv: Sequence[str], env: Mapping[str, str]) -> Request:
     return Request(
         script=script, api_version=api, instance_name=name,
         old_instance_name=old_name, os_variant=env.get("OS_VARIANT", ""),
-        debug=env.get("DEBUG_LEVEL", "0") not in ("", "0"),
         hypervisor=env.get("HYPERVISOR", ""), disks=disks, nics=nics,
         disk_path=disk_path, disk_index=disk_index,
         reinstall=env.get("INSTANCE_REINSTALL", "") == "1",
@@ -411,6 +427,5 @@ def _parse_verify(argv: Sequence[str], env: Mapping[str, str], api: int) -> Requ
                       f"this OS definition knows: {', '.join(KNOWN_CHECKS)}."))
     return Request(script="verify", api_version=api,
                    os_variant=env.get("OS_VARIANT", ""),
-                   debug=env.get("DEBUG_LEVEL", "0") not in ("", "0"),
                    os_params=_prefixed(env, "OSP_", lower=True),
                    verify_checks=tuple(argv), ganeti_env=_ganeti_env(env))

@@ -8,12 +8,15 @@ before we wrote to it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from . import runner
 from .errors import CommandError, DiskError
 
-# The root filesystems create can make (the ``filesystem`` OS parameter).
-FILESYSTEMS = ("ext2", "ext3", "ext4")
+# The root filesystems create makes and export dumps (the ``filesystem`` OS
+# parameter), the default first.
+RootType = Literal["ext4", "ext3", "ext2"]
+ROOT_TYPES: tuple[RootType, ...] = get_args(RootType)
 
 # blkid's exit status when it found nothing to report.
 _BLKID_NOTHING = 2
@@ -37,9 +40,9 @@ _MKE2FS_EXTENDED = "lazy_itable_init=1,lazy_journal_init=0"
 
 def make_filesystem(dev: str, fstype: str, label: str = "") -> None:
     """Make an empty ``fstype`` (ext2/ext3/ext4) filesystem on ``dev``."""
-    if fstype not in FILESYSTEMS:
+    if fstype not in ROOT_TYPES:
         raise DiskError(f"Cannot make a {fstype!r} filesystem: the root "
-                        f"filesystem must be one of {', '.join(FILESYSTEMS)} "
+                        f"filesystem must be one of {', '.join(sorted(ROOT_TYPES))} "
                         f"(OS parameter 'filesystem').")
     # -F: no question about an existing filesystem or a file that is not a
     # block device (nobody answers prompts under Ganeti); -q: quiet log.

@@ -14,12 +14,12 @@ import logging
 import os
 import sys
 
-from . import (bootloader, confine, instance_disk, instance_files, log, mounts, osparams,
-               runner, settings)
+from . import bootloader, confine, instance_disk, instance_files, log, mounts, runner
 from .dumpstream import StreamPump
 from .environment import Request
 from .errors import CommandError, DefinitionError, MissingProgramError
 from .paths import Paths
+from .plan import prepare
 from .target import Target
 
 logger = logging.getLogger(__name__)
@@ -100,13 +100,11 @@ def restore_stream(target_dir: str, source_fd: int) -> int:
 
 def run(request: Request, paths: Paths) -> None:
     """Format the imported disk as create would and restore stdin onto it."""
-    conf = settings.load(paths, request.os_variant, request.api_version)
-    params = osparams.validate(request.os_params)
-    arch = conf.arch or runner.output(["dpkg", "--print-architecture"])
-    # The same disk layout as create: with GRUB, room for its core image.
-    conf = bootloader.resolve(conf, params.bootloader, arch)
+    # The same settings, parameters and disk layout as create.
+    p = prepare(request, paths)
+    conf = p.settings
     with contextlib.ExitStack() as stack:
-        disk = instance_disk.format_disk(stack, request, conf, params.filesystem, arch)
+        disk = instance_disk.format_disk(stack, request, conf, p.params.filesystem, p.arch)
         target_dir = stack.enter_context(mounts.temporary_mountpoint())
         # The stream is the tenant's: its setuid programs and device nodes
         # must mean nothing on the node (restore still makes them).

@@ -21,9 +21,6 @@ from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# The root filesystems create makes and export knows how to dump.
-ROOT_FILESYSTEMS = ("ext2", "ext3", "ext4")
-
 
 @dataclass(frozen=True)
 class FormattedDisk:
@@ -132,7 +129,7 @@ def open_root(stack: contextlib.ExitStack, path: str,
         root_dev = stack.enter_context(partitions.mapped_root(dev, layout,
                                                               read_only=read_only))
     fstype = filesystems.fs_type(root_dev)
-    if fstype not in ROOT_FILESYSTEMS:
+    if fstype not in filesystems.ROOT_TYPES:
         found = f"a {fstype} filesystem" if fstype else "no filesystem we recognise"
         where = ("the whole disk" if layout.style == "none"
                  else f"partition 1 of its {layout.style} table")

@@ -22,11 +22,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import access, apt_sources, cloudinit, network, runner
-from .environment import Request
+from . import access, apt_sources, cloudinit, filesystems, network, runner
+from .environment import DEFAULT_SERIAL_SPEED, Request
 from .errors import DefinitionError
 from .names import short_hostname
-from .settings import is_number
 from .target import Target, UnsafeFileError
 
 if TYPE_CHECKING:
@@ -71,7 +70,6 @@ class Instance:
         Without ``params`` the network is left as the shell edition left
         it; without ``conf`` so are the APT sources.
         """
-        speed = request.hv_params.get("serial_speed", "")
         plan = network.NetworkPlan()
         seed = None
         if params is not None and params.network != "none":
@@ -93,7 +91,7 @@ class Instance:
             apt = apt_sources.SourcesPlan.from_settings(conf, mode)
         return cls(name=request.instance_name,
                    serial_console=request.serial_console,
-                   serial_speed=speed if is_number(speed) else "",
+                   serial_speed=request.serial_speed,
                    network_plan=plan, apt=apt,
                    login=params.login() if params is not None else access.Access(),
                    cloud_seed=seed)
@@ -218,8 +216,7 @@ FSTAB_HEADER = ("# /etc/fstab: static file system information.\n"
 
 # errors=remount-ro keeps a damaged root readable instead of panicking or
 # carrying on writing; ext2, ext3 and ext4 all understand it.
-ROOT_OPTIONS = {"ext2": "errors=remount-ro", "ext3": "errors=remount-ro",
-                "ext4": "errors=remount-ro"}
+ROOT_OPTIONS: dict[str, str] = dict.fromkeys(filesystems.ROOT_TYPES, "errors=remount-ro")
 
 # Where the EFI system partition (BOOTLOADER=grub-efi) is mounted; umask
 # 0077: its files (boot loaders) are root's alone, as Debian's installer
@@ -385,8 +382,9 @@ SERIAL_GETTY_UNITS = ("/usr/lib/systemd/system/serial-getty@.service",
 GETTY_WANTS = "/etc/systemd/system/getty.target.wants"
 SYSTEMD_FILE_LIST = "/var/lib/dpkg/info/systemd.list"
 INITTAB = "/etc/inittab"
-# agetty tries these in turn when the line's speed is not given.
-DEFAULT_SERIAL_SPEEDS = "115200,38400,9600"
+# agetty tries these in turn when the line's speed is not given: the
+# speed GRUB and the kernel default to first.
+DEFAULT_SERIAL_SPEEDS = f"{DEFAULT_SERIAL_SPEED},38400,9600"
 
 
 def _make_dirs(t: Target, inner: str) -> str:

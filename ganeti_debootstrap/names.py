@@ -59,6 +59,15 @@ def is_arch_name(name: str) -> bool:
     return bool(_ARCH.fullmatch(name))
 
 
+def is_number(value: str) -> bool:
+    """Whether ``value`` is a whole number in ASCII digits.
+
+    str.isdigit() alone also takes digits int() refuses ("¹", superscript
+    one): a value holding one would end the script with a traceback.
+    """
+    return value.isascii() and value.isdigit()
+
+
 # Every character that ends a line for some reader of the instance's files
 # or for Python's str.splitlines(): the C0 controls (LF, CR, VT, FF and the
 # file/group/record separators among them), DEL, and Unicode's next-line,

@@ -7,14 +7,18 @@ refused before any disk is touched.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from . import access, cloudinit
 from .apt_sources import APT_SOURCES_MODES
 from .errors import ConfigError
+from .filesystems import ROOT_TYPES
 from .names import line_break_problem
 from .network import IPV6_MODES, NETWORK_MODES
+from .settings import BOOTLOADERS
 
 KNOWN_CHECKS = ("parameters",)
 
@@ -25,7 +29,9 @@ class Parameter:
 
     A free-form one has no ``choices`` but a ``check`` (why a value is
     refused, or None). A ``sensitive`` one (keys, hashes, user data) is
-    never quoted in a message, whatever its value.
+    never quoted in a message, whatever its value. ``needs`` refuses a
+    value the system's packages (EXTRA_PKGS) cannot serve, before the disk
+    is touched.
     """
 
     name: str
@@ -34,65 +40,71 @@ class Parameter:
     default: str
     check: Callable[[str], str | None] | None = None
     sensitive: bool = False
+    needs: Callable[[str, tuple[str, ...]], None] | None = None
 
 
-PARAMETERS: tuple[Parameter, ...] = (
-    Parameter("filesystem", "Root filesystem type: ext4 (default), ext3 or ext2",
-              ("ext4", "ext3", "ext2"), "ext4"),
-    # Empty (the default) leaves the choice to the BOOTLOADER setting.
-    Parameter("bootloader", "Boot loader on disk 0: none (Ganeti boots the "
-              "node's kernel, kernel_path), grub (BIOS) or grub-efi (UEFI; "
-              "both boot with an empty kernel_path); default: the BOOTLOADER "
-              "setting",
-              ("none", "grub", "grub-efi"), ""),
-    Parameter("network", "Network configuration from the instance's NICs: auto "
-              "(default: ifupdown if installed, else systemd-networkd), ifupdown, "
-              "networkd or none (loopback only)", NETWORK_MODES, "auto"),
-    Parameter("ipv6", "IPv6 on NICs whose Ganeti network has an IPv6 subnet: "
-              "eui64 (default: static address derived from the MAC), slaac "
-              "(router advertisements) or none", IPV6_MODES, "eui64"),
-    Parameter("apt_sources", "APT sources written into the instance: auto "
-              "(default: deb822 where the release uses it, else one-line), "
-              "deb822, one-line or keep (as bootstrapped)", APT_SOURCES_MODES, "auto"),
-    Parameter("ssh_authorized_keys", "SSH public keys for root (or admin_user), "
-              "separated by ';'; best passed as a private parameter "
-              "(--os-parameters-private)", (), "", access.keys_problem, sensitive=True),
-    Parameter("password_hash", "crypt(3) hash (yescrypt $y$ or SHA-512 $6$) of the "
-              "password for root (or admin_user), never plain text; pass it as a "
-              "secret parameter (--os-parameters-secret)", (), "",
-              access.password_hash_problem, sensitive=True),
-    Parameter("admin_user", "An administrative user made by create, in the group "
-              "sudo, who gets the keys and the password hash instead of root "
-              "(root's password is then locked); needs sudo in EXTRA_PKGS", (), "",
-              access.admin_user_problem),
-    Parameter("cloud_init", "cloud-init seed: no (default) or nocloud (a NoCloud "
-              "seed with the instance's UUID, name, NICs and user_data; our network "
-              "files step aside; needs cloud-init in EXTRA_PKGS)",
-              cloudinit.CLOUD_INIT_MODES, "no"),
-    Parameter("user_data", "cloud-init user data for cloud_init=nocloud, base64-"
-              "encoded: #cloud-config (valid YAML) or a #! script, at most 16 KiB; "
-              "best passed as a private parameter", (), "",
-              cloudinit.user_data_problem, sensitive=True),
-)
+_PARAMETER = "parameter"
 
 
-SENSITIVE = frozenset(p.name for p in PARAMETERS if p.sensitive)
+def parameter(description: str, choices: tuple[str, ...] = (), default: str = "",
+              check: Callable[[str], str | None] | None = None, *,
+              sensitive: bool = False,
+              needs: Callable[[str, tuple[str, ...]], None] | None = None) -> Any:
+    """A field of OSParams declaring the parameter of its name (see :class:`Parameter`)."""
+    spec = Parameter("", description, choices, default, check, sensitive, needs)
+    return field(default=default, metadata={_PARAMETER: spec})
 
 
 @dataclass(frozen=True, repr=False)
 class OSParams:
-    """The validated OS parameters of one instance."""
+    """The validated OS parameters of one instance.
 
-    filesystem: str = "ext4"
-    bootloader: str = ""  # empty: the BOOTLOADER setting decides
-    network: str = "auto"
-    ipv6: str = "eui64"
-    apt_sources: str = "auto"
-    ssh_authorized_keys: str = ""
-    password_hash: str = ""
-    admin_user: str = ""
-    cloud_init: str = "no"
-    user_data: str = ""
+    Every parameter is declared once, here: the field is its name (OSP_<NAME>
+    in Ganeti's environment), :func:`parameter` its description (the line
+    of parameters.list), accepted values, default and checks.
+    """
+
+    filesystem: str = parameter(
+        "Root filesystem type: ext4 (default), ext3 or ext2", ROOT_TYPES, ROOT_TYPES[0])
+    # Empty (the default) leaves the choice to the BOOTLOADER setting.
+    bootloader: str = parameter(
+        "Boot loader on disk 0: none (Ganeti boots the node's kernel, kernel_path), "
+        "grub (BIOS) or grub-efi (UEFI; both boot with an empty kernel_path); "
+        "default: the BOOTLOADER setting", BOOTLOADERS, "")
+    network: str = parameter(
+        "Network configuration from the instance's NICs: auto (default: ifupdown if "
+        "installed, else systemd-networkd), ifupdown, networkd or none (loopback "
+        "only)", NETWORK_MODES, "auto")
+    ipv6: str = parameter(
+        "IPv6 on NICs whose Ganeti network has an IPv6 subnet: eui64 (default: "
+        "static address derived from the MAC), slaac (router advertisements) or none",
+        IPV6_MODES, "eui64")
+    apt_sources: str = parameter(
+        "APT sources written into the instance: auto (default: deb822 where the "
+        "release uses it, else one-line), deb822, one-line or keep (as bootstrapped)",
+        APT_SOURCES_MODES, "auto")
+    ssh_authorized_keys: str = parameter(
+        "SSH public keys for root (or admin_user), separated by ';'; best passed as "
+        "a private parameter (--os-parameters-private)",
+        check=access.keys_problem, sensitive=True)
+    password_hash: str = parameter(
+        "crypt(3) hash (yescrypt $y$ or SHA-512 $6$) of the password for root (or "
+        "admin_user), never plain text; pass it as a secret parameter "
+        "(--os-parameters-secret)", check=access.password_hash_problem, sensitive=True)
+    admin_user: str = parameter(
+        "An administrative user made by create, in the group sudo, who gets the keys "
+        "and the password hash instead of root (root's password is then locked); "
+        "needs sudo in EXTRA_PKGS",
+        check=access.admin_user_problem, needs=access.refuse_without_sudo)
+    cloud_init: str = parameter(
+        "cloud-init seed: no (default) or nocloud (a NoCloud seed with the instance's "
+        "UUID, name, NICs and user_data; our network files step aside; needs "
+        "cloud-init in EXTRA_PKGS)", cloudinit.CLOUD_INIT_MODES, "no",
+        needs=cloudinit.refuse_without_cloud_init)
+    user_data: str = parameter(
+        "cloud-init user data for cloud_init=nocloud, base64-encoded: #cloud-config "
+        "(valid YAML) or a #! script, at most 16 KiB; best passed as a private "
+        "parameter", check=cloudinit.user_data_problem, sensitive=True)
 
     def login(self) -> access.Access:
         """Who gets in, and how (see access.py)."""
@@ -105,6 +117,14 @@ class OSParams:
         shown = {k: ("<not shown>" if v and k in SENSITIVE else v)
                  for k, v in vars(self).items()}
         return f"OSParams({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+# The table of every parameter, in the order of parameters.list.
+PARAMETERS: tuple[Parameter, ...] = tuple(
+    dataclasses.replace(f.metadata[_PARAMETER], name=f.name)
+    for f in dataclasses.fields(OSParams))
+
+SENSITIVE = frozenset(p.name for p in PARAMETERS if p.sensitive)
 
 
 def parameters_list() -> str:
@@ -161,3 +181,14 @@ def validate(raw: Mapping[str, str]) -> OSParams:
     if problems:
         raise ConfigError("Invalid OS parameters:\n  " + "\n  ".join(problems))
     return OSParams(**values)
+
+
+def check_packages(params: OSParams, extra_pkgs: tuple[str, ...]) -> None:
+    """Refuse parameters whose value needs a package the system will lack.
+
+    Run by create once EXTRA_PKGS is final (a boot loader's packages added),
+    before the disk is touched.
+    """
+    for spec in PARAMETERS:
+        if spec.needs is not None:
+            spec.needs(getattr(params, spec.name), extra_pkgs)

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 from . import blockdev, filesystems, mounts, runner
 from .errors import CommandError, DiskError
+from .settings import PartitionStyle
 
 log = logging.getLogger(__name__)
 
-STYLES = ("none", "msdos", "gpt")
 
 # The root partition may be smaller than the disk minimum by the alignment
 # and the table: accept alignments up to 64 MiB on a minimum-size disk.
@@ -90,7 +90,7 @@ class Layout:
     disk for "none").
     """
 
-    style: str
+    style: PartitionStyle
     start_sector: int
     size_sectors: int
     sector_size: int = 512
@@ -163,7 +163,7 @@ def check_boot_area(style: str, alignment_sectors: int,
     return room
 
 
-def plan(style: str, alignment_sectors: int, disk_size: int,
+def plan(style: PartitionStyle, alignment_sectors: int, disk_size: int,
          sector_size: int = 512, boot_area: bool = False, esp: bool = False) -> Layout:
     """The layout write_table makes on a disk of ``disk_size`` bytes.
 
@@ -173,8 +173,6 @@ def plan(style: str, alignment_sectors: int, disk_size: int,
     only) puts an EFI system partition of ESP_BYTES at the alignment and
     the root right after it. Raises DiskError when a partition cannot fit.
     """
-    if style not in STYLES:
-        raise ValueError(f"unknown partition style {style!r}")
     if esp and (style != "gpt" or boot_area):
         raise ValueError("an EFI system partition goes on gpt, without BIOS boot area")
     total = disk_size // sector_size
@@ -252,7 +250,7 @@ def sfdisk_script(layout: Layout, arch: str = "") -> str:
     raise ValueError(f"no partition table for style {layout.style!r}")
 
 
-def write_table(dev: str, style: str, alignment_sectors: int, disk_size: int,
+def write_table(dev: str, style: PartitionStyle, alignment_sectors: int, disk_size: int,
                 arch: str = "", boot_area: bool = False, esp: bool = False) -> Layout:
     """Write a new partition table (or, for "none", erase every old one).
 
@@ -307,7 +305,7 @@ def _layout_from_json(dev: str, text: str) -> Layout:
     except (ValueError, KeyError, TypeError) as exc:
         raise DiskError(f"Cannot read the partition table of {dev}: sfdisk "
                         f"--json printed something unexpected ({exc}).") from None
-    styles = {"dos": "msdos", "gpt": "gpt"}
+    styles: dict[str, PartitionStyle] = {"dos": "msdos", "gpt": "gpt"}
     if label not in styles:
         raise DiskError(f"The disk {dev} has a {label} partition table; only "
                         f"msdos and gpt tables (or none) are supported.")

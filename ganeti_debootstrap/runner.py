@@ -42,7 +42,7 @@ PACKAGES: Mapping[str, str] = {
     "run-parts": "debianutils", "udevadm": "udev", "fuser": "psmisc",
     "ssh-keygen": "openssh-client", "dpkg": "dpkg",
     "mkfs.vfat": "dosfstools", "mmd": "mtools", "mcopy": "mtools",
-    "grub-mkimage": "grub-common",
+    "grub-mkimage": "grub-common", "env": "coreutils",
 }
 
 # Output kept from a failed command for its error message: Ganeti shows the

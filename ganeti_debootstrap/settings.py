@@ -2,21 +2,29 @@
 
 Both are shell fragments, and sites write them as such (``EXTRA_PKGS=
 "$EXTRA_PKGS,openssh-server"`` in a variant is common), so they are read by
-a real POSIX shell in a clean environment, exactly as the shell edition
-sourced them, and the known variables are collected from it. Python then
-validates each value and names the file and setting in every error.
+a real POSIX shell in a clean environment (through the runner, like every
+command), exactly as the shell edition sourced them, and the known
+variables are collected from it. Python then validates each value and
+names the file and setting in every error.
+
+Every setting is declared once, as a field of :class:`Settings`: its type,
+name, default, parse function and help. The names collected from the
+shell, the shell edition's defaults and the validation are derived from
+these declarations (:data:`SETTINGS`). To add a setting, add a field there
+and document it in the shipped ``defaults`` file and the README.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import subprocess
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
-from . import trust
-from .errors import ConfigError
-from .names import (is_arch_name, is_component_name, is_package_name,
+from . import runner, trust
+from .errors import CommandError, ConfigError
+from .names import (is_arch_name, is_component_name, is_number, is_package_name,
                     is_suite_name, is_variant_name, line_break_problem)
 from .paths import Paths
 
@@ -24,48 +32,241 @@ from .paths import Paths
 DEFAULT_SUITE = "trixie"
 
 SHELL = "/bin/sh"
+# The settings files are sourced in a clean environment, so that nothing of
+# the node's (a SUITE or MIRROR exported by whoever started Ganeti) leaks
+# into them; env(1) starts the shell with only these variables.
+SHELL_COMMAND = ("env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C",
+                 SHELL, "-c")
 
-# Every setting the shell edition knew, plus ours; only these are collected.
-NAMES = ("PROXY", "MIRROR", "ARCH", "SUITE", "EXTRA_PKGS", "COMPONENTS",
-         "CUSTOMIZE_DIR", "VARIANTS_DIR", "GENERATE_CACHE", "CLEAN_CACHE",
-         "PARTITION_STYLE", "PARTITION_ALIGNMENT", "BOOTSTRAP_TOOL",
-         "CACHE_IMAGE", "BOOTLOADER", "HOOK_TIMEOUT")
-
-PARTITION_STYLES = ("none", "msdos", "gpt")
-BOOTSTRAP_TOOLS = ("auto", "debootstrap", "mmdebstrap")
+# The accepted values of the settings that are a choice, each defined once
+# here (and used by the OS parameter bootloader, partitions, bootstrap).
+PartitionStyle = Literal["none", "msdos", "gpt"]
+PARTITION_STYLES: tuple[PartitionStyle, ...] = get_args(PartitionStyle)
+BootstrapTool = Literal["auto", "debootstrap", "mmdebstrap"]
+BOOTSTRAP_TOOLS: tuple[BootstrapTool, ...] = get_args(BootstrapTool)
+# none: Ganeti boots the node's kernel (kernel_path); grub: GRUB on disk 0.
+Bootloader = Literal["none", "grub", "grub-efi"]
+BOOTLOADERS: tuple[Bootloader, ...] = get_args(Bootloader)
 
 # Seconds a customisation hook may run. A hook that hangs (a prompt nobody
 # answers, a download that never ends) would otherwise keep the instance's
 # disk mounted and Ganeti's job and locks held forever; an hour leaves room
 # for hooks that install many packages over a slow link.
 DEFAULT_HOOK_TIMEOUT = 3600
-# none: Ganeti boots the node's kernel (kernel_path); grub: GRUB on disk 0.
-BOOTLOADERS = ("none", "grub", "grub-efi")
+
+
+class Invalid(Exception):
+    """A setting's value is refused; each argument says why (one problem each)."""
+
+    def __init__(self, *whys: str) -> None:
+        super().__init__(*whys)
+        self.whys = whys
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Validated settings for one run."""
+class Setting:
+    """One setting as the administrator writes it, declared once.
 
-    suite: str = DEFAULT_SUITE
-    arch: str = ""  # empty: the node's architecture
-    mirror: str = ""  # empty: debootstrap's own default
-    proxy: str = ""
-    components: tuple[str, ...] = ()
-    extra_pkgs: tuple[str, ...] = ()
-    customize_dir: str = ""
-    variants_dir: str = ""
-    generate_cache: bool = True
-    clean_cache_days: int | None = 14
-    partition_style: str = "msdos"
-    partition_alignment: int = 2048
-    bootstrap_tool: str = "auto"
-    cache_image: bool = True
-    hook_timeout: int | None = DEFAULT_HOOK_TIMEOUT  # None: no limit
-    bootloader: str = "none"
+    ``parse`` turns the text into the typed value of its Settings field or
+    raises :class:`Invalid`. ``default`` is the text an unset setting has,
+    and an empty one too unless ``empty_is_value`` (``CLEAN_CACHE=""``:
+    never). ``shell_default`` is what the shell edition set before a
+    variant file is read (so a variant's ``$NAME`` sees it): a text, or
+    one derived from the installation's paths; None: nothing set.
+    """
+
+    name: str
+    default: str
+    parse: Callable[[str], object]
+    help: str
+    empty_is_value: bool = False
+    shell_default: str | Callable[[Paths], str] | None = None
+    api5_default: str | None = None  # Ganeti 1.2 (OS API 5) differs
+    dest: str = ""  # the Settings field, filled in from the dataclass
+
+    def text(self, raw: Mapping[str, str], api_version: int) -> str:
+        """The text of this setting in ``raw``, or its default."""
+        value = raw.get(self.name)
+        if value is None or (value == "" and not self.empty_is_value):
+            if api_version == 5 and self.api5_default is not None:
+                return self.api5_default
+            return self.default
+        return value
+
+    def shell_line(self, paths: Paths) -> str:
+        """The shell line giving it the shell edition's default ("" for none)."""
+        if self.shell_default is None:
+            return ""
+        value = (self.shell_default if isinstance(self.shell_default, str)
+                 else self.shell_default(paths))
+        # ${NAME:=x} also replaces an empty value, ${NAME=x} only an unset
+        # one. Not inside double quotes on purpose: there the single quotes
+        # that protect the value would become part of it.
+        op = "=" if self.empty_is_value else ":="
+        return f": ${{{self.name}{op}{_sh_quote(value)}}}; "
+
+
+_SETTING = "setting"  # the key of a Settings field's metadata holding its Setting
+
+
+def setting(name: str, default: str, parse: Callable[[str], object], help: str, *,
+            empty_is_value: bool = False,
+            shell_default: str | Callable[[Paths], str] | None = None,
+            api5_default: str | None = None) -> Any:
+    """A field of Settings declaring the setting ``name`` (see :class:`Setting`).
+
+    The field's own default is ``default`` parsed, so that ``Settings()``
+    holds the built-in defaults.
+    """
+    spec = Setting(name, default, parse, help, empty_is_value, shell_default, api5_default)
+    return field(default=parse(default), metadata={_SETTING: spec})
+
+
+# --- what a value may be ---------------------------------------------------------
+
+def _checked(ok: Callable[[str], bool], refused: str, *,
+             empty_ok: bool = False) -> Callable[[str], str]:
+    """A text ``ok`` accepts (and "" with ``empty_ok``); else "<value> <refused>"."""
+    def parse(value: str) -> str:
+        if not (empty_ok and value == "") and not ok(value):
+            raise Invalid(f"{value!r} {refused}")
+        return value
+    return parse
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    return _checked(choices.__contains__, f"must be one of {', '.join(choices)}")
+
+
+def _yes_no(value: str) -> bool:
+    if value not in ("yes", "no"):
+        raise Invalid(f"{value!r} must be yes or no")
+    return value == "yes"
+
+
+def _url(schemes: tuple[str, ...], refused: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value and not value.startswith(schemes):
+            raise Invalid(f"{value!r} is not {refused}")
+        if " " in value:
+            # One word of an APT source line: a space would add a field to it.
+            raise Invalid(f"{value!r} contains a space; write it as %20 in a URL")
+        return value
+    return parse
+
+
+def _list(check: Callable[[str], bool], what: str) -> Callable[[str], tuple[str, ...]]:
+    """A comma (or space) separated list, empty items dropped, each checked."""
+    def parse(value: str) -> tuple[str, ...]:
+        items = tuple(p for p in value.replace(" ", ",").split(",") if p)
+        bad = [f"{item!r} is not {what}" for item in items if not check(item)]
+        if bad:
+            raise Invalid(*bad)
+        return items
+    return parse
+
+
+def _count(what: str, *, positive: bool = False,
+           empty: str = "") -> Callable[[str], int | None]:
+    """A whole number (``positive``: above 0); with ``empty``, "" is None."""
+    def parse(value: str) -> int | None:
+        if value == "" and empty:
+            return None
+        if is_number(value) and (int(value) > 0 or not positive):
+            return int(value)
+        raise Invalid(f"{value!r} must be {what}{empty}")
+    return parse
+
+
+_absolute_path = _checked(lambda value: value.startswith("/"), "must be an absolute path",
+                          empty_ok=True)
+
+
+# --- the settings ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings for one run.
+
+    Every setting is declared once, here: its field's type, then (in
+    :func:`setting`) its name, default text, parse function and help. The
+    names read from the files, the shell edition's defaults and the
+    validation all come from these declarations (:data:`SETTINGS`).
+    """
+
+    suite: str = setting(
+        "SUITE", DEFAULT_SUITE,
+        _checked(is_suite_name, "is not a release name such as trixie or stable"),
+        "release to install (codename or suite)",
+        shell_default=DEFAULT_SUITE)
+    arch: str = setting(
+        "ARCH", "",
+        _checked(is_arch_name, "is not a dpkg architecture name such as amd64 or i386 "
+                 "(empty: the node's)", empty_ok=True),
+        "dpkg architecture to install; empty: the node's")
+    mirror: str = setting(
+        "MIRROR", "", _url(("http://", "https://", "ftp://", "file:/"),
+                           "an http://, https://, ftp:// or file:/ URL (empty: "
+                           "debootstrap's default mirror)"),
+        "archive URL to bootstrap from; empty: the tool's default")
+    proxy: str = setting(
+        "PROXY", "", _url(("http://", "https://"), "an http:// or https:// proxy URL"),
+        "HTTP(S) proxy for the bootstrap; empty: none")
+    components: tuple[str, ...] = setting(
+        "COMPONENTS", "", _list(is_component_name, "an archive component such as main"),
+        "comma-separated archive components; empty: the tool's (main)")
+    extra_pkgs: tuple[str, ...] = setting(
+        "EXTRA_PKGS", "", _list(is_package_name, "a Debian package name"),
+        "comma-separated packages installed on top of the base system")
+    generate_cache: bool = setting(
+        "GENERATE_CACHE", "yes", _yes_no, "yes: keep and reuse a cache of each bootstrap",
+        shell_default="yes")
+    clean_cache_days: int | None = setting(
+        "CLEAN_CACHE", "14",
+        _count("a number of days", empty=", or empty to never drop a cache"),
+        "days after which a cache is made anew; empty: never",
+        empty_is_value=True, shell_default="14")
+    partition_style: PartitionStyle = setting(
+        "PARTITION_STYLE", "msdos", _choice(PARTITION_STYLES),
+        "msdos, gpt or none (the filesystem on the whole disk)", api5_default="none")
+    partition_alignment: int = setting(
+        "PARTITION_ALIGNMENT", "2048",
+        _count("a positive whole number of 512-byte sectors (2048 = 1 MiB)",
+               positive=True),
+        "where partition 1 starts, in 512-byte sectors", shell_default="2048")
+    cache_image: bool = setting(
+        "CACHE_IMAGE", "yes", _yes_no,
+        "yes: also keep a filesystem image of each cache and copy it onto new disks")
+    bootloader: Bootloader = setting(
+        "BOOTLOADER", "none", _choice(BOOTLOADERS),
+        "none (Ganeti's kernel_path), grub (BIOS) or grub-efi (UEFI)")
+    bootstrap_tool: BootstrapTool = setting(
+        "BOOTSTRAP_TOOL", "auto", _choice(BOOTSTRAP_TOOLS),
+        "auto (mmdebstrap when installed), debootstrap or mmdebstrap")
+    hook_timeout: int | None = setting(
+        "HOOK_TIMEOUT", str(DEFAULT_HOOK_TIMEOUT),
+        _count("a positive number of seconds", positive=True,
+               empty=", or empty for no limit"),
+        "seconds each hook may run; empty: no limit", empty_is_value=True)
+    customize_dir: str = setting(
+        "CUSTOMIZE_DIR", "", _absolute_path, "the hooks directory",
+        shell_default=lambda paths: paths.default_hooks_dir)
+    variants_dir: str = setting(
+        "VARIANTS_DIR", "", _absolute_path, "the variants' settings files",
+        shell_default=lambda paths: paths.default_variants_dir)
+    # Not settings: the variant chosen and the files the values came from
+    # (for messages).
     variant: str = ""
-    # The files the values came from, for messages.
     sources: tuple[str, ...] = ()
+
+
+# The table of every setting, in the order they are checked and reported.
+SETTINGS: tuple[Setting, ...] = tuple(
+    dataclasses.replace(f.metadata[_SETTING], dest=f.name)
+    for f in dataclasses.fields(Settings) if _SETTING in f.metadata)
+BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
+# Every setting the shell edition knew, plus ours; only these are collected.
+NAMES = tuple(BY_NAME)
 
 
 def _shell_defaults(paths: Paths) -> str:
@@ -74,16 +275,7 @@ def _shell_defaults(paths: Paths) -> str:
     Applied after the defaults file and before the variant file, as the
     shell edition did, so a variant's ``$EXTRA_PKGS`` sees them.
     """
-    hooks = _sh_quote(paths.default_hooks_dir)
-    variants = _sh_quote(paths.default_variants_dir)
-    # Unquoted on purpose: inside double quotes the single quotes that
-    # protect the paths would become part of the value.
-    return (f": ${{SUITE:={DEFAULT_SUITE}}}\n"
-            f": ${{CUSTOMIZE_DIR:={hooks}}}\n"
-            f": ${{VARIANTS_DIR:={variants}}}\n"
-            ": ${GENERATE_CACHE:=yes}\n"
-            ": ${CLEAN_CACHE=14}\n"
-            ": ${PARTITION_ALIGNMENT:=2048}\n")
+    return "".join(s.shell_line(paths) for s in SETTINGS)
 
 
 def _sh_quote(value: str) -> str:
@@ -97,36 +289,34 @@ def read_shell_files(files: list[str], paths: Paths) -> dict[str, str]:
     does not exist is skipped (the shell edition did the same for the
     defaults file). Unset settings are absent from the result.
     """
-    printer = "".join(
-        f'if [ "${{{n}+set}}" = set ]; then printf "%s\\0%s\\0" {n} "${n}"; fi\n'
-        for n in NAMES)
     # The files' own output must not be mistaken for values: while they are
     # sourced, stdout points at stderr; the values are printed afterwards on
-    # the real stdout, saved as fd 3.
-    script = ('exec 3>&1 1>&2\n'
-              'set -e\n'
-              'for f do\n'
-              '  if [ -f "$f" ]; then . "$f"; fi\n'
-              '  if [ -z "$__defaults_done" ]; then\n'
+    # the real stdout, saved as fd 3. One line, so that the command logged
+    # at DEBUG_LEVEL=1 stays one line of the log.
+    script = ('exec 3>&1 1>&2; set -e; '
+              'for f do '
+              'if [ -f "$f" ]; then . "$f"; fi; '
+              'if [ -z "$__defaults_done" ]; then '
               f'{_shell_defaults(paths)}'
-              '    __defaults_done=1\n'
-              '  fi\n'
-              'done\n'
-              'exec 1>&3 3>&-\n'
-              f'{printer}')
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
-    proc = subprocess.run([SHELL, "-c", script, "settings", *files],
-                          stdin=subprocess.DEVNULL, capture_output=True, env=env)
-    data, err = proc.stdout, proc.stderr
-    if proc.returncode != 0:
+              '__defaults_done=1; '
+              'fi; '
+              'done; '
+              'exec 1>&3 3>&-; '
+              f'for __n in {" ".join(NAMES)}; do '
+              'eval "__set=\\${$__n+set} __value=\\${$__n-}"; '
+              'if [ "$__set" = set ]; then printf "%s\\0%s\\0" "$__n" "$__value"; fi; '
+              'done')
+    try:
+        result = runner.run([*SHELL_COMMAND, script, "settings", *files], capture=True)
+    except CommandError as exc:
         shown = " and ".join(f for f in files if os.path.exists(f))
         raise ConfigError(
             f"Reading the settings in {shown} with {SHELL} failed "
-            f"(exit status {proc.returncode}):\n  "
-            + "\n  ".join(err.decode("utf-8", "replace").strip().splitlines()[-5:])
+            f"(exit status {exc.returncode}):\n  "
+            + "\n  ".join(exc.stderr_tail.strip().splitlines()[-5:])
             + f"\nFix the shell syntax in {shown}: it is sourced as shell, as "
-              f"the shell edition did.")
-    fields = data.split(b"\0")
+              f"the shell edition did.") from None
+    fields = result.stdout.split(b"\0")
     values = {}
     for i in range(0, len(fields) - 1, 2):
         values[fields[i].decode()] = fields[i + 1].decode("utf-8", "replace")
@@ -205,13 +395,9 @@ def load(paths: Paths, variant: str, api_version: int, *,
     """
     check_trusted(paths.defaults_file, trusted_uids=trusted_uids)
     base = read_shell_files([paths.defaults_file], paths)
-    variants_dir = base.get("VARIANTS_DIR") or paths.default_variants_dir
     # Checked now: it is used (to find the variant file) before validate.
-    why = line_break_problem(variants_dir)
-    if why is not None or not variants_dir.startswith("/"):
-        where = _where("VARIANTS_DIR", [paths.defaults_file])
-        raise ConfigError(f"Invalid settings:\n  {where}: {variants_dir!r} "
-                          f"{why or 'must be an absolute path'}")
+    variants_dir = base.get("VARIANTS_DIR") or paths.default_variants_dir
+    validate({"VARIANTS_DIR": variants_dir}, [paths.defaults_file], api_version)
     check_trusted(variants_dir, setting="VARIANTS_DIR", trusted_uids=trusted_uids)
     conf = variant_file(paths, variant, variants_dir)
     if conf:
@@ -226,28 +412,10 @@ def _where(name: str, files: list[str]) -> str:
     return f"{name} (set in {' or '.join(files)})"
 
 
-def is_number(value: str) -> bool:
-    """Whether ``value`` is a whole number in ASCII digits.
-
-    str.isdigit() alone also takes digits int() refuses ("¹", superscript
-    one): a setting holding one would end the script with a traceback.
-    """
-    return value.isascii() and value.isdigit()
-
-
-def _list(value: str) -> tuple[str, ...]:
-    """A comma (or space) separated list, empty items dropped."""
-    return tuple(p for p in value.replace(" ", ",").split(",") if p)
-
-
 def validate(raw: Mapping[str, str], files: list[str], api_version: int,
              variant: str = "") -> Settings:
     """Check every value; one error names each bad setting and the file."""
     problems: list[str] = []
-
-    def bad(name: str, why: str) -> None:
-        problems.append(f"{_where(name, files)}: {why}")
-
     # First, for every setting: a line break or control character. MIRROR,
     # PROXY, SUITE and COMPONENTS are written into the instance's APT
     # sources, EXTRA_PKGS and the rest into commands and the hooks'
@@ -260,88 +428,14 @@ def validate(raw: Mapping[str, str], files: list[str], api_version: int,
             single_line[name] = value
         else:
             shown = repr(value) if len(value) <= 60 else repr(value[:60]) + "..."
-            bad(name, f"{shown} {why}; every setting is a single line")
-    raw = single_line
-    suite = raw.get("SUITE", "") or DEFAULT_SUITE
-    if not is_suite_name(suite):
-        bad("SUITE", f"{suite!r} is not a release name such as trixie or stable")
-    arch = raw.get("ARCH", "")
-    if arch and not is_arch_name(arch):
-        bad("ARCH", f"{arch!r} is not a dpkg architecture name such as amd64 "
-                    f"or i386 (empty: the node's)")
-    mirror = raw.get("MIRROR", "")
-    if mirror and not mirror.startswith(("http://", "https://", "ftp://", "file:/")):
-        bad("MIRROR", f"{mirror!r} is not an http://, https://, ftp:// or file:/ "
-                      f"URL (empty: debootstrap's default mirror)")
-    elif " " in mirror:
-        # One word of an APT source line: a space would add a field to it.
-        bad("MIRROR", f"{mirror!r} contains a space; write it as %20 in a URL")
-    proxy = raw.get("PROXY", "")
-    if proxy and not proxy.startswith(("http://", "https://")):
-        bad("PROXY", f"{proxy!r} is not an http:// or https:// proxy URL")
-    elif " " in proxy:
-        bad("PROXY", f"{proxy!r} contains a space; write it as %20 in a URL")
-    components = _list(raw.get("COMPONENTS", ""))
-    for comp in components:
-        if not is_component_name(comp):
-            bad("COMPONENTS", f"{comp!r} is not an archive component such as main")
-    extra = _list(raw.get("EXTRA_PKGS", ""))
-    for pkg in extra:
-        if not is_package_name(pkg):
-            bad("EXTRA_PKGS", f"{pkg!r} is not a Debian package name")
-    gen = raw.get("GENERATE_CACHE", "yes") or "yes"
-    if gen not in ("yes", "no"):
-        bad("GENERATE_CACHE", f"{gen!r} must be yes or no")
-    clean_raw = raw.get("CLEAN_CACHE", "14")
-    clean: int | None = None
-    if clean_raw != "":
-        if is_number(clean_raw):
-            clean = int(clean_raw)
-        else:
-            bad("CLEAN_CACHE", f"{clean_raw!r} must be a number of days, or "
-                               f"empty to never drop a cache")
-    style = raw.get("PARTITION_STYLE", "") or ("none" if api_version == 5 else "msdos")
-    if style not in PARTITION_STYLES:
-        bad("PARTITION_STYLE", f"{style!r} must be one of "
-                               f"{', '.join(PARTITION_STYLES)}")
-    align_raw = raw.get("PARTITION_ALIGNMENT", "2048") or "2048"
-    align = 2048
-    if is_number(align_raw) and int(align_raw) > 0:
-        align = int(align_raw)
-    else:
-        bad("PARTITION_ALIGNMENT", f"{align_raw!r} must be a positive whole "
-                                   f"number of 512-byte sectors (2048 = 1 MiB)")
-    image = raw.get("CACHE_IMAGE", "yes") or "yes"
-    if image not in ("yes", "no"):
-        bad("CACHE_IMAGE", f"{image!r} must be yes or no")
-    loader = raw.get("BOOTLOADER", "none") or "none"
-    if loader not in BOOTLOADERS:
-        bad("BOOTLOADER", f"{loader!r} must be one of {', '.join(BOOTLOADERS)}")
-    tool = raw.get("BOOTSTRAP_TOOL", "auto") or "auto"
-    if tool not in BOOTSTRAP_TOOLS:
-        bad("BOOTSTRAP_TOOL", f"{tool!r} must be one of {', '.join(BOOTSTRAP_TOOLS)}")
-    timeout_raw = raw.get("HOOK_TIMEOUT", str(DEFAULT_HOOK_TIMEOUT))
-    hook_timeout: int | None = None
-    if timeout_raw != "":
-        if is_number(timeout_raw) and int(timeout_raw) > 0:
-            hook_timeout = int(timeout_raw)
-        else:
-            bad("HOOK_TIMEOUT", f"{timeout_raw!r} must be a positive number of "
-                                f"seconds, or empty for no limit")
-    for name in ("CUSTOMIZE_DIR", "VARIANTS_DIR"):
-        value = raw.get(name, "")
-        if value and not value.startswith("/"):
-            bad(name, f"{value!r} must be an absolute path")
+            problems.append(f"{_where(name, files)}: {shown} {why}; every setting is "
+                            f"a single line")
+    values: dict[str, Any] = {}
+    for spec in SETTINGS:
+        try:
+            values[spec.dest] = spec.parse(spec.text(single_line, api_version))
+        except Invalid as exc:
+            problems += [f"{_where(spec.name, files)}: {why}" for why in exc.whys]
     if problems:
         raise ConfigError("Invalid settings:\n  " + "\n  ".join(problems))
-    return Settings(
-        suite=suite, arch=arch, mirror=mirror, proxy=proxy,
-        components=components, extra_pkgs=extra,
-        customize_dir=raw.get("CUSTOMIZE_DIR", ""),
-        variants_dir=raw.get("VARIANTS_DIR", ""),
-        generate_cache=gen == "yes", clean_cache_days=clean,
-        hook_timeout=hook_timeout,
-        partition_style=style, partition_alignment=align,
-        bootstrap_tool=tool, cache_image=image == "yes", bootloader=loader,
-        variant=variant,
-        sources=tuple(files))
+    return Settings(**values, variant=variant, sources=tuple(files))

@@ -3,7 +3,9 @@
 Unit tests install it with ``runner.replaced(fake)`` and then assert the
 exact sequence of commands, teardown after an injected failure included.
 Nothing is accepted by default: every command a test lets run is declared
-with :meth:`FakeRunner.expect`.
+with :meth:`FakeRunner.expect`; one declared ``real=True`` is recorded and
+then run for real (a harmless command whose output the test needs, such as
+the shell reading the settings files).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from ganeti_debootstrap.errors import CommandError
-from ganeti_debootstrap.runner import Result
+from ganeti_debootstrap.runner import Result, real_runner
 
 
 @dataclass
@@ -24,6 +26,7 @@ class Rule:
     stderr: str
     action: Callable[[Sequence[str]], None] | None
     times: int | None  # None: any number of times
+    real: bool = False  # run it for real (after recording it)
 
 
 class UnexpectedCommand(AssertionError):
@@ -41,11 +44,15 @@ class FakeRunner:
 
     def expect(self, *prefix: str, stdout: bytes | str = b"", returncode: int = 0,
                stderr: str = "", action: Callable[[Sequence[str]], None] | None = None,
-               times: int | None = None) -> FakeRunner:
-        """Allow commands starting with ``prefix``; later rules win."""
+               times: int | None = None, real: bool = False) -> FakeRunner:
+        """Allow commands starting with ``prefix``; later rules win.
+
+        ``real``: the command runs for real, the other options unused.
+        """
         if isinstance(stdout, str):
             stdout = stdout.encode()
-        self.rules.append(Rule(tuple(prefix), stdout, returncode, stderr, action, times))
+        self.rules.append(Rule(tuple(prefix), stdout, returncode, stderr, action, times,
+                               real))
         return self
 
     def __call__(self, argv: Sequence[str], *, stdin: IO[bytes] | bytes | None,
@@ -63,6 +70,9 @@ class FakeRunner:
         self.calls.append(argv)
         self.stdins.append(stdin if isinstance(stdin, bytes) else None)
         self.envs.append(env)
+        if rule.real:
+            return real_runner(argv, stdin=stdin, stdout=stdout, capture=capture,
+                               check=check, env=env, cwd=cwd, timeout=timeout, hint=hint)
         if rule.action is not None:
             rule.action(argv)
         if check and rule.returncode != 0:

@@ -7,7 +7,8 @@ the instance, and nothing the value contains executed or taken as a path.
 
 The scripts run in this process through ``cli.main`` (as the entry points
 call it), with the fake runner refusing every command but the harmless
-``dpkg --print-architecture``: a bad value that got as far as touching a
+``dpkg --print-architecture`` and the shell reading the settings files
+(run for real): a bad value that got as far as touching a
 disk (wipefs, sfdisk, losetup, mkfs...) would make the fake raise, which the
 top-level handler reports as an internal error (status 70), and the test
 fails. The property-based tests at the end feed arbitrary text to the
@@ -125,6 +126,8 @@ class Outcome:
 def call(node: Node, fake_runner, capsys, script_process_state):
     """Run a script as its entry point would; check that it changed nothing."""
     fake_runner.expect("dpkg", "--print-architecture", stdout="amd64")
+    fake_runner.expect(*settings.SHELL_COMMAND, real=True)
+    reading_settings = " ".join(settings.SHELL_COMMAND) + " "
 
     def run(script: str, env: dict[str, str], argv: tuple[str, ...] = ()) -> Outcome:
         before_disk = disk_digest(node.disk)
@@ -139,7 +142,8 @@ def call(node: Node, fake_runner, capsys, script_process_state):
         assert node.listing() == before, "a file appeared outside the instance"
         assert not node.canary.exists(), "something the input held was executed"
         assert [c for c in fake_runner.commands()
-                if c != "dpkg --print-architecture"] == []
+                if c != "dpkg --print-architecture"
+                and not c.startswith(reading_settings)] == []
         return Outcome(status, lines)
     return run
 

@@ -79,6 +79,19 @@ def test_serial_console_from_hv_param_and_xen_pvm():
     assert parse(HYPERVISOR="xen-pvm").serial_console == "hvc0"
 
 
+@pytest.mark.parametrize("given,speed", [("38400", "38400"), ("", ""), ("fast", ""),
+                                         ("-9600", ""), ("\u00b9", ""), ("\u0663", "")])
+def test_serial_speed_is_read_once_as_ascii_digits_or_nothing(given, speed):
+    assert parse(INSTANCE_HV_serial_speed=given).serial_speed == speed
+
+
+@pytest.mark.parametrize("level,debug", [(None, False), ("", False), ("0", False),
+                                         ("1", True), ("2", True)])
+def test_debug_level_other_than_0_asks_for_debugging(level, debug):
+    env = {} if level is None else {"DEBUG_LEVEL": level}
+    assert environment.debug_requested(env) is debug
+
+
 def test_os_params_are_lowercased_and_reinstall_flag_read():
     req = parse(OSP_FILESYSTEM="ext3", INSTANCE_REINSTALL="1")
     assert req.os_params == {"filesystem": "ext3"}

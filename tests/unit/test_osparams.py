@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from ganeti_debootstrap import osparams
-from ganeti_debootstrap.errors import ConfigError
+import dataclasses
+
+from ganeti_debootstrap import filesystems, osparams, settings
+from ganeti_debootstrap.errors import ConfigError, DefinitionError
 
 
 def test_filesystem_defaults_to_ext4():
@@ -39,3 +41,29 @@ def test_a_line_break_in_a_parameter_name_or_value_is_refused_naming_it(char):
         osparams.validate({"network": "auto" + char + "x"})
     with pytest.raises(ConfigError, match=r"the name of the OS parameter 'net.*' contains"):
         osparams.validate({"net" + char + "work": "auto"})
+
+
+def test_every_field_of_the_parameters_is_a_declared_parameter():
+    assert [p.name for p in osparams.PARAMETERS] == [
+        f.name for f in dataclasses.fields(osparams.OSParams)]
+    defaults = osparams.OSParams()
+    for p in osparams.PARAMETERS:
+        assert getattr(defaults, p.name) == p.default
+        assert p.default == "" or p.default in p.choices or p.check is not None
+
+
+def test_choices_shared_with_the_settings_and_the_filesystems_are_the_same_lists():
+    known = {p.name: p for p in osparams.PARAMETERS}
+    assert known["filesystem"].choices == filesystems.ROOT_TYPES
+    assert known["filesystem"].default == "ext4"
+    assert known["bootloader"].choices == settings.BOOTLOADERS
+
+
+def test_parameters_needing_a_package_are_refused_without_it():
+    with pytest.raises(DefinitionError, match="admin_user=admin .*sudo"):
+        osparams.check_packages(osparams.validate({"admin_user": "admin"}), ("vim",))
+    with pytest.raises(DefinitionError, match="cloud_init=nocloud .*cloud-init"):
+        osparams.check_packages(osparams.validate({"cloud_init": "nocloud"}), ("sudo",))
+    osparams.check_packages(osparams.validate({"admin_user": "admin", "cloud_init": "nocloud"}),
+                            ("sudo", "cloud-init"))
+    osparams.check_packages(osparams.validate({}), ())

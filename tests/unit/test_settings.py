@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
+from pathlib import Path
+from typing import get_args, get_type_hints
 
 import pytest
 
@@ -148,3 +152,73 @@ def test_lists_drop_empty_items(tree):
     write(tree.defaults_file, 'EXTRA_PKGS=",vim,,less,"\nCOMPONENTS="main contrib"\n')
     s = settings.load(tree, "", 20)
     assert s.extra_pkgs == ("vim", "less") and s.components == ("main", "contrib")
+
+
+# --- the table of settings ----------------------------------------------------------
+
+SOURCE_TREE = Path(__file__).resolve().parents[2]
+DOCUMENTED = re.compile(r'^# ([A-Z_]+)="([^"]*)"$', re.MULTILINE)
+
+
+def readme_settings() -> list[str]:
+    """The names in the README's table of settings (| setting | meaning | default |)."""
+    text = (SOURCE_TREE / "README.md").read_text()
+    table = text.split("| setting | meaning | default |\n", 1)[1].split("\n\n", 1)[0]
+    return re.findall(r"^\| `([A-Z_]+)` \|", table, re.MULTILINE)
+
+
+def test_every_field_but_the_variant_and_its_files_is_a_declared_setting():
+    declared = [s.dest for s in settings.SETTINGS]
+    fields = [f.name for f in dataclasses.fields(settings.Settings)]
+    assert declared + ["variant", "sources"] == fields
+    assert len(set(settings.NAMES)) == len(settings.NAMES) == len(declared)
+    for spec in settings.SETTINGS:
+        assert spec.help and "\n" not in spec.help, spec.name
+
+
+def test_the_readme_lists_every_setting_and_no_other():
+    assert sorted(readme_settings()) == sorted(settings.NAMES)
+
+
+def test_the_shipped_defaults_file_shows_each_setting_with_its_default():
+    text = (SOURCE_TREE / "defaults").read_text()
+    documented = dict(DOCUMENTED.findall(text))
+    assert sorted(documented) == sorted(settings.NAMES)
+    # As installed with sysconfdir /etc (the paths the file shows).
+    paths = Paths("/etc", "/var", "/usr/share/ganeti/os/debootstrap")
+    for spec in settings.SETTINGS:
+        default = spec.default
+        if callable(spec.shell_default):
+            default = spec.shell_default(paths)
+        if spec.api5_default is not None:
+            # Documented empty: the default then depends on the OS API.
+            default = ""
+        assert documented[spec.name] == default, spec.name
+
+
+def test_settings_built_in_are_the_defaults_of_the_table():
+    assert settings.validate({}, [], 20) == settings.Settings()
+    for spec in settings.SETTINGS:
+        empty = settings.validate({spec.name: ""}, ["f"], 20)
+        if not spec.empty_is_value:
+            assert getattr(empty, spec.dest) == getattr(settings.Settings(), spec.dest)
+
+
+@pytest.mark.parametrize("name", ["PARTITION_STYLE", "BOOTLOADER", "BOOTSTRAP_TOOL"])
+def test_a_choice_accepts_exactly_the_values_of_its_type(name):
+    spec = settings.BY_NAME[name]
+    choices = get_args(get_type_hints(settings.Settings)[spec.dest])
+    for value in choices:
+        assert getattr(settings.validate({name: value}, ["f"], 20), spec.dest) == value
+    with pytest.raises(ConfigError, match=f"{name} .*'x' must be one of {', '.join(choices)}$"):
+        settings.validate({name: "x"}, ["f"], 20)
+
+
+def test_the_settings_files_are_read_through_the_runner(tree, fake_runner):
+    fake_runner.expect(*settings.SHELL_COMMAND, real=True)
+    write(tree.defaults_file, "SUITE=bookworm\n")
+    assert settings.load(tree, "default", 20).suite == "bookworm"
+    conf = os.path.join(tree.default_variants_dir, "default.conf")
+    assert [call[len(settings.SHELL_COMMAND) + 1:] for call in fake_runner.calls] == [
+        ("settings", tree.defaults_file), ("settings", tree.defaults_file, conf)]
+    assert all(env is None for env in fake_runner.envs)
