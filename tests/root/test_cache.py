@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 
 import pytest
 
@@ -66,9 +67,9 @@ def make_system(root: str) -> None:
     os.utime(root, (MTIME, MTIME))
 
 
-def describe(root: str) -> dict[str, tuple]:
+def describe(root: str) -> dict[str, tuple[object, ...]]:
     """Everything tar must keep, for each path relative to ``root``."""
-    result = {}
+    result: dict[str, tuple[object, ...]] = {}
     inodes: dict[int, str] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [""] + dirnames + filenames if dirpath == root else dirnames + filenames:
@@ -215,7 +216,7 @@ def test_administrators_repack_is_kept_and_used(store, entry, tmp_path, compress
     assert record["size"] == os.path.getsize(entry.path)
 
 
-def run_script(body: str, *args: str, wrap: list[str] = ()) -> subprocess.Popen:
+def run_script(body: str, *args: str, wrap: Sequence[str] = ()) -> subprocess.Popen[str]:
     script = textwrap.dedent(f"""
         import os, sys, time
         sys.path.insert(0, {ROOT!r})
@@ -271,6 +272,7 @@ HOLD_AND_WAIT = """
 def test_killed_runs_leftovers_are_removed_and_its_lock_is_free(store):
     proc = run_script(HOLD_AND_WAIT, store.directory)
     try:
+        assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
         leftovers = [n for n in os.listdir(store.directory) if ".tmp-" in n or ".staging-" in n]
         assert len(leftovers) == 2
@@ -293,6 +295,7 @@ def test_staging_cleanup_never_deletes_through_a_mount(store, tmp_path):
                     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", proc_dir], check=True)
                     with open(os.path.join(proc_dir, "node-file"), "w") as f:
                         f.write("must survive")
+        assert proc_dir is not None
         assert os.path.exists(os.path.join(proc_dir, "node-file"))
         # The leftover does not stop the next run; it stays until unmounted.
         with store.locked(KEY):

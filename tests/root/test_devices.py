@@ -367,6 +367,7 @@ def test_grub_efi_disk_gets_a_fat_esp_before_the_root_and_export_finds_the_root(
     assert (esp["start"], esp["size"]) == (2048, 64 * 2048)
     assert root["start"] == 2048 + 64 * 2048
     found = probe(path, esp["start"] * 512)
+    assert disk.esp is not None
     assert found["TYPE"] == "vfat" and found["UUID"] == disk.esp.uuid
     assert found.get("LABEL") == "EFI"
     assert probe(path, root["start"] * 512)["UUID"] == disk.root.uuid

@@ -388,7 +388,7 @@ def test_waiter_on_a_removed_lock_file_takes_the_new_one(store, monkeypatch):
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     real_flock = fcntl.flock
-    removed = []
+    removed: list[str] = []
 
     def flock(lock_fd, op):
         if lock_fd != fd and op == fcntl.LOCK_EX and not removed:
@@ -487,9 +487,9 @@ def test_creates_started_together_build_once_then_read_side_by_side(store):
     errors: list[BaseException] = []
 
     def create(n: int) -> None:
-        probed = []
+        probed: list[bool] = []
 
-        def probe():
+        def probe() -> str | None:
             if not probed:
                 # All four hold the shared lock here, and all see no cache.
                 probed.append(True)

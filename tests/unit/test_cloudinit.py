@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
-import yaml
+import yaml  # type: ignore[import]  # python3-yaml ships no annotations
 
 from ganeti_debootstrap import cloudinit, environment, instance_files, osparams
 from ganeti_debootstrap.cloudinit import CloudInitError
