@@ -45,12 +45,14 @@ def keys(tmp_path_factory) -> dict[str, str]:
 
 # --- ssh_authorized_keys ------------------------------------------------------
 
+@pytest.mark.real_commands
 def test_several_keys_separated_by_semicolons_are_accepted_and_kept_whole(keys):
     value = f" {keys['ed25519']} ;{keys['rsa']};; {keys['ecdsa']}"
     params = osparams.validate({"ssh_authorized_keys": value})
     assert params.login().keys == (keys["ed25519"], keys["rsa"], keys["ecdsa"])
 
 
+@pytest.mark.real_commands
 def test_a_key_with_options_is_accepted(keys):
     value = f'from="192.0.2.0/24",no-pty {keys["ed25519"]}'
     assert access.keys_problem(value) is None
@@ -64,6 +66,7 @@ def test_a_key_with_options_is_accepted(keys):
     # The right shape, but the key data is cut: ssh-keygen cannot read it.
     ("CUT", "ssh-keygen -l cannot read it"),
 ])
+@pytest.mark.real_commands
 def test_a_bad_key_is_refused_by_number_without_quoting_it(keys, bad, why):
     blob = keys["rsa"].split()[1]
     bad = {"RSA-AS-ED25519": f"ssh-ed25519 {blob} x",
@@ -119,6 +122,7 @@ def test_md5_and_des_hashes_are_refused_as_too_weak(value):
     assert value not in str(err.value)
 
 
+@pytest.mark.real_commands
 def test_the_parameters_repr_shows_neither_keys_nor_hash(keys):
     params = osparams.validate({"ssh_authorized_keys": keys["ed25519"],
                                 "password_hash": SHA512})

@@ -537,6 +537,7 @@ def test_a_failing_ssh_keygen_fails_the_configuration(tmp_path, fake_runner):
         instance_files.regenerate_ssh_host_keys(t, "root@x")
 
 
+@pytest.mark.real_commands
 @pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen")
 @pytest.mark.parametrize("kind", ["rsa", "ecdsa", "ed25519"])
 def test_fingerprints_read_as_ssh_keygen_prints_them(tmp_path, kind):

@@ -10,6 +10,9 @@ from ganeti_debootstrap import settings
 from ganeti_debootstrap.errors import ConfigError
 from ganeti_debootstrap.paths import Paths
 
+# settings.load sources the settings files with /bin/sh, a real program.
+pytestmark = pytest.mark.real_commands
+
 
 @pytest.fixture
 def tree(tmp_path):

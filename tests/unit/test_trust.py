@@ -40,6 +40,7 @@ def variant_conf(tree: Paths) -> str:
     return os.path.join(tree.default_variants_dir, "default.conf")
 
 
+@pytest.mark.real_commands  # settings.load sources the files with /bin/sh
 def test_settings_only_root_can_change_are_read(tree):
     assert settings.load(tree, "default", 20, trusted_uids=ME).suite == "bookworm"
 
@@ -48,6 +49,7 @@ def test_settings_only_root_can_change_are_read(tree):
                                    "sysconfdir"])
 @pytest.mark.parametrize("mode,who", [(0o002, "others"), (0o020, "its group"),
                                       (0o022, "its group and others")])
+@pytest.mark.real_commands  # settings.load sources the files with /bin/sh
 def test_settings_others_can_change_are_refused_with_the_fix(tree, which, mode, who):
     path = {"settings file": tree.defaults_file, "variants dir": tree.default_variants_dir,
             "variant file": variant_conf(tree), "sysconfdir": tree.sysconfdir}[which]
@@ -61,6 +63,7 @@ def test_settings_others_can_change_are_refused_with_the_fix(tree, which, mode, 
     assert "sourced as root" in message
 
 
+@pytest.mark.real_commands  # settings.load sources the files with /bin/sh
 def test_settings_of_an_untrusted_owner_are_refused_with_the_fix(tree):
     # Ownership of one path needs chown (root): tests/root/test_bad_input_root.py.
     # Here nobody's uid is trusted, so the first entry on the way is refused.
@@ -68,6 +71,7 @@ def test_settings_of_an_untrusted_owner_are_refused_with_the_fix(tree):
         settings.load(tree, "default", 20, trusted_uids=UNTRUSTED)
 
 
+@pytest.mark.real_commands  # settings.load sources the files with /bin/sh
 def test_a_missing_settings_file_and_variants_dir_keep_their_behaviour(tree):
     os.unlink(tree.defaults_file)
     assert settings.load(tree, "default", 20, trusted_uids=ME).suite == "bookworm"
@@ -77,6 +81,7 @@ def test_a_missing_settings_file_and_variants_dir_keep_their_behaviour(tree):
         settings.load(tree, "default", 20, trusted_uids=ME)
 
 
+@pytest.mark.real_commands  # settings.load sources the files with /bin/sh
 def test_a_variants_dir_reached_through_a_writable_directory_is_refused(tree, tmp_path):
     shared = tmp_path / "shared"
     (shared / "variants").mkdir(parents=True)
