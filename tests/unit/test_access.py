@@ -14,7 +14,7 @@ from ganeti_debootstrap import access, instance_files, osparams
 from ganeti_debootstrap.access import Access, AccessError
 from ganeti_debootstrap.errors import ConfigError
 from ganeti_debootstrap.instance_files import FsEntry, Instance, NodeFiles
-from tests.unit.test_instance_files import ROOT_UUID, make_tree, read, write
+from tests.systemtree import ROOT_UUID, make_tree, read, write
 
 SHA512 = ("$6$ISGdkDqz4Qk3DK7K$h8vI5YJgW8E2IGrkDZikdBXrYuGmhShI71hygmn9EAjHYmEXA31Ner"
           "XTNlKQvKWLjkoNaihOVxsZuMPvW.aUw/")

@@ -15,7 +15,7 @@ from ganeti_debootstrap.errors import ConfigError
 from ganeti_debootstrap.instance_files import FsEntry, Instance, NodeFiles
 from ganeti_debootstrap.network import NetworkPlan
 from ganeti_debootstrap.target import Target
-from tests.unit.test_instance_files import make_tree, write
+from tests.systemtree import make_tree, write
 
 NAME = "web1.example.org"
 ROOT = FsEntry("0a1b2c3d-1111-2222-3333-444455556666", "ext4")
