@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 from ganeti_debootstrap import cli, environment, names, rename, settings, signals
 from ganeti_debootstrap.errors import ConfigError, UsageError
 from ganeti_debootstrap.paths import Paths
+from tests.scratch import make_paths
 from ganeti_debootstrap.target import Target, TargetPathError
 from tests.diskdigest import disk_digest
 
@@ -76,14 +77,7 @@ class Node:
 
 @pytest.fixture
 def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Node:
-    paths = Paths(str(tmp_path / "etc"), str(tmp_path / "var"), str(tmp_path / "os"))
-    os.makedirs(os.path.dirname(paths.defaults_file))
-    os.makedirs(paths.default_variants_dir)
-    os.makedirs(paths.os_dir)
-    os.makedirs(paths.localstatedir)
-    Path(paths.variants_list).write_text("default\n")
-    Path(paths.default_variants_dir, "default.conf").write_text("")
-    Path(paths.defaults_file).write_text("")
+    paths = make_paths(tmp_path)
     disks = tmp_path / "disks"
     disks.mkdir()
     disk = disks / "disk0.img"

@@ -16,6 +16,7 @@ import pytest
 from ganeti_debootstrap import cache, settings, trust
 from ganeti_debootstrap.errors import CacheError, ConfigError
 from ganeti_debootstrap.paths import Paths
+from tests.scratch import make_paths
 
 ME = (0, os.geteuid())
 UNTRUSTED = (4242 if os.geteuid() != 4242 else 4243,)
@@ -23,17 +24,7 @@ UNTRUSTED = (4242 if os.geteuid() != 4242 else 4243,)
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Paths:
-    paths = Paths(str(tmp_path / "etc"), str(tmp_path / "var"), str(tmp_path / "os"))
-    for d in (os.path.dirname(paths.defaults_file), paths.default_variants_dir,
-              paths.os_dir, paths.localstatedir):
-        os.makedirs(d, mode=0o755)
-    Path(paths.variants_list).write_text("default\n")
-    Path(paths.default_variants_dir, "default.conf").write_text("SUITE=bookworm\n")
-    Path(paths.defaults_file).write_text("")
-    for p in (paths.defaults_file, paths.variants_list,
-              os.path.join(paths.default_variants_dir, "default.conf")):
-        os.chmod(p, 0o644)
-    return paths
+    return make_paths(tmp_path, default_conf="SUITE=bookworm\n")
 
 
 def variant_conf(tree: Paths) -> str:
