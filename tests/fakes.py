@@ -24,6 +24,8 @@ class Rule:
     stderr: str
     action: Callable[[Sequence[str]], None] | None
     times: int | None  # None: any number of times
+    # Computes the standard output from the command (instead of ``stdout``).
+    output: Callable[[Sequence[str]], bytes | str] | None = None
 
 
 class UnexpectedCommand(AssertionError):
@@ -38,14 +40,33 @@ class FakeRunner:
         self.calls: list[tuple[str, ...]] = []
         self.stdins: list[bytes | None] = []
         self.envs: list[Mapping[str, str] | None] = []
+        # The index in ``calls`` of the one command made to fail (fail_at).
+        self.failing: int | None = None
+        self.failure_stderr = ""
+
+    def fail_at(self, index: int, stderr: str = "injected failure") -> FakeRunner:
+        """Make the ``index``-th command (from 0) exit with status 1.
+
+        Whatever rule it matches, it does nothing (no action) and prints
+        nothing: the command failed before doing what it was asked.
+        """
+        self.failing, self.failure_stderr = index, stderr
+        return self
 
     def expect(self, *prefix: str, stdout: bytes | str = b"", returncode: int = 0,
                stderr: str = "", action: Callable[[Sequence[str]], None] | None = None,
-               times: int | None = None) -> FakeRunner:
-        """Allow commands starting with ``prefix``; later rules win."""
+               times: int | None = None,
+               output: Callable[[Sequence[str]], bytes | str] | None = None) -> FakeRunner:
+        """Allow commands starting with ``prefix``; later rules win.
+
+        ``action`` runs with the command's argv (to make what the real
+        command would make); ``output``, if given, computes its standard
+        output from the argv, after ``action``.
+        """
         if isinstance(stdout, str):
             stdout = stdout.encode()
-        self.rules.append(Rule(tuple(prefix), stdout, returncode, stderr, action, times))
+        self.rules.append(Rule(tuple(prefix), stdout, returncode, stderr, action, times,
+                               output))
         return self
 
     def __call__(self, argv: Sequence[str], *, stdin: IO[bytes] | bytes | None,
@@ -63,11 +84,19 @@ class FakeRunner:
         self.calls.append(argv)
         self.stdins.append(stdin if isinstance(stdin, bytes) else None)
         self.envs.append(env)
+        if len(self.calls) - 1 == self.failing:
+            if check:
+                raise CommandError(argv, 1, self.failure_stderr, hint)
+            return Result(argv, 1, b"")
         if rule.action is not None:
             rule.action(argv)
+        out = rule.stdout
+        if rule.output is not None:
+            computed = rule.output(argv)
+            out = computed.encode() if isinstance(computed, str) else computed
         if check and rule.returncode != 0:
             raise CommandError(argv, rule.returncode, rule.stderr, hint)
-        return Result(argv, rule.returncode, rule.stdout if capture else b"")
+        return Result(argv, rule.returncode, out if capture else b"")
 
     def commands(self) -> list[str]:
         """The calls as ``"prog arg ..."`` strings, for readable assertions."""

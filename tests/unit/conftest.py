@@ -10,11 +10,14 @@ one; a test that must run a real program says so with
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from ganeti_debootstrap import runner
+from tests.fakenode import DISK0_MIB, FakeNode
 from tests.fakes import FakeRunner
 
 REAL_COMMANDS = "real_commands"
@@ -34,3 +37,30 @@ def refuse_commands(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     with runner.replaced(FakeRunner()):
         yield
+
+
+@pytest.fixture
+def fake_node(tmp_path: Path, fake_runner: FakeRunner,
+              monkeypatch: pytest.MonkeyPatch) -> FakeNode:
+    """Loop devices, mounts, tables and filesystems faked (tests/fakenode.py).
+
+    The scripts' temporary directories (their mount points) are made in
+    tmp_path/tmp, so a test can see that they were removed.
+    """
+    node = FakeNode(tmp_path / "node", fake_runner)
+    node.base.mkdir()
+    node.install(monkeypatch)
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    return node
+
+
+@pytest.fixture
+def disk0(tmp_path: Path) -> str:
+    """The instance's disk 0: a sparse 1 GiB file (DISK_0_PATH)."""
+    path = tmp_path / "disks" / "disk0.img"
+    path.parent.mkdir()
+    with open(path, "wb") as f:
+        f.truncate(DISK0_MIB * 2**20)
+    return str(path)

@@ -1,0 +1,170 @@
+"""create composed: every command it runs, in order, and the release after a failure.
+
+create runs through its entry point (create.run with the Request parsed
+from Ganeti's environment) on a disk file, with every external command
+faked (tests/fakenode.py keeps their effects: loop devices, mounts, the
+partition table, the filesystems). The bootstrap fills the mounted root
+with a small system tree (tests/systemtree.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from ganeti_debootstrap import create, environment
+from ganeti_debootstrap.errors import CommandError
+from ganeti_debootstrap.paths import Paths
+from tests.fakenode import DISK0_MIB, FakeNode, ganeti_env, shown, undo
+from tests.scratch import make_paths
+from tests.systemtree import make_tree
+
+MIB = 2**20
+DISK_MIB = DISK0_MIB
+NO_CACHE = "GENERATE_CACHE=no\nBOOTSTRAP_TOOL=debootstrap\n"
+
+# What create runs on a file disk (msdos table, no cache, no bootloader):
+# the table is written on the file itself before any loop device exists,
+# then the whole disk and the root partition get a loop device each (the
+# partition's over the file's byte range).
+SETUP = [
+    "dpkg --print-architecture",
+    "wipefs --all --force --quiet DISK",
+    "sfdisk --quiet --no-reread --no-tell-kernel DISK",
+    "losetup --find --show DISK",
+    f"losetup --find --show --offset {MIB} --sizelimit {(DISK_MIB - 1) * MIB} DISK",
+    "mke2fs -F -q -t ext4 -E lazy_itable_init=1,lazy_journal_init=0 /dev/loop1",
+    "blkid -p -o value -s UUID /dev/loop1",
+    "mount -t ext4 /dev/loop1 MNT",
+    "debootstrap trixie MNT",
+]
+LOOPS = ["/dev/loop0", "/dev/loop1"]
+RELEASE = ["umount MNT", "losetup --detach /dev/loop1", "losetup --detach /dev/loop0"]
+
+# With GENERATE_CACHE=yes (CACHE_IMAGE=no: the archive only): the fresh
+# bootstrap is archived from the instance's root before it is released;
+# the next create unpacks that archive instead of bootstrapping.
+CACHE = "CACHE_IMAGE=no\nBOOTSTRAP_TOOL=debootstrap\n"
+STORE = ("tar --create --file CACHE/ENTRY.tar.tmp-XXXX --directory MNT --format=posix "
+         "--numeric-owner --xattrs --xattrs-include=* --sparse --one-file-system .")
+UNPACK = ("tar --extract --file CACHE/ENTRY.tar --directory MNT --preserve-permissions "
+          "--same-owner --numeric-owner --xattrs --xattrs-include=*")
+
+
+@pytest.fixture
+def disk(disk0: str) -> str:
+    return disk0
+
+
+@pytest.fixture
+def debootstrap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BOOTSTRAP_TOOL=debootstrap must be on PATH: a stub (the fake runs instead)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "debootstrap").write_text("#!/bin/sh\nexit 1\n")
+    os.chmod(bindir / "debootstrap", 0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+
+
+@pytest.fixture
+def paths(tmp_path: Path, debootstrap: None) -> Paths:
+    return make_paths(tmp_path / "install", defaults=NO_CACHE)
+
+
+def bootstrapped(argv: Sequence[str]) -> None:
+    """What debootstrap leaves in its target directory (the last argument)."""
+    make_tree(Path(argv[-1]))
+
+
+def run_create(paths: Paths, disk: str) -> None:
+    create.run(environment.parse("create", [], ganeti_env(disk)), paths)
+
+
+def shown_with_cache(node: FakeNode, disk: str, paths: Paths) -> list[str]:
+    """The commands, the cache entry's name shown as ENTRY, a temporary suffix as XXXX."""
+    return [re.sub(r"/cache-[^ /]*?(\.tar)", r"/ENTRY\1", re.sub(r"\.tmp-\w+", ".tmp-XXXX", c))
+            for c in shown(node.fake, disk, CACHE=paths.cache_dir)]
+
+
+def cache_files(paths: Paths) -> list[str]:
+    return sorted(n for n in os.listdir(paths.cache_dir) if not n.endswith(".lock"))
+
+
+def assert_all_released(node: FakeNode, tmp_path: Path) -> None:
+    assert node.loops == {} and node.mounted == {}
+    assert os.listdir(tmp_path / "tmp") == [], "a mount point was left behind"
+
+
+def test_create_runs_its_commands_in_order(tmp_path, fake_node, disk, paths):
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    run_create(paths, disk)
+    assert shown(fake_node.fake, disk) == SETUP + RELEASE
+    assert_all_released(fake_node, tmp_path)
+    root = fake_node.root_files(disk, MIB)
+    assert (root / "etc/hostname").read_text() == "web1.example.org\n"
+    uuid = fake_node.filesystems[(os.path.realpath(disk), MIB)].uuid
+    assert f"UUID={uuid}\t/\text4" in (root / "etc/fstab").read_text()
+
+
+@pytest.mark.parametrize("step", range(len(SETUP)), ids=lambda k: SETUP[k].split()[0] + str(k))
+def test_a_failed_step_releases_what_was_set_up_in_reverse(tmp_path, fake_node, disk, paths,
+                                                           step):
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    fake_node.fake.fail_at(step)
+    with pytest.raises(CommandError, match="failed with exit status 1"):
+        run_create(paths, disk)
+    assert shown(fake_node.fake, disk) == SETUP[:step + 1] + undo(SETUP[:step], LOOPS)
+    assert_all_released(fake_node, tmp_path)
+
+
+
+def test_a_fresh_bootstrap_is_stored_as_the_cache_then_unpacked_by_the_next_create(
+        tmp_path, fake_node, disk, debootstrap):
+    paths = make_paths(tmp_path / "install", defaults=CACHE)
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    run_create(paths, disk)
+    first = len(fake_node.fake.calls)
+    assert shown_with_cache(fake_node, disk, paths) == SETUP + [STORE] + RELEASE
+    assert [n for n in cache_files(paths) if n.endswith(".tar")], "no archive stored"
+    run_create(paths, disk)
+    assert shown_with_cache(fake_node, disk, paths)[first:] == SETUP[:-1] + [UNPACK] + RELEASE
+    assert_all_released(fake_node, tmp_path)
+    root = fake_node.root_files(disk, MIB)
+    assert (root / "etc/hostname").read_text() == "web1.example.org\n"
+    assert (root / "usr/lib/systemd/systemd").exists(), "the archive was not unpacked"
+
+
+def test_a_cache_that_cannot_be_stored_leaves_nothing_and_the_create_completes(
+        tmp_path, fake_node, disk, debootstrap, caplog):
+    paths = make_paths(tmp_path / "install", defaults=CACHE)
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    fake_node.fake.fail_at(len(SETUP))
+    with caplog.at_level(logging.WARNING):
+        run_create(paths, disk)
+    assert shown_with_cache(fake_node, disk, paths) == SETUP + [STORE] + RELEASE
+    assert "Could not store the bootstrap cache" in caplog.text
+    assert cache_files(paths) == []
+    assert_all_released(fake_node, tmp_path)
+
+
+@pytest.mark.parametrize("step", range(len(SETUP)), ids=lambda k: SETUP[k].split()[0] + str(k))
+def test_a_failed_step_of_a_create_from_the_cache_releases_in_reverse(
+        tmp_path, fake_node, disk, debootstrap, step):
+    """As above, with the cache's unpacking in place of the bootstrap."""
+    paths = make_paths(tmp_path / "install", defaults=CACHE)
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    run_create(paths, disk)
+    first = len(fake_node.fake.calls)
+    steps = SETUP[:-1] + [UNPACK]
+    fake_node.fake.fail_at(first + step)
+    with pytest.raises(CommandError, match="failed with exit status 1"):
+        run_create(paths, disk)
+    assert shown_with_cache(fake_node, disk, paths)[first:] == (
+        steps[:step + 1] + undo(steps[:step], LOOPS))
+    assert_all_released(fake_node, tmp_path)
+    assert [n for n in cache_files(paths) if n.endswith(".tar")], "the cache was removed"

@@ -1,0 +1,84 @@
+"""export composed: every command it runs, in order, and the release after a failure.
+
+export runs through its entry point (export.run with the Request parsed
+from Ganeti's environment) on a disk file holding what create made (an
+msdos table, an ext4 root in partition 1), with every external command
+faked (tests/fakenode.py). Nothing is mounted: dump reads the root's
+device, attached read-only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ganeti_debootstrap import environment, export
+from ganeti_debootstrap.errors import CommandError, DiskError
+from ganeti_debootstrap.paths import Paths
+from tests.fakenode import DISK0_MIB, FakeNode, ganeti_env, shown, undo
+from tests.scratch import make_paths
+
+MIB = 2**20
+ROOT_SIZE = (DISK0_MIB - 1) * MIB
+
+CLEAN = ("Filesystem volume name:   <none>\n"
+         "Filesystem state:         clean\n"
+         "Filesystem features:      has_journal ext_attr dir_index filetype extent\n")
+
+SETUP = [
+    "losetup --find --show --read-only DISK",
+    "blkid -p -o value -s PTTYPE /dev/loop0",
+    "sfdisk --json /dev/loop0",
+    f"losetup --find --show --read-only --offset {MIB} --sizelimit {ROOT_SIZE} DISK",
+    "blkid -p -o value -s TYPE /dev/loop1",
+    "dumpe2fs -h /dev/loop1",
+    "dump -0 -q -f - /dev/loop1",
+]
+LOOPS = ["/dev/loop0", "/dev/loop1"]
+RELEASE = ["losetup --detach /dev/loop1", "losetup --detach /dev/loop0"]
+
+
+@pytest.fixture
+def exported(fake_node: FakeNode, disk0: str) -> FakeNode:
+    """disk0 installed; dumpe2fs finds its root clean, dump writes a stream."""
+    fake_node.installed(disk0, MIB, ROOT_SIZE)
+    fake_node.fake.expect("dumpe2fs", "-h", stdout=CLEAN)
+    fake_node.fake.expect("dump", "-0", "-q", "-f", "-")
+    return fake_node
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Paths:
+    return make_paths(tmp_path / "install")
+
+
+def run_export(paths: Paths, disk: str) -> None:
+    env = ganeti_env(disk, EXPORT_DISK_PATH=disk, EXPORT_INDEX="0")
+    export.run(environment.parse("export", [], env), paths)
+
+
+def test_export_runs_its_commands_in_order(exported, disk0, paths):
+    run_export(paths, disk0)
+    assert shown(exported.fake, disk0) == SETUP + RELEASE
+    assert exported.loops == {} and exported.mounted == {}
+
+
+def test_a_root_in_use_is_refused_before_dump_and_released(exported, disk0, paths):
+    exported.fake.expect("dumpe2fs", "-h",
+                         stdout=CLEAN.replace("extent", "extent needs_recovery"))
+    with pytest.raises(DiskError, match="in use or was not cleanly unmounted"):
+        run_export(paths, disk0)
+    assert shown(exported.fake, disk0) == SETUP[:-1] + RELEASE
+    assert exported.loops == {}
+
+
+@pytest.mark.parametrize("step", range(len(SETUP)), ids=lambda k: SETUP[k].split()[0] + str(k))
+def test_a_failed_step_releases_what_was_set_up_in_reverse(exported, disk0, paths, step):
+    exported.fake.fail_at(step)
+    with pytest.raises(CommandError, match="failed with exit status 1"):
+        run_export(paths, disk0)
+    assert shown(exported.fake, disk0) == SETUP[:step + 1] + undo(SETUP[:step], LOOPS)
+    assert exported.loops == {} and exported.mounted == {}
+    assert os.path.getsize(disk0) == DISK0_MIB * MIB
