@@ -10,6 +10,7 @@ one; a test that must run a real program says so with
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,4 +64,13 @@ def disk0(tmp_path: Path) -> str:
     path.parent.mkdir()
     with open(path, "wb") as f:
         f.truncate(DISK0_MIB * 2**20)
+    return str(path)
+
+
+@pytest.fixture
+def disk_file(tmp_path: Path) -> str:
+    """A sparse 600 MiB disk file, disk.img."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(b"")
+    os.truncate(path, 600 * 2**20)
     return str(path)
