@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from ganeti_debootstrap.cache import Cache, CacheKey
+from ganeti_debootstrap.cache import CacheKey
 from ganeti_debootstrap.errors import CacheError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -87,11 +87,6 @@ def describe(root: str) -> dict[str, tuple[object, ...]]:
 
 def tool_output(argv: list[str], cwd: str) -> str:
     return subprocess.run(argv, cwd=cwd, check=True, capture_output=True, text=True).stdout
-
-
-@pytest.fixture
-def store(tmp_path):
-    return Cache(str(tmp_path / "cache"), clean_days=14)
 
 
 @pytest.fixture

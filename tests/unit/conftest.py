@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 
 from ganeti_debootstrap import runner
+from ganeti_debootstrap.instance_files import NodeFiles
 from tests.fakenode import DISK0_MIB, FakeNode
 from tests.fakes import FakeRunner
+from tests.systemtree import write
 
 REAL_COMMANDS = "real_commands"
 
@@ -74,3 +76,12 @@ def disk_file(tmp_path: Path) -> str:
     path.write_bytes(b"")
     os.truncate(path, 600 * 2**20)
     return str(path)
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> NodeFiles:
+    """The node's files the instance gets a copy of: a resolv.conf with a real server."""
+    conf = write(tmp_path / "node/etc/resolv.conf",
+                 "search example.org\nnameserver 192.0.2.53\n")
+    return NodeFiles(resolv_conf=str(conf),
+                     resolved_upstream=str(tmp_path / "node/run/resolv.conf"))

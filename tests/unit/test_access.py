@@ -13,7 +13,7 @@ import pytest
 from ganeti_debootstrap import access, instance_files, osparams
 from ganeti_debootstrap.access import Access, AccessError
 from ganeti_debootstrap.errors import ConfigError
-from ganeti_debootstrap.instance_files import FsEntry, Instance, NodeFiles
+from ganeti_debootstrap.instance_files import FsEntry, Instance
 from tests.systemtree import ROOT_UUID, make_tree, read, write
 
 SHA512 = ("$6$ISGdkDqz4Qk3DK7K$h8vI5YJgW8E2IGrkDZikdBXrYuGmhShI71hygmn9EAjHYmEXA31Ner"
@@ -22,12 +22,6 @@ YESCRYPT = "$y$j9T$PaFEMV0mbpeadmHDv0Lp31$G/LliR3MqgdjEBcFC1E.s/3vlRofsZ0Wn5JyZH
 BCRYPT = "$2b$12$jaLDOSaRL2cMkcnNI7siF.1TnPdm2iuWBWSZMC4dGI17YQsAJs/OC"
 PASSWD = ("root:x:0:0:root:/root:/bin/bash\n"
           "daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n")
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> NodeFiles:
-    conf = write(tmp_path / "node/resolv.conf", "nameserver 192.0.2.53\n")
-    return NodeFiles(resolv_conf=str(conf), resolved_upstream=str(conf))
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from ganeti_debootstrap.errors import ConfigError
 from ganeti_debootstrap.settings import Settings
 from ganeti_debootstrap.target import Target
 from tests.systemtree import make_tree as make_system_tree
+from tests.systemtree import write
 
 DEBIAN = "http://deb.debian.org/debian"
 SECURITY = "http://security.debian.org/debian-security"
@@ -22,11 +23,6 @@ UBUNTU_MIRROR = "http://mirror.example.org/ubuntu"
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 UBUNTU_KEYRING = "/usr/share/keyrings/ubuntu-archive-keyring.gpg"
 PROXY = "http://proxy.example.org:3128"
-
-
-def write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def make_tree(root: Path, *, distro: str = "debian", codename: str = "trixie",

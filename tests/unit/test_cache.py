@@ -42,11 +42,6 @@ def fake_tar_create(data: bytes):
     return action
 
 
-@pytest.fixture
-def store(tmp_path):
-    return Cache(str(tmp_path / "cache"), clean_days=14)
-
-
 def stored(store, key=KEY, data=None):
     """Put a recorded archive for ``key`` in place, the way store() does."""
     from tests.fakes import FakeRunner

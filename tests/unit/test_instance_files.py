@@ -26,15 +26,6 @@ def tree(tmp_path: Path) -> Target:
     return make_tree(tmp_path / "root")
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> NodeFiles:
-    """Node files in tmp_path: a resolv.conf with a real server."""
-    conf = write(tmp_path / "node/etc/resolv.conf",
-                 "search example.org\nnameserver 192.0.2.53\n")
-    return NodeFiles(resolv_conf=str(conf),
-                     resolved_upstream=str(tmp_path / "node/run/resolv.conf"))
-
-
 # --- names ------------------------------------------------------------------
 
 def test_hostname_and_mailname_hold_the_instance_name_as_given(tree):
