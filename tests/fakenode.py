@@ -52,6 +52,8 @@ class FakeNode:
     tables: dict[Where, str] = field(default_factory=dict)  # -> the sfdisk script
     filesystems: dict[Where, FakeFilesystem] = field(default_factory=dict)
     mounted: dict[str, Where] = field(default_factory=dict)  # mount point -> where
+    # The scripts' temporary directory (their mount points), if it is watched.
+    tmpdir: Path | None = None
 
     @property
     def sys_block(self) -> Path:
@@ -209,6 +211,14 @@ class FakeNode:
             return "".join(name + "\n" for name in archive.getnames())
 
     # --- for the tests' set-up and assertions ---------------------------
+
+    def leftovers(self) -> list[str]:
+        """What is still attached or mounted, and what is left in tmpdir."""
+        left = [f"attached: {dev}" for dev in self.loops]
+        left += [f"mounted: {point}" for point in self.mounted]
+        if self.tmpdir is not None:
+            left += [f"left in the temporary directory: {n}" for n in os.listdir(self.tmpdir)]
+        return left
 
     def installed(self, disk: str, offset: int, size: int) -> Path:
         """``disk`` as create left it: an msdos table, one ext4 root at ``offset``.

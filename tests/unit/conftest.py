@@ -19,8 +19,10 @@ import pytest
 
 from ganeti_debootstrap import runner
 from ganeti_debootstrap.instance_files import NodeFiles
+from ganeti_debootstrap.paths import Paths
 from tests.fakenode import DISK0_MIB, FakeNode
 from tests.fakes import FakeRunner
+from tests.scratch import make_paths
 from tests.systemtree import write
 
 REAL_COMMANDS = "real_commands"
@@ -48,15 +50,21 @@ def fake_node(tmp_path: Path, fake_runner: FakeRunner,
     """Loop devices, mounts, tables and filesystems faked (tests/fakenode.py).
 
     The scripts' temporary directories (their mount points) are made in
-    tmp_path/tmp, so a test can see that they were removed.
+    tmp_path/tmp, so that leftovers() sees any left behind.
     """
     node = FakeNode(tmp_path / "node", fake_runner)
     node.base.mkdir()
     node.install(monkeypatch)
-    tmpdir = tmp_path / "tmp"
-    tmpdir.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    node.tmpdir = tmp_path / "tmp"
+    node.tmpdir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(node.tmpdir))
     return node
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Paths:
+    """A scratch installation of the OS definition (tests/scratch.py), default settings."""
+    return make_paths(tmp_path / "install")
 
 
 @pytest.fixture

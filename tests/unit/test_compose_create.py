@@ -95,16 +95,12 @@ def cache_files(paths: Paths) -> list[str]:
     return sorted(n for n in os.listdir(paths.cache_dir) if not n.endswith(".lock"))
 
 
-def assert_all_released(node: FakeNode, tmp_path: Path) -> None:
-    assert node.loops == {} and node.mounted == {}
-    assert os.listdir(tmp_path / "tmp") == [], "a mount point was left behind"
 
-
-def test_create_runs_its_commands_in_order(tmp_path, fake_node, disk, paths):
+def test_create_runs_its_commands_in_order(fake_node, disk, paths):
     fake_node.fake.expect("debootstrap", action=bootstrapped)
     run_create(paths, disk)
     assert shown(fake_node.fake, disk) == SETUP + RELEASE
-    assert_all_released(fake_node, tmp_path)
+    assert fake_node.leftovers() == []
     root = fake_node.root_files(disk, MIB)
     assert (root / "etc/hostname").read_text() == "web1.example.org\n"
     uuid = fake_node.filesystems[(os.path.realpath(disk), MIB)].uuid
@@ -112,14 +108,14 @@ def test_create_runs_its_commands_in_order(tmp_path, fake_node, disk, paths):
 
 
 @pytest.mark.parametrize("step", range(len(SETUP)), ids=lambda k: SETUP[k].split()[0] + str(k))
-def test_a_failed_step_releases_what_was_set_up_in_reverse(tmp_path, fake_node, disk, paths,
+def test_a_failed_step_releases_what_was_set_up_in_reverse(fake_node, disk, paths,
                                                            step):
     fake_node.fake.expect("debootstrap", action=bootstrapped)
     fake_node.fake.fail_at(step)
     with pytest.raises(CommandError, match="failed with exit status 1"):
         run_create(paths, disk)
     assert shown(fake_node.fake, disk) == SETUP[:step + 1] + undo(SETUP[:step], LOOPS)
-    assert_all_released(fake_node, tmp_path)
+    assert fake_node.leftovers() == []
 
 
 
@@ -133,7 +129,7 @@ def test_a_fresh_bootstrap_is_stored_as_the_cache_then_unpacked_by_the_next_crea
     assert [n for n in cache_files(paths) if n.endswith(".tar")], "no archive stored"
     run_create(paths, disk)
     assert shown_with_cache(fake_node, disk, paths)[first:] == SETUP[:-1] + [UNPACK] + RELEASE
-    assert_all_released(fake_node, tmp_path)
+    assert fake_node.leftovers() == []
     root = fake_node.root_files(disk, MIB)
     assert (root / "etc/hostname").read_text() == "web1.example.org\n"
     assert (root / "usr/lib/systemd/systemd").exists(), "the archive was not unpacked"
@@ -149,7 +145,7 @@ def test_a_cache_that_cannot_be_stored_leaves_nothing_and_the_create_completes(
     assert shown_with_cache(fake_node, disk, paths) == SETUP + [STORE] + RELEASE
     assert "Could not store the bootstrap cache" in caplog.text
     assert cache_files(paths) == []
-    assert_all_released(fake_node, tmp_path)
+    assert fake_node.leftovers() == []
 
 
 @pytest.mark.parametrize("step", range(len(SETUP)), ids=lambda k: SETUP[k].split()[0] + str(k))
@@ -166,5 +162,5 @@ def test_a_failed_step_of_a_create_from_the_cache_releases_in_reverse(
         run_create(paths, disk)
     assert shown_with_cache(fake_node, disk, paths)[first:] == (
         steps[:step + 1] + undo(steps[:step], LOOPS))
-    assert_all_released(fake_node, tmp_path)
+    assert fake_node.leftovers() == []
     assert [n for n in cache_files(paths) if n.endswith(".tar")], "the cache was removed"

@@ -10,7 +10,6 @@ device, attached read-only.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -18,7 +17,6 @@ from ganeti_debootstrap import environment, export
 from ganeti_debootstrap.errors import CommandError, DiskError
 from ganeti_debootstrap.paths import Paths
 from tests.fakenode import DISK0_MIB, FakeNode, ganeti_env, shown, undo
-from tests.scratch import make_paths
 
 MIB = 2**20
 ROOT_SIZE = (DISK0_MIB - 1) * MIB
@@ -49,11 +47,6 @@ def exported(fake_node: FakeNode, disk0: str) -> FakeNode:
     return fake_node
 
 
-@pytest.fixture
-def paths(tmp_path: Path) -> Paths:
-    return make_paths(tmp_path / "install")
-
-
 def run_export(paths: Paths, disk: str) -> None:
     env = ganeti_env(disk, EXPORT_DISK_PATH=disk, EXPORT_INDEX="0")
     export.run(environment.parse("export", [], env), paths)
@@ -62,7 +55,7 @@ def run_export(paths: Paths, disk: str) -> None:
 def test_export_runs_its_commands_in_order(exported, disk0, paths):
     run_export(paths, disk0)
     assert shown(exported.fake, disk0) == SETUP + RELEASE
-    assert exported.loops == {} and exported.mounted == {}
+    assert exported.leftovers() == []
 
 
 def test_a_root_in_use_is_refused_before_dump_and_released(exported, disk0, paths):
@@ -71,7 +64,7 @@ def test_a_root_in_use_is_refused_before_dump_and_released(exported, disk0, path
     with pytest.raises(DiskError, match="in use or was not cleanly unmounted"):
         run_export(paths, disk0)
     assert shown(exported.fake, disk0) == SETUP[:-1] + RELEASE
-    assert exported.loops == {}
+    assert exported.leftovers() == []
 
 
 @pytest.mark.parametrize("step", range(len(SETUP)), ids=lambda k: SETUP[k].split()[0] + str(k))
@@ -80,5 +73,5 @@ def test_a_failed_step_releases_what_was_set_up_in_reverse(exported, disk0, path
     with pytest.raises(CommandError, match="failed with exit status 1"):
         run_export(paths, disk0)
     assert shown(exported.fake, disk0) == SETUP[:step + 1] + undo(SETUP[:step], LOOPS)
-    assert exported.loops == {} and exported.mounted == {}
+    assert exported.leftovers() == []
     assert os.path.getsize(disk0) == DISK0_MIB * MIB

@@ -22,8 +22,7 @@ from ganeti_debootstrap import confine, environment, import_disk
 from ganeti_debootstrap.errors import CommandError
 from ganeti_debootstrap.paths import Paths
 from tests.dumprecords import header
-from tests.fakenode import DISK0_MIB, FakeNode, ganeti_env, shown, undo
-from tests.scratch import make_paths
+from tests.fakenode import DISK0_MIB, ganeti_env, shown, undo
 from tests.systemtree import make_tree, write
 
 MIB = 2**20
@@ -72,27 +71,18 @@ def stdin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[
         f.close()
 
 
-@pytest.fixture
-def paths(tmp_path: Path) -> Paths:
-    return make_paths(tmp_path / "install")
-
-
 def run_import(paths: Paths, disk: str) -> None:
     env = ganeti_env(disk, IMPORT_DISK_PATH=disk, IMPORT_INDEX="0")
     import_disk.run(environment.parse("import", [], env), paths)
 
 
-def assert_all_released(node: FakeNode, tmp_path: Path) -> None:
-    assert node.loops == {} and node.mounted == {}
-    assert os.listdir(tmp_path / "tmp") == [], "a mount point was left behind"
-
 
 def test_import_runs_its_commands_in_order_and_adapts_the_restored_system(
-        tmp_path, fake_node, disk0, paths, stdin):
+        fake_node, disk0, paths, stdin):
     fake_node.fake.expect("/usr/bin/python3", action=restored)
     run_import(paths, disk0)
     assert shown(fake_node.fake, disk0, CONFINE=confine.__file__) == SETUP + RELEASE
-    assert_all_released(fake_node, tmp_path)
+    assert fake_node.leftovers() == []
     root = fake_node.root_files(disk0, MIB)
     uuid = fake_node.filesystems[(os.path.realpath(disk0), MIB)].uuid
     fstab = (root / "etc/fstab").read_text()
@@ -101,7 +91,7 @@ def test_import_runs_its_commands_in_order_and_adapts_the_restored_system(
 
 
 @pytest.mark.parametrize("step", range(len(SETUP)), ids=lambda k: SETUP[k].split()[0] + str(k))
-def test_a_failed_step_releases_what_was_set_up_in_reverse(tmp_path, fake_node, disk0, paths,
+def test_a_failed_step_releases_what_was_set_up_in_reverse(fake_node, disk0, paths,
                                                            stdin, step):
     fake_node.fake.expect("/usr/bin/python3", action=restored)
     fake_node.fake.fail_at(step)
@@ -109,14 +99,14 @@ def test_a_failed_step_releases_what_was_set_up_in_reverse(tmp_path, fake_node, 
         run_import(paths, disk0)
     assert shown(fake_node.fake, disk0, CONFINE=confine.__file__) == (
         SETUP[:step + 1] + undo(SETUP[:step], LOOPS))
-    assert_all_released(fake_node, tmp_path)
+    assert fake_node.leftovers() == []
 
 
 def test_a_truncated_stream_fails_the_import_and_releases_in_reverse(
-        tmp_path, fake_node, disk0, paths, stdin):
+        fake_node, disk0, paths, stdin):
     stdin(STREAM[:-2048])
     fake_node.fake.expect("/usr/bin/python3", action=restored)
     with pytest.raises(import_disk.ImportError_, match="truncated or damaged"):
         run_import(paths, disk0)
     assert shown(fake_node.fake, disk0, CONFINE=confine.__file__) == SETUP + RELEASE
-    assert_all_released(fake_node, tmp_path)
+    assert fake_node.leftovers() == []

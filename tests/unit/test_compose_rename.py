@@ -8,7 +8,6 @@ faked (tests/fakenode.py).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ from ganeti_debootstrap import environment, rename
 from ganeti_debootstrap.errors import CommandError
 from ganeti_debootstrap.paths import Paths
 from tests.fakenode import DISK0_MIB, FakeNode, ganeti_env, shown, undo
-from tests.scratch import make_paths
 from tests.systemtree import make_tree, write
 
 MIB = 2**20
@@ -48,48 +46,39 @@ def root(fake_node: FakeNode, disk0: str) -> Path:
     return files
 
 
-@pytest.fixture
-def paths(tmp_path: Path) -> Paths:
-    return make_paths(tmp_path / "install")
-
-
 def run_rename(paths: Paths, disk: str) -> None:
     env = ganeti_env(disk, INSTANCE_NAME="web2.example.org",
                      OLD_INSTANCE_NAME="web1.example.org")
     rename.run(environment.parse("rename", [], env), paths)
 
 
-def assert_all_released(node: FakeNode, tmp_path: Path) -> None:
-    assert node.loops == {} and node.mounted == {}
-    assert os.listdir(tmp_path / "tmp") == [], "a mount point was left behind"
-
 
 def test_rename_runs_its_commands_in_order_and_renames_inside_the_root(
-        tmp_path, fake_node, disk0, root, paths):
+        fake_node, disk0, root, paths):
     run_rename(paths, disk0)
     assert shown(fake_node.fake, disk0) == SETUP + RELEASE
-    assert_all_released(fake_node, tmp_path)
+    assert fake_node.leftovers() == []
     assert (root / "etc/hostname").read_text() == "web2.example.org\n"
     assert "127.0.1.1\tweb2.example.org web2\n" in (root / "etc/hosts").read_text()
 
 
 def test_a_refused_rename_changes_nothing_and_releases_in_reverse(
-        tmp_path, fake_node, disk0, root, paths):
+        fake_node, disk0, root, paths):
     write(root / "etc/hostname", "custom\n")
     with pytest.raises(rename.RenameError, match="'custom'"):
         run_rename(paths, disk0)
     assert shown(fake_node.fake, disk0) == SETUP + RELEASE
-    assert_all_released(fake_node, tmp_path)
+    assert fake_node.leftovers() == []
     assert (root / "etc/hostname").read_text() == "custom\n"
     assert "web1.example.org" in (root / "etc/hosts").read_text()
 
 
 @pytest.mark.parametrize("step", range(len(SETUP)), ids=lambda k: SETUP[k].split()[0] + str(k))
-def test_a_failed_step_releases_what_was_set_up_in_reverse(tmp_path, fake_node, disk0, root,
+def test_a_failed_step_releases_what_was_set_up_in_reverse(fake_node, disk0, root,
                                                            paths, step):
     fake_node.fake.fail_at(step)
     with pytest.raises(CommandError, match="failed with exit status 1"):
         run_rename(paths, disk0)
     assert shown(fake_node.fake, disk0) == SETUP[:step + 1] + undo(SETUP[:step], LOOPS)
-    assert_all_released(fake_node, tmp_path)
+    assert fake_node.leftovers() == []
     assert (root / "etc/hostname").read_text() == "web1.example.org\n"
