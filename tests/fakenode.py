@@ -178,19 +178,23 @@ class FakeNode:
         self.mountinfo.write_text("\n".join(lines) + "\n")
 
     def mount(self, argv: Sequence[str]) -> None:
+        """A filesystem's files move onto the mount point; proc, sysfs, a bind
+        mount of the node's /dev and devpts are recorded, with no files."""
         source, point = argv[-2], os.path.realpath(argv[-1])
         where = self.where(source)
-        fs = self.filesystems[where]
-        for name in os.listdir(fs.files):
-            shutil.move(fs.files / name, os.path.join(point, name))
+        fs = self.filesystems.get(where)
+        if fs is not None:
+            for name in os.listdir(fs.files):
+                shutil.move(fs.files / name, os.path.join(point, name))
         self.mounted[point] = where
         self.write_mountinfo()
 
     def umount(self, argv: Sequence[str]) -> None:
         point = os.path.realpath(argv[-1])
-        fs = self.filesystems[self.mounted.pop(point)]
-        for name in os.listdir(point):
-            shutil.move(os.path.join(point, name), fs.files / name)
+        fs = self.filesystems.get(self.mounted.pop(point))
+        if fs is not None:
+            for name in os.listdir(point):
+                shutil.move(os.path.join(point, name), fs.files / name)
         self.write_mountinfo()
 
     # --- archives (the bootstrap cache) ---------------------------------
@@ -265,12 +269,14 @@ def undo(setup: Sequence[str], loops: Sequence[str]) -> list[str]:
 
 
 def shown(fake: FakeRunner, disk: str, **names: str) -> list[str]:
-    """The commands run, ``disk`` shown as DISK, the mount point as MNT.
+    """The commands run, ``disk`` shown as DISK, the instance root's mount point as MNT.
 
     ``names``: more paths to show by a name (``CACHE="/var/cache/..."``).
     """
-    points = {c[-1]: "MNT" for c in fake.calls if c[0] == "mount"}
-    replace = {**points, disk: "DISK", **{path: name for name, path in names.items()}}
+    points = {c[-1] for c in fake.calls if c[0] == "mount"}
+    roots = {p for p in points if not any(p.startswith(q + "/") for q in points)}
+    replace = {**{root: "MNT" for root in roots}, disk: "DISK",
+               **{path: name for name, path in names.items()}}
     out = []
     for command in fake.commands():
         for path, name in replace.items():

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from ganeti_debootstrap import create, environment
-from ganeti_debootstrap.errors import CommandError
+from ganeti_debootstrap import create, environment, mounts
+from ganeti_debootstrap.errors import CommandError, DefinitionError, DiskError
 from ganeti_debootstrap.paths import Paths
 from tests.fakenode import DISK0_MIB, FakeNode, ganeti_env, shown, undo
 from tests.scratch import make_paths
@@ -52,6 +52,15 @@ RELEASE = ["umount MNT", "losetup --detach /dev/loop1", "losetup --detach /dev/l
 CACHE = "CACHE_IMAGE=no\nBOOTSTRAP_TOOL=debootstrap\n"
 STORE = ("tar --create --file CACHE/ENTRY.tar.tmp-XXXX --directory MNT --format=posix "
          "--numeric-owner --xattrs --xattrs-include=* --sparse --one-file-system .")
+# With a hook in CUSTOMIZE_DIR: the API filesystems are mounted inside the
+# instance for it, and unmounted deepest first before the root.
+HOOK_STEPS = [
+    "mount -t proc -o nosuid,nodev,noexec proc MNT/proc",
+    "mount -t sysfs -o nosuid,nodev,noexec sysfs MNT/sys",
+    "mount --bind --make-private /dev MNT/dev",
+    "mount -t devpts -o newinstance,gid=5,mode=620,ptmxmode=666 devpts MNT/dev/pts",
+    "HOOKS/10-site",
+]
 UNPACK = ("tar --extract --file CACHE/ENTRY.tar --directory MNT --preserve-permissions "
           "--same-owner --numeric-owner --xattrs --xattrs-include=*")
 
@@ -164,3 +173,54 @@ def test_a_failed_step_of_a_create_from_the_cache_releases_in_reverse(
         steps[:step + 1] + undo(steps[:step], LOOPS))
     assert fake_node.leftovers() == []
     assert [n for n in cache_files(paths) if n.endswith(".tar")], "the cache was removed"
+
+
+
+@pytest.fixture
+def hooks(tmp_path: Path) -> Path:
+    """A CUSTOMIZE_DIR holding one hook (the fake runs in its place)."""
+    directory = tmp_path / "hooks"
+    directory.mkdir(mode=0o755)
+    (directory / "10-site").write_text("#!/bin/sh\n")
+    os.chmod(directory / "10-site", 0o755)
+    return directory
+
+
+def test_hooks_run_with_the_api_filesystems_mounted_then_unmounted_deepest_first(
+        tmp_path, fake_node, disk, debootstrap, hooks):
+    paths = make_paths(tmp_path / "install", defaults=NO_CACHE + f"CUSTOMIZE_DIR={hooks}\n")
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    fake_node.fake.expect(str(hooks / "10-site"))
+    run_create(paths, disk)
+    assert shown(fake_node.fake, disk, HOOKS=str(hooks)) == SETUP + HOOK_STEPS + [
+        "umount MNT/dev/pts", "umount MNT/dev", "umount MNT/sys", "umount MNT/proc",
+    ] + RELEASE
+    assert fake_node.leftovers() == []
+
+
+@pytest.mark.parametrize("step", range(len(HOOK_STEPS)),
+                         ids=lambda k: HOOK_STEPS[k].split()[0] + str(k))
+def test_a_failed_step_of_the_hooks_releases_what_was_set_up_in_reverse(
+        tmp_path, fake_node, disk, debootstrap, hooks, step):
+    paths = make_paths(tmp_path / "install", defaults=NO_CACHE + f"CUSTOMIZE_DIR={hooks}\n")
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    fake_node.fake.expect(str(hooks / "10-site"))
+    fake_node.fake.fail_at(len(SETUP) + step)
+    # A failed hook is a HookError naming it; a failed mount, a CommandError.
+    with pytest.raises(DefinitionError, match="exit status 1"):
+        run_create(paths, disk)
+    steps = SETUP + HOOK_STEPS
+    assert shown(fake_node.fake, disk, HOOKS=str(hooks)) == (
+        steps[:len(SETUP) + step + 1] + undo(steps[:len(SETUP) + step], LOOPS))
+    assert fake_node.leftovers() == []
+
+
+def test_a_root_that_cannot_be_unmounted_is_reported_and_the_loops_still_released(
+        fake_node, disk, paths):
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    fake_node.fake.expect("umount", returncode=1, stderr="umount: target is busy.")
+    with pytest.raises(DiskError, match="Cannot unmount .*target is busy"):
+        run_create(paths, disk)
+    tries = 1 + len(mounts.UNMOUNT_DELAYS)
+    assert shown(fake_node.fake, disk) == SETUP + ["umount MNT"] * tries + RELEASE[1:]
+    assert fake_node.loops == {}

@@ -75,3 +75,39 @@ def test_a_failed_step_releases_what_was_set_up_in_reverse(exported, disk0, path
     assert shown(exported.fake, disk0) == SETUP[:step + 1] + undo(SETUP[:step], LOOPS)
     assert exported.leftovers() == []
     assert os.path.getsize(disk0) == DISK0_MIB * MIB
+
+
+SIZES = ("Block count:              262144\n"
+         "Free blocks:              200000\n"
+         "Block size:               4096\n"
+         "Inode count:              65536\n"
+         "Free inodes:              60000\n"
+         "Overhead clusters:        10000\n")
+
+
+def run_export_with_size_fd(paths: Paths, disk: str) -> int:
+    """export with EXP_SIZE_FD, as Ganeti runs it; returns the size it wrote."""
+    read_fd, write_fd = os.pipe()
+    with os.fdopen(read_fd, "rb") as reader:
+        try:
+            env = ganeti_env(disk, EXPORT_DISK_PATH=disk, EXPORT_INDEX="0",
+                             EXP_SIZE_FD=str(write_fd))
+            export.run(environment.parse("export", [], env), paths)
+        finally:
+            os.close(write_fd)
+        return int(reader.read())
+
+
+def test_the_expected_size_comes_from_the_superblock_without_a_second_pass(
+        exported, disk0, paths):
+    exported.fake.expect("dumpe2fs", "-h", stdout=CLEAN + SIZES)
+    size = run_export_with_size_fd(paths, disk0)
+    assert size == (262144 - 200000 - 10000) * 4096 + (65536 - 60000) * 1024 + 2 * 8 * 1024
+    assert shown(exported.fake, disk0) == SETUP + RELEASE
+
+
+def test_a_superblock_without_numbers_has_dump_estimate_the_size_first(exported, disk0, paths):
+    exported.fake.expect("dump", "-0", "-S", stdout="123456\n")
+    assert run_export_with_size_fd(paths, disk0) == 123456
+    assert shown(exported.fake, disk0) == SETUP[:-1] + [
+        "dump -0 -S /dev/loop1", "dump -0 -q -f - /dev/loop1"] + RELEASE
