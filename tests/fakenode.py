@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from ganeti_debootstrap import blockdev, mounts
+from ganeti_debootstrap import blockdev, mounts, settings
 from tests.fakes import FakeRunner
 
 # The size of the instance disk the composition tests use (conftest's disk0).
@@ -78,6 +78,9 @@ class FakeNode:
         monkeypatch.setattr(mounts, "PROC", str(self.base / "proc"))
         monkeypatch.setattr(mounts, "_sleep", lambda seconds: None)
         f = self.fake
+        # The settings files are shell, read by the shell (settings.load):
+        # really, not faked, and not part of the composition (not shown).
+        f.expect(settings.SHELL, real=True)
         f.expect("dpkg", "--print-architecture", stdout="amd64\n")
         f.expect("losetup", "--find", "--show", action=self.losetup, output=self.loop_name)
         f.expect("losetup", "--detach", action=self.detach)
@@ -271,14 +274,17 @@ def undo(setup: Sequence[str], loops: Sequence[str]) -> list[str]:
 def shown(fake: FakeRunner, disk: str, **names: str) -> list[str]:
     """The commands run, ``disk`` shown as DISK, the instance root's mount point as MNT.
 
-    ``names``: more paths to show by a name (``CACHE="/var/cache/..."``).
+    The settings shell is left out (see FakeNode.install). ``names``: more
+    paths to show by a name (``CACHE="/var/cache/..."``).
     """
     points = {c[-1] for c in fake.calls if c[0] == "mount"}
     roots = {p for p in points if not any(p.startswith(q + "/") for q in points)}
     replace = {**{root: "MNT" for root in roots}, disk: "DISK",
                **{path: name for name, path in names.items()}}
     out = []
-    for command in fake.commands():
+    for argv, command in zip(fake.calls, fake.commands()):
+        if argv[0] == settings.SHELL:
+            continue  # reading the settings (FakeNode.install)
         for path, name in replace.items():
             command = command.replace(path, name)
         out.append(command)

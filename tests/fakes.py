@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from ganeti_debootstrap.errors import CommandError
-from ganeti_debootstrap.runner import Result
+from ganeti_debootstrap.runner import Result, real_runner
 
 
 @dataclass
@@ -26,6 +26,7 @@ class Rule:
     times: int | None  # None: any number of times
     # Computes the standard output from the command (instead of ``stdout``).
     output: Callable[[Sequence[str]], bytes | str] | None = None
+    real: bool = False  # run by the real runner (still recorded)
 
 
 class UnexpectedCommand(AssertionError):
@@ -40,12 +41,15 @@ class FakeRunner:
         self.calls: list[tuple[str, ...]] = []
         self.stdins: list[bytes | None] = []
         self.envs: list[Mapping[str, str] | None] = []
-        # The index in ``calls`` of the one command made to fail (fail_at).
+        # The one command made to fail (fail_at), counted as ``faked`` counts.
         self.failing: int | None = None
         self.failure_stderr = ""
+        self.faked = 0  # the calls so far that were faked (not real=True)
 
     def fail_at(self, index: int, stderr: str = "injected failure") -> FakeRunner:
-        """Make the ``index``-th command (from 0) exit with status 1.
+        """Make the ``index``-th faked command (from 0) exit with status 1.
+
+        Commands run for real (``real=True``) are not counted.
 
         Whatever rule it matches, it does nothing (no action) and prints
         nothing: the command failed before doing what it was asked.
@@ -56,17 +60,19 @@ class FakeRunner:
     def expect(self, *prefix: str, stdout: bytes | str = b"", returncode: int = 0,
                stderr: str = "", action: Callable[[Sequence[str]], None] | None = None,
                times: int | None = None,
-               output: Callable[[Sequence[str]], bytes | str] | None = None) -> FakeRunner:
+               output: Callable[[Sequence[str]], bytes | str] | None = None,
+               real: bool = False) -> FakeRunner:
         """Allow commands starting with ``prefix``; later rules win.
 
         ``action`` runs with the command's argv (to make what the real
         command would make); ``output``, if given, computes its standard
-        output from the argv, after ``action``.
+        output from the argv, after ``action``. ``real``: the command runs
+        for real (a harmless program a test does not fake), recorded too.
         """
         if isinstance(stdout, str):
             stdout = stdout.encode()
         self.rules.append(Rule(tuple(prefix), stdout, returncode, stderr, action, times,
-                               output))
+                               output, real))
         return self
 
     def __call__(self, argv: Sequence[str], *, stdin: IO[bytes] | bytes | None,
@@ -84,7 +90,11 @@ class FakeRunner:
         self.calls.append(argv)
         self.stdins.append(stdin if isinstance(stdin, bytes) else None)
         self.envs.append(env)
-        if len(self.calls) - 1 == self.failing:
+        if rule.real:
+            return real_runner(argv, stdin=stdin, stdout=stdout, capture=capture, check=check,
+                               env=env, cwd=cwd, timeout=timeout, hint=hint)
+        self.faked += 1
+        if self.faked - 1 == self.failing:
             if check:
                 raise CommandError(argv, 1, self.failure_stderr, hint)
             return Result(argv, 1, b"")

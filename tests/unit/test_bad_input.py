@@ -7,11 +7,11 @@ the instance, and nothing the value contains executed or taken as a path.
 
 The scripts run in this process through ``cli.main`` (as the entry points
 call it), with the fake runner refusing every command but the harmless
-``dpkg --print-architecture``: a bad value that got as far as touching a
-disk (wipefs, sfdisk, losetup, mkfs...) would make the fake raise, which the
-top-level handler reports as an internal error (status 70), and the test
-fails. The property-based tests at the end feed arbitrary text to the
-parsers and the path helper.
+``dpkg --print-architecture`` and the shell reading the settings files: a
+bad value that got as far as touching a disk (wipefs, sfdisk, losetup,
+mkfs...) would make the fake raise, which the top-level handler reports as
+an internal error (status 70), and the test fails. The property-based
+tests at the end feed arbitrary text to the parsers and the path helper.
 """
 
 from __future__ import annotations
@@ -119,6 +119,8 @@ class Outcome:
 def call(node: Node, fake_runner, capsys, script_process_state):
     """Run a script as its entry point would; check that it changed nothing."""
     fake_runner.expect("dpkg", "--print-architecture", stdout="amd64")
+    # The settings files are shell, read by the shell: for real.
+    fake_runner.expect(settings.SHELL, real=True)
 
     def run(script: str, env: dict[str, str], argv: tuple[str, ...] = ()) -> Outcome:
         before_disk = disk_digest(node.disk)

@@ -133,7 +133,7 @@ def test_a_fresh_bootstrap_is_stored_as_the_cache_then_unpacked_by_the_next_crea
     paths = make_paths(tmp_path / "install", defaults=CACHE)
     fake_node.fake.expect("debootstrap", action=bootstrapped)
     run_create(paths, disk)
-    first = len(fake_node.fake.calls)
+    first = fake_node.fake.faked
     assert shown_with_cache(fake_node, disk, paths) == SETUP + [STORE] + RELEASE
     assert [n for n in cache_files(paths) if n.endswith(".tar")], "no archive stored"
     run_create(paths, disk)
@@ -164,7 +164,7 @@ def test_a_failed_step_of_a_create_from_the_cache_releases_in_reverse(
     paths = make_paths(tmp_path / "install", defaults=CACHE)
     fake_node.fake.expect("debootstrap", action=bootstrapped)
     run_create(paths, disk)
-    first = len(fake_node.fake.calls)
+    first = fake_node.fake.faked
     steps = SETUP[:-1] + [UNPACK]
     fake_node.fake.fail_at(first + step)
     with pytest.raises(CommandError, match="failed with exit status 1"):
