@@ -88,6 +88,7 @@ class FakeNode:
         f.expect("sfdisk", action=self.sfdisk)
         f.expect("sfdisk", "--json", output=self.sfdisk_json)
         f.expect("mke2fs", action=self.mkfs)
+        f.expect("mkswap", "-f", action=self.mkswap)
         f.expect("blkid", "-p", "-o", "value", "-s", output=self.blkid)
         f.expect("mount", action=self.mount)
         f.expect("umount", action=self.umount)
@@ -161,6 +162,9 @@ class FakeNode:
 
     def mkfs(self, argv: Sequence[str]) -> None:
         self.make_filesystem(self.where(argv[-1]), argv[argv.index("-t") + 1])
+
+    def mkswap(self, argv: Sequence[str]) -> None:
+        self.make_filesystem(self.where(argv[-1]), "swap")
 
     def blkid(self, argv: Sequence[str]) -> str:
         tag, where = argv[-2], self.where(argv[-1])

@@ -52,6 +52,21 @@ RELEASE = ["umount MNT", "losetup --detach /dev/loop1", "losetup --detach /dev/l
 CACHE = "CACHE_IMAGE=no\nBOOTSTRAP_TOOL=debootstrap\n"
 STORE = ("tar --create --file CACHE/ENTRY.tar.tmp-XXXX --directory MNT --format=posix "
          "--numeric-owner --xattrs --xattrs-include=* --sparse --one-file-system .")
+# Ganeti's OS API 5 (options instead of variables): no partition table by
+# default, the root is the whole disk; the swap disk is formatted after it.
+API5_SETUP = [
+    "dpkg --print-architecture",
+    "wipefs --all --force --quiet DISK",
+    "losetup --find --show DISK",
+    "mke2fs -F -q -t ext4 -E lazy_itable_init=1,lazy_journal_init=0 /dev/loop0",
+    "blkid -p -o value -s UUID /dev/loop0",
+    "losetup --find --show SWAP",
+    "mkswap -f /dev/loop1",
+    "blkid -p -o value -s UUID /dev/loop1",
+    "mount -t ext4 /dev/loop0 MNT",
+    "debootstrap trixie MNT",
+]
+
 # With a hook in CUSTOMIZE_DIR: the API filesystems are mounted inside the
 # instance for it, and unmounted deepest first before the root.
 HOOK_STEPS = [
@@ -224,3 +239,43 @@ def test_a_root_that_cannot_be_unmounted_is_reported_and_the_loops_still_release
     tries = 1 + len(mounts.UNMOUNT_DELAYS)
     assert shown(fake_node.fake, disk) == SETUP + ["umount MNT"] * tries + RELEASE[1:]
     assert fake_node.loops == {}
+
+
+
+@pytest.fixture
+def swap(tmp_path: Path, disk: str) -> str:
+    path = tmp_path / "disks" / "swap.img"
+    with open(path, "wb") as f:
+        f.truncate(64 * MIB)
+    return str(path)
+
+
+def run_create_api5(paths: Paths, disk: str, swap: str) -> None:
+    argv = ["-i", "web1.example.org", "-b", disk, "-s", swap]
+    create.run(environment.parse("create", argv, {"PATH": "/sbin:/bin:/usr/sbin:/usr/bin"}),
+               paths)
+
+
+def test_an_api5_create_formats_root_then_swap_and_releases_swap_first(
+        fake_node, disk, swap, paths):
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    run_create_api5(paths, disk, swap)
+    assert shown(fake_node.fake, disk, SWAP=swap) == API5_SETUP + [
+        "umount MNT", "losetup --detach /dev/loop1", "losetup --detach /dev/loop0"]
+    assert fake_node.leftovers() == []
+    fstab = (fake_node.root_files(disk, 0) / "etc/fstab").read_text()
+    swap_uuid = fake_node.filesystems[(os.path.realpath(swap), 0)].uuid
+    assert f"UUID={swap_uuid}\tnone\tswap" in fstab
+
+
+@pytest.mark.parametrize("step", range(len(API5_SETUP)),
+                         ids=lambda k: API5_SETUP[k].split()[0] + str(k))
+def test_a_failed_step_of_an_api5_create_releases_in_reverse(fake_node, disk, swap, paths,
+                                                              step):
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    fake_node.fake.fail_at(step)
+    with pytest.raises(CommandError, match="failed with exit status 1"):
+        run_create_api5(paths, disk, swap)
+    assert shown(fake_node.fake, disk, SWAP=swap) == (
+        API5_SETUP[:step + 1] + undo(API5_SETUP[:step], LOOPS))
+    assert fake_node.leftovers() == []
