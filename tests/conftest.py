@@ -13,6 +13,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from ganeti_debootstrap import runner  # noqa: E402
+from ganeti_debootstrap.cache_store import Cache  # noqa: E402
 from tests.fakes import FakeRunner  # noqa: E402
 
 
@@ -22,6 +23,12 @@ def fake_runner():
     fake = FakeRunner()
     with runner.replaced(fake):
         yield fake
+
+
+@pytest.fixture
+def store(tmp_path):
+    """An empty bootstrap cache in tmp_path (the directory is not made yet)."""
+    return Cache(str(tmp_path / "cache"), clean_days=14)
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,7 @@
 Unit tests install it with ``runner.replaced(fake)`` and then assert the
 exact sequence of commands, teardown after an injected failure included.
 Nothing is accepted by default: every command a test lets run is declared
-with :meth:`FakeRunner.expect`; one declared ``real=True`` is recorded and
-then run for real (a harmless command whose output the test needs, such as
-the shell reading the settings files).
+with :meth:`FakeRunner.expect`.
 """
 
 from __future__ import annotations
@@ -26,7 +24,9 @@ class Rule:
     stderr: str
     action: Callable[[Sequence[str]], None] | None
     times: int | None  # None: any number of times
-    real: bool = False  # run it for real (after recording it)
+    # Computes the standard output from the command (instead of ``stdout``).
+    output: Callable[[Sequence[str]], bytes | str] | None = None
+    real: bool = False  # run by the real runner (still recorded)
 
 
 class UnexpectedCommand(AssertionError):
@@ -41,18 +41,38 @@ class FakeRunner:
         self.calls: list[tuple[str, ...]] = []
         self.stdins: list[bytes | None] = []
         self.envs: list[Mapping[str, str] | None] = []
+        # The one command made to fail (fail_at), counted as ``faked`` counts.
+        self.failing: int | None = None
+        self.failure_stderr = ""
+        self.faked = 0  # the calls so far that were faked (not real=True)
+
+    def fail_at(self, index: int, stderr: str = "injected failure") -> FakeRunner:
+        """Make the ``index``-th faked command (from 0) exit with status 1.
+
+        Commands run for real (``real=True``) are not counted.
+
+        Whatever rule it matches, it does nothing (no action) and prints
+        nothing: the command failed before doing what it was asked.
+        """
+        self.failing, self.failure_stderr = index, stderr
+        return self
 
     def expect(self, *prefix: str, stdout: bytes | str = b"", returncode: int = 0,
                stderr: str = "", action: Callable[[Sequence[str]], None] | None = None,
-               times: int | None = None, real: bool = False) -> FakeRunner:
+               times: int | None = None,
+               output: Callable[[Sequence[str]], bytes | str] | None = None,
+               real: bool = False) -> FakeRunner:
         """Allow commands starting with ``prefix``; later rules win.
 
-        ``real``: the command runs for real, the other options unused.
+        ``action`` runs with the command's argv (to make what the real
+        command would make); ``output``, if given, computes its standard
+        output from the argv, after ``action``. ``real``: the command runs
+        for real (a harmless program a test does not fake), recorded too.
         """
         if isinstance(stdout, str):
             stdout = stdout.encode()
         self.rules.append(Rule(tuple(prefix), stdout, returncode, stderr, action, times,
-                               real))
+                               output, real))
         return self
 
     def __call__(self, argv: Sequence[str], *, stdin: IO[bytes] | bytes | None,
@@ -71,13 +91,22 @@ class FakeRunner:
         self.stdins.append(stdin if isinstance(stdin, bytes) else None)
         self.envs.append(env)
         if rule.real:
-            return real_runner(argv, stdin=stdin, stdout=stdout, capture=capture,
-                               check=check, env=env, cwd=cwd, timeout=timeout, hint=hint)
+            return real_runner(argv, stdin=stdin, stdout=stdout, capture=capture, check=check,
+                               env=env, cwd=cwd, timeout=timeout, hint=hint)
+        self.faked += 1
+        if self.faked - 1 == self.failing:
+            if check:
+                raise CommandError(argv, 1, self.failure_stderr, hint)
+            return Result(argv, 1, b"")
         if rule.action is not None:
             rule.action(argv)
+        out = rule.stdout
+        if rule.output is not None:
+            computed = rule.output(argv)
+            out = computed.encode() if isinstance(computed, str) else computed
         if check and rule.returncode != 0:
             raise CommandError(argv, rule.returncode, rule.stderr, hint)
-        return Result(argv, rule.returncode, rule.stdout if capture else b"")
+        return Result(argv, rule.returncode, out if capture else b"")
 
     def commands(self) -> list[str]:
         """The calls as ``"prog arg ..."`` strings, for readable assertions."""

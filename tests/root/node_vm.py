@@ -190,10 +190,10 @@ def make_data_disk(localstatedir: str, path: Path) -> None:
             cache.mkdir(parents=True, mode=0o755)
             os.chmod(mnt / "var", 0o755)
             os.chmod(mnt / "var" / "cache", 0o755)
-            for f in files:
+            for cached in files:
                 # --preserve: the entry's records hold the files' mtimes.
                 subprocess.run(["cp", "--preserve=all", "--sparse=always",
-                                os.fspath(f), os.fspath(cache / f.name)], check=True)
+                                os.fspath(cached), os.fspath(cache / cached.name)], check=True)
         finally:
             subprocess.run(["umount", os.fspath(mnt)], check=True)
     finally:

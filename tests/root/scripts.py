@@ -19,6 +19,8 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+from tests.root.sparse import sparse_file
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAUNCHER = os.path.join(os.path.dirname(HERE), "launch.py")
 PYTHON = "/usr/bin/python3"
@@ -123,10 +125,8 @@ def run_script(tree: OSTree, script: str, env: Mapping[str, str],
 
 
 def sparse_disk(directory: str, mib: int, name: str = "disk0.img") -> str:
-    path = os.path.join(directory, name)
-    with open(path, "wb") as f:
-        f.truncate(mib * 2**20)
-    return path
+    """A sparse instance disk (tests/root/sparse.py) named as Ganeti's disk 0."""
+    return sparse_file(directory, mib, name)
 
 
 def root_offset(disk: str) -> tuple[int, int | None]:

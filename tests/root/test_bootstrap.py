@@ -44,7 +44,8 @@ def tree(default_cache, tmp_path_factory):
 
 def installed_packages(root) -> set[str]:
     status = (root / "var/lib/dpkg/status").read_text()
-    packages, current = set(), None
+    packages: set[str] = set()
+    current = ""
     for line in status.splitlines():
         if line.startswith("Package: "):
             current = line.split(": ", 1)[1]

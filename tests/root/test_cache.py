@@ -9,66 +9,20 @@ import stat
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 
 import pytest
 
-from ganeti_debootstrap.cache_store import Cache, CacheKey
+from ganeti_debootstrap.cache_store import CacheKey
 from ganeti_debootstrap.errors import CacheError
+from tests.root.cachetree import make_system
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEY = CacheKey(suite="trixie", arch="amd64", mirror="", components=(),
                extra_pkgs=(), tool="mmdebstrap")
-MTIME = 1_700_000_000
-
-
-def make_system(root: str) -> None:
-    """A small tree with every kind of file and metadata a root filesystem has."""
-    def write(name: str, text: str = "x\n", mode: int = 0o644) -> str:
-        path = os.path.join(root, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text)
-        os.chmod(path, mode)
-        return path
-
-    write("etc/os-release", 'PRETTY_NAME="Debian GNU/Linux 13 (trixie)"\n')
-    write("etc/debian_version", "13.0\n")
-    write("usr/bin/dpkg", "#!/bin/sh\n", 0o755)
-    write("etc/shadow", "root::19000:0:99999:7:::\n", 0o640)
-    os.chown(os.path.join(root, "etc/shadow"), 0, 42)
-    ping = write("usr/bin/ping", "binary\n", 0o755)
-    subprocess.run(["setcap", "cap_net_raw+ep", ping], check=True)
-    su = write("usr/bin/su", "binary\n", 0o4755)
-    os.chmod(su, 0o4755)
-    owned = write("home/user/.profile", "user file\n", 0o600)
-    os.chown(owned, 1234, 1234)
-    os.chown(os.path.dirname(owned), 1234, 1234)
-    shared = os.path.join(root, "srv/shared")
-    os.makedirs(shared)
-    os.chmod(shared, 0o2775)
-    acl_file = write("srv/shared/report", "acl\n", 0o640)
-    subprocess.run(["setfacl", "-m", "u:1234:rw", acl_file], check=True)
-    subprocess.run(["setfacl", "-d", "-m", "g:100:rx", shared], check=True)
-    attr = write("etc/site.conf", "site\n")
-    os.setxattr(attr, "user.site", b"preseeded")
-    os.link(os.path.join(root, "usr/bin/dpkg"), os.path.join(root, "usr/bin/dpkg-hardlink"))
-    os.symlink("../usr/share/zoneinfo/UTC", os.path.join(root, "etc/localtime"))
-    os.symlink("/dangling/absolute", os.path.join(root, "etc/absolute-link"))
-    os.makedirs(os.path.join(root, "dev"))
-    os.mknod(os.path.join(root, "dev/null"), stat.S_IFCHR | 0o666, os.makedev(1, 3))
-    os.mkfifo(os.path.join(root, "dev/initctl"), 0o600)
-    with open(os.path.join(root, "var-sparse"), "wb") as f:
-        f.truncate(64 * 2**20)
-        f.write(b"head")
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            os.utime(os.path.join(dirpath, name), (MTIME, MTIME), follow_symlinks=False)
-    os.utime(root, (MTIME, MTIME))
-
-
-def describe(root: str) -> dict[str, tuple]:
+def describe(root: str) -> dict[str, tuple[object, ...]]:
     """Everything tar must keep, for each path relative to ``root``."""
-    result = {}
+    result: dict[str, tuple[object, ...]] = {}
     inodes: dict[int, str] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [""] + dirnames + filenames if dirpath == root else dirnames + filenames:
@@ -86,11 +40,6 @@ def describe(root: str) -> dict[str, tuple]:
 
 def tool_output(argv: list[str], cwd: str) -> str:
     return subprocess.run(argv, cwd=cwd, check=True, capture_output=True, text=True).stdout
-
-
-@pytest.fixture
-def store(tmp_path):
-    return Cache(str(tmp_path / "cache"), clean_days=14)
 
 
 @pytest.fixture
@@ -215,7 +164,7 @@ def test_administrators_repack_is_kept_and_used(store, entry, tmp_path, compress
     assert record["size"] == os.path.getsize(entry.path)
 
 
-def run_script(body: str, *args: str, wrap: list[str] = ()) -> subprocess.Popen:
+def run_script(body: str, *args: str, wrap: Sequence[str] = ()) -> subprocess.Popen[str]:
     script = textwrap.dedent(f"""
         import os, sys, time
         sys.path.insert(0, {ROOT!r})
@@ -231,7 +180,7 @@ def run_script(body: str, *args: str, wrap: list[str] = ()) -> subprocess.Popen:
 
 
 BUILD_ONCE = """
-    from tests.root.test_cache import make_system
+    from tests.root.cachetree import make_system
     with store.using(key, lambda: None):
         entry = store.lookup(key)
         if entry is None:
@@ -271,6 +220,7 @@ HOLD_AND_WAIT = """
 def test_killed_runs_leftovers_are_removed_and_its_lock_is_free(store):
     proc = run_script(HOLD_AND_WAIT, store.directory)
     try:
+        assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
         leftovers = [n for n in os.listdir(store.directory) if ".tmp-" in n or ".staging-" in n]
         assert len(leftovers) == 2
@@ -293,6 +243,7 @@ def test_staging_cleanup_never_deletes_through_a_mount(store, tmp_path):
                     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", proc_dir], check=True)
                     with open(os.path.join(proc_dir, "node-file"), "w") as f:
                         f.write("must survive")
+        assert proc_dir is not None
         assert os.path.exists(os.path.join(proc_dir, "node-file"))
         # The leftover does not stop the next run; it stays until unmounted.
         with store.using(KEY, lambda: None):

@@ -18,6 +18,7 @@ bootstrap of create's mmdebstrap inside it).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import subprocess
@@ -110,7 +111,7 @@ class DebianRoot:
                                  (["mount", "--bind", "/dev"], "dev")):
                 point = str(self.path / target)
                 subprocess.run([*argv, point], check=True)
-                stack.callback(subprocess.run, ["umount", point], check=True)
+                stack.callback(functools.partial(subprocess.run, ["umount", point], check=True))
             yield
 
     def ours(self) -> set[str]:

@@ -20,7 +20,7 @@ import pytest
 from ganeti_debootstrap import blockdev, filesystems, instance_disk, mounts, partitions
 from ganeti_debootstrap.environment import Request
 from ganeti_debootstrap.errors import CommandError, DiskError
-from ganeti_debootstrap.settings import Settings
+from ganeti_debootstrap.settings import PartitionStyle, Settings
 from tests.root.sparse import MIB, sparse_file
 
 DISK_MIB = 600
@@ -57,7 +57,7 @@ def read_file_in_image(path: str, offset: int, name: str) -> str:
                           capture_output=True, text=True, check=True).stdout
 
 
-def install_disk(path: str, style: str, fstype: str, alignment: int = 2048,
+def install_disk(path: str, style: PartitionStyle, fstype: str, alignment: int = 2048,
                  arch: str = "amd64") -> tuple[partitions.Layout, str]:
     """The create sequence: check, attach, partition, format, mount, write."""
     with contextlib.ExitStack() as stack:
@@ -367,6 +367,7 @@ def test_grub_efi_disk_gets_a_fat_esp_before_the_root_and_export_finds_the_root(
     assert (esp["start"], esp["size"]) == (2048, 64 * 2048)
     assert root["start"] == 2048 + 64 * 2048
     found = probe(path, esp["start"] * 512)
+    assert disk.esp is not None
     assert found["TYPE"] == "vfat" and found["UUID"] == disk.esp.uuid
     assert found.get("LABEL") == "EFI"
     assert probe(path, root["start"] * 512)["UUID"] == disk.root.uuid

@@ -13,8 +13,8 @@ import pytest
 from ganeti_debootstrap import access, instance_files, osparams
 from ganeti_debootstrap.access import Access, AccessError
 from ganeti_debootstrap.errors import ConfigError
-from ganeti_debootstrap.instance_files import FsEntry, Instance, NodeFiles
-from tests.unit.test_instance_files import ROOT_UUID, make_tree, read, write
+from ganeti_debootstrap.instance_files import FsEntry, Instance
+from tests.systemtree import ROOT_UUID, make_tree, read, write
 
 SHA512 = ("$6$ISGdkDqz4Qk3DK7K$h8vI5YJgW8E2IGrkDZikdBXrYuGmhShI71hygmn9EAjHYmEXA31Ner"
           "XTNlKQvKWLjkoNaihOVxsZuMPvW.aUw/")
@@ -22,12 +22,6 @@ YESCRYPT = "$y$j9T$PaFEMV0mbpeadmHDv0Lp31$G/LliR3MqgdjEBcFC1E.s/3vlRofsZ0Wn5JyZH
 BCRYPT = "$2b$12$jaLDOSaRL2cMkcnNI7siF.1TnPdm2iuWBWSZMC4dGI17YQsAJs/OC"
 PASSWD = ("root:x:0:0:root:/root:/bin/bash\n"
           "daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n")
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> NodeFiles:
-    conf = write(tmp_path / "node/resolv.conf", "nameserver 192.0.2.53\n")
-    return NodeFiles(resolv_conf=str(conf), resolved_upstream=str(conf))
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +39,14 @@ def keys(tmp_path_factory) -> dict[str, str]:
 
 # --- ssh_authorized_keys ------------------------------------------------------
 
+@pytest.mark.real_commands
 def test_several_keys_separated_by_semicolons_are_accepted_and_kept_whole(keys):
     value = f" {keys['ed25519']} ;{keys['rsa']};; {keys['ecdsa']}"
     params = osparams.validate({"ssh_authorized_keys": value})
     assert params.login().keys == (keys["ed25519"], keys["rsa"], keys["ecdsa"])
 
 
+@pytest.mark.real_commands
 def test_a_key_with_options_is_accepted(keys):
     value = f'from="192.0.2.0/24",no-pty {keys["ed25519"]}'
     assert access.keys_problem(value) is None
@@ -64,6 +60,7 @@ def test_a_key_with_options_is_accepted(keys):
     # The right shape, but the key data is cut: ssh-keygen cannot read it.
     ("CUT", "ssh-keygen -l cannot read it"),
 ])
+@pytest.mark.real_commands
 def test_a_bad_key_is_refused_by_number_without_quoting_it(keys, bad, why):
     blob = keys["rsa"].split()[1]
     bad = {"RSA-AS-ED25519": f"ssh-ed25519 {blob} x",
@@ -119,6 +116,7 @@ def test_md5_and_des_hashes_are_refused_as_too_weak(value):
     assert value not in str(err.value)
 
 
+@pytest.mark.real_commands
 def test_the_parameters_repr_shows_neither_keys_nor_hash(keys):
     params = osparams.validate({"ssh_authorized_keys": keys["ed25519"],
                                 "password_hash": SHA512})

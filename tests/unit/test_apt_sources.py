@@ -12,6 +12,8 @@ from ganeti_debootstrap.apt_sources import Release, SourcesPlan
 from ganeti_debootstrap.errors import ConfigError
 from ganeti_debootstrap.settings import Settings
 from ganeti_debootstrap.target import Target
+from tests.systemtree import make_tree as make_system_tree
+from tests.systemtree import write
 
 DEBIAN = "http://deb.debian.org/debian"
 SECURITY = "http://security.debian.org/debian-security"
@@ -21,11 +23,6 @@ UBUNTU_MIRROR = "http://mirror.example.org/ubuntu"
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 UBUNTU_KEYRING = "/usr/share/keyrings/ubuntu-archive-keyring.gpg"
 PROXY = "http://proxy.example.org:3128"
-
-
-def write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def make_tree(root: Path, *, distro: str = "debian", codename: str = "trixie",
@@ -311,7 +308,6 @@ def test_apt_sources_parameter_accepts_its_choices():
 
 
 def test_instance_files_configure_writes_the_sources(tmp_path):
-    from tests.unit.test_instance_files import make_tree as make_system_tree
     t = make_system_tree(tmp_path / "root")
     write(Path(t.root, "usr/lib/os-release"), "ID=debian\nVERSION_CODENAME=bookworm\n")
     os.symlink("../usr/lib/os-release", Path(t.root, "etc/os-release"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 
 import pytest
@@ -29,14 +28,6 @@ def fake_system(tmp_path, monkeypatch):
     slept: list[float] = []
     monkeypatch.setattr(blockdev, "_sleep", slept.append)
     return sysfs, mountinfo, slept
-
-
-@pytest.fixture
-def disk_file(tmp_path) -> str:
-    path = tmp_path / "disk.img"
-    path.write_bytes(b"")
-    os.truncate(path, 600 * MIB)
-    return str(path)
 
 
 def attach_loop(sysfs, name: str, devnum: str, backing: str) -> None:

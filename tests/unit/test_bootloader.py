@@ -13,7 +13,7 @@ from ganeti_debootstrap import blockdev, bootloader, osparams, partitions, setti
 from ganeti_debootstrap.bootloader import SerialConsole
 from ganeti_debootstrap.environment import Request
 from ganeti_debootstrap.errors import CommandError, ConfigError, DiskError
-from ganeti_debootstrap.settings import Settings
+from ganeti_debootstrap.settings import PartitionStyle, Settings
 from ganeti_debootstrap.target import Target
 
 MIB = 1024 * 1024
@@ -267,7 +267,7 @@ def make_tree(root: Path, *, kernel: bool = True, grub: bool = True) -> Target:
     return Target(str(root))
 
 
-def grub_settings(style: str = "msdos") -> Settings:
+def grub_settings(style: PartitionStyle = "msdos") -> Settings:
     return Settings(bootloader="grub", partition_style=style)
 
 
@@ -416,7 +416,7 @@ def expect_node_grub(fake_runner, grub: bootloader.NodeGrub) -> FakeMkimage:
     return mkimage
 
 
-def import_install(t: Target, style: str = "msdos", **hv: str) -> bool:
+def import_install(t: Target, style: PartitionStyle = "msdos", **hv: str) -> bool:
     return bootloader.install_from_node(t, request(**hv), grub_settings(style),
                                         disk_device="/dev/loop3", root_uuid=UUID)
 

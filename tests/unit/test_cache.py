@@ -42,11 +42,6 @@ def fake_tar_create(data: bytes):
     return action
 
 
-@pytest.fixture
-def store(tmp_path):
-    return Cache(str(tmp_path / "cache"), clean_days=14)
-
-
 def stored(store, key=KEY, data=None):
     """Put a recorded archive for ``key`` in place, the way store() does."""
     from tests.fakes import FakeRunner
@@ -388,7 +383,7 @@ def test_waiter_on_a_removed_lock_file_takes_the_new_one(store, monkeypatch):
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     real_flock = fcntl.flock
-    removed = []
+    removed: list[str] = []
 
     def flock(lock_fd, op):
         # Any blocking lock: the store waits shared, then converts.
@@ -488,9 +483,9 @@ def test_creates_started_together_build_once_then_read_side_by_side(store):
     errors: list[BaseException] = []
 
     def create(n: int) -> None:
-        probed = []
+        probed: list[bool] = []
 
-        def probe():
+        def probe() -> str | None:
             if not probed:
                 # All four hold the shared lock here, and all see no cache.
                 probed.append(True)

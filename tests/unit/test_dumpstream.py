@@ -3,20 +3,9 @@
 from __future__ import annotations
 
 import os
-import struct
 
 from ganeti_debootstrap import dumpstream
-
-
-def header(c_type, order="<", magic=dumpstream.NFS_MAGIC):
-    words = [0] * 256
-    words[0] = c_type
-    words[6] = magic
-    words[7] = 0
-    words[7] = (dumpstream.CHECKSUM - sum(words)) & 0xFFFFFFFF
-    if words[7] >= 1 << 31:
-        words[7] -= 1 << 32
-    return struct.pack(f"{order}256i", *words)
+from tests.dumprecords import header
 
 
 def test_end_record_is_recognised_in_both_byte_orders():

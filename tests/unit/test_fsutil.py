@@ -19,7 +19,7 @@ def test_atomic_write_replaces_the_file_with_its_mode(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["record.json"]
 
 
-def test_atomic_write_takes_bytes_and_a_temporary_prefix(tmp_path):
+def test_atomic_write_takes_bytes_and_a_temporary_prefix(tmp_path, monkeypatch):
     seen = []
     real_replace = os.replace
 
@@ -28,11 +28,8 @@ def test_atomic_write_takes_bytes_and_a_temporary_prefix(tmp_path):
         real_replace(src, dst)
 
     path = tmp_path / "image"
-    os.replace = spy
-    try:
-        fsutil.atomic_write(str(path), b"\x00\x01", tmp_prefix="image.tmp-")
-    finally:
-        os.replace = real_replace
+    monkeypatch.setattr(os, "replace", spy)
+    fsutil.atomic_write(str(path), b"\x00\x01", tmp_prefix="image.tmp-")
     assert path.read_bytes() == b"\x00\x01"
     assert seen and seen[0].startswith("image.tmp-")
 

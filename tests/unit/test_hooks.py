@@ -55,6 +55,7 @@ def test_hooks_are_the_executables_run_parts_would_run_in_its_order(hook_dir):
                      "99last", "B_upper", "Z9", "_under", "zz"]
 
 
+@pytest.mark.real_commands
 def test_hook_list_matches_run_parts_test_output(hook_dir):
     tricky_directory(hook_dir)
     # A fifo and a dangling link: run-parts complains and skips them.
@@ -211,6 +212,7 @@ def test_run_all_runs_each_hook_through_the_runner_with_the_environment(hook_dir
     assert fake_runner.stdins == [None, None]
 
 
+@pytest.mark.real_commands
 def test_hooks_run_in_order_with_their_variables(tmp_path, hook_dir):
     log_file = tmp_path / "log"
     for name in ("20-b", "10-a", "Z-last"):
@@ -220,6 +222,7 @@ def test_hooks_run_in_order_with_their_variables(tmp_path, hook_dir):
     assert log_file.read_text() == "10-a /t trixie\n20-b /t trixie\nZ-last /t trixie\n"
 
 
+@pytest.mark.real_commands
 def test_hooks_read_nothing_and_write_to_stderr(tmp_path, hook_dir, capfd):
     hook(hook_dir, "10-a", 'echo "said on stdout"\nwc -c > "$OUT"\n')
     hooks.run_all(str(hook_dir), {"OUT": str(tmp_path / "stdin-bytes")}, trusted_uids=ME)
@@ -228,6 +231,7 @@ def test_hooks_read_nothing_and_write_to_stderr(tmp_path, hook_dir, capfd):
     assert (tmp_path / "stdin-bytes").read_text().strip() == "0"
 
 
+@pytest.mark.real_commands
 def test_hooks_run_with_umask_022_under_ganetis_077(tmp_path, hook_dir):
     hook(hook_dir, "10-a", 'umask > "$OUT"\n')
     saved = os.umask(0o077)
@@ -239,6 +243,7 @@ def test_hooks_run_with_umask_022_under_ganetis_077(tmp_path, hook_dir):
     assert (tmp_path / "umask").read_text().strip() == "0022"
 
 
+@pytest.mark.real_commands
 def test_a_failing_hook_stops_the_install_naming_it(tmp_path, hook_dir):
     hook(hook_dir, "10-ok", 'touch "$MARK.10"\n')
     bad = hook(hook_dir, "20-bad", 'echo "apt-get: cannot reach the mirror" >&2\nexit 3\n')
@@ -252,12 +257,14 @@ def test_a_failing_hook_stops_the_install_naming_it(tmp_path, hook_dir):
     assert not (tmp_path / "ran.30").exists()
 
 
+@pytest.mark.real_commands
 def test_a_hook_killed_by_a_signal_says_so(hook_dir):
     hook(hook_dir, "10-a", "kill -TERM $$\n")
     with pytest.raises(HookError, match="killed by signal 15"):
         hooks.run_all(str(hook_dir), {}, trusted_uids=ME)
 
 
+@pytest.mark.real_commands
 def test_a_hung_hook_is_killed_after_the_timeout(hook_dir):
     hook(hook_dir, "10-hangs", "exec sleep 30\n")
     start = time.monotonic()
@@ -266,12 +273,14 @@ def test_a_hung_hook_is_killed_after_the_timeout(hook_dir):
     assert time.monotonic() - start < 10
 
 
+@pytest.mark.real_commands
 def test_a_hook_without_shebang_cannot_start(hook_dir):
     hook(hook_dir, "10-a", "echo hi\n", shebang="")
     with pytest.raises(HookError, match="could not be started: Exec format error"):
         hooks.run_all(str(hook_dir), {}, trusted_uids=ME)
 
 
+@pytest.mark.real_commands
 def test_a_hook_whose_interpreter_is_missing_says_so(hook_dir):
     hook(hook_dir, "10-a", "print(1)\n", shebang="#!/usr/bin/python1.5\n")
     with pytest.raises(HookError, match="interpreter on its #! line"):
@@ -298,6 +307,7 @@ def target(tmp_path: Path) -> Target:
     return Target(str(tmp_path / "root"))
 
 
+@pytest.mark.real_commands
 def test_daemons_are_forbidden_inside_the_block_only(target):
     with hooks.daemons_prevented(target):
         assert policy(target).read_text() == hooks.DENY_ALL

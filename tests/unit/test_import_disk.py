@@ -9,7 +9,7 @@ import pytest
 
 from ganeti_debootstrap import confine, import_disk
 from ganeti_debootstrap.errors import CommandError, MissingProgramError
-from tests.unit.test_dumpstream import header
+from tests.dumprecords import header
 
 CONFINE = os.path.join(os.path.dirname(import_disk.__file__), "confine.py")
 

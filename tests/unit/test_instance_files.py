@@ -15,99 +15,15 @@ import pytest
 from ganeti_debootstrap import environment, instance_files, runner
 from ganeti_debootstrap.instance_files import FsEntry, Instance, NodeFiles
 from ganeti_debootstrap.target import Target
+from tests.systemtree import ROOT_UUID, SHADOW, make_tree, read, status_paragraph, write
 
-ROOT_UUID = "0a1b2c3d-1111-2222-3333-444455556666"
 SWAP_UUID = "99887766-aaaa-bbbb-cccc-ddddeeeeffff"
 NAME = "web1.example.org"
-
-SHADOW = ("root:*:19700:0:99999:7:::\n"
-          "daemon:*:19700:0:99999:7:::\n"
-          "_apt:*:19700:0:99999:7:::\n")
-
-
-def status_paragraph(package: str, status: str = "install ok installed") -> str:
-    return (f"Package: {package}\nStatus: {status}\nPriority: optional\n"
-            f"Architecture: amd64\nVersion: 1.0\nDescription: {package}\n\n")
-
-
-def write(path: Path, text: str, mode: int = 0o644) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    path.chmod(mode)
-    return path
-
-
-def make_tree(root: Path, *, init: str = "systemd", release: str = "bookworm",
-              packages: tuple[str, ...] = ("ifupdown",)) -> Target:
-    """A small tree with the files a debootstrapped system has.
-
-    init: "systemd", "sysvinit" or "none" (minbase). release: "bookworm"
-    (merged /usr, systemd files listed under /lib), "trixie" (listed under
-    /usr/lib) or "split" (no merged /usr, no dpkg file list).
-    """
-    root.mkdir(parents=True, exist_ok=True)
-    for d in ("usr/bin", "usr/sbin", "usr/lib", "etc", "var/lib/dpkg/info"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    if release != "split":
-        for d in ("bin", "sbin", "lib"):
-            os.symlink(f"usr/{d}", root / d)
-    else:
-        for d in ("bin", "sbin", "lib"):
-            (root / d).mkdir()
-    write(root / "etc/shadow", SHADOW, 0o640)
-    write(root / "etc/fstab", "# UNCONFIGURED FSTAB FOR BASE SYSTEM\n")
-    write(root / "etc/hostname", "node1\n")
-    write(root / "etc/machine-id", "3f2504e04f8911d39a0c0305e82c3301\n", 0o444)
-    write(root / "var/lib/dbus/machine-id", "3f2504e04f8911d39a0c0305e82c3301\n", 0o444)
-    write(root / "var/lib/systemd/random-seed", "seed", 0o600)
-    write(root / "var/cache/apt/archives/libc6_2.36_amd64.deb", "deb")
-    write(root / "var/cache/apt/archives/partial/zlib1g_1.2_amd64.deb", "part")
-    write(root / "var/cache/apt/archives/lock", "", 0o640)
-    write(root / "etc/udev/rules.d/70-persistent-net.rules", "SUBSYSTEM==net\n")
-    all_packages = list(packages)
-    if init == "systemd":
-        all_packages += ["systemd", "systemd-sysv"]
-        write(root / "usr/lib/systemd/systemd", "ELF", 0o755)
-        unit_dir = "lib/systemd/system" if release == "split" else "usr/lib/systemd/system"
-        write(root / unit_dir / "serial-getty@.service", "[Unit]\n")
-        init_target = "/lib/systemd/systemd" if release != "trixie" else "../lib/systemd/systemd"
-        if release == "split":
-            write(root / "lib/systemd/systemd", "ELF", 0o755)
-            os.symlink("/lib/systemd/systemd", root / "sbin/init")
-        else:
-            os.symlink(init_target, root / "usr/sbin/init")
-            listed = "/lib" if release == "bookworm" else "/usr/lib"
-            write(root / "var/lib/dpkg/info/systemd.list",
-                  f"/.\n{listed}/systemd/system/getty@.service\n"
-                  f"{listed}/systemd/system/serial-getty@.service\n")
-    elif init == "sysvinit":
-        all_packages += ["sysvinit-core"]
-        write(root / "usr/sbin/init", "ELF", 0o755)
-        write(root / "etc/inittab",
-              "id:2:initdefault:\n"
-              "1:2345:respawn:/sbin/getty --noclear 38400 tty1\n"
-              "#T0:23:respawn:/sbin/getty -L ttyS0 9600 vt100\n")
-    write(root / "var/lib/dpkg/status",
-          "".join(status_paragraph(p) for p in all_packages))
-    return Target(str(root))
 
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Target:
     return make_tree(tmp_path / "root")
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> NodeFiles:
-    """Node files in tmp_path: a resolv.conf with a real server."""
-    conf = write(tmp_path / "node/etc/resolv.conf",
-                 "search example.org\nnameserver 192.0.2.53\n")
-    return NodeFiles(resolv_conf=str(conf),
-                     resolved_upstream=str(tmp_path / "node/run/resolv.conf"))
-
-
-def read(t: Target, inner: str) -> str:
-    return Path(t.root, inner.lstrip("/")).read_text()
 
 
 # --- names ------------------------------------------------------------------
@@ -537,6 +453,7 @@ def test_a_failing_ssh_keygen_fails_the_configuration(tmp_path, fake_runner):
         instance_files.regenerate_ssh_host_keys(t, "root@x")
 
 
+@pytest.mark.real_commands
 @pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen")
 @pytest.mark.parametrize("kind", ["rsa", "ecdsa", "ed25519"])
 def test_fingerprints_read_as_ssh_keygen_prints_them(tmp_path, kind):

@@ -12,10 +12,10 @@ import pytest
 from ganeti_debootstrap import environment, instance_files, network, osparams
 from ganeti_debootstrap.environment import Nic
 from ganeti_debootstrap.errors import ConfigError
-from ganeti_debootstrap.instance_files import FsEntry, Instance, NodeFiles
+from ganeti_debootstrap.instance_files import FsEntry, Instance
 from ganeti_debootstrap.network import NetworkPlan
 from ganeti_debootstrap.target import Target
-from tests.unit.test_instance_files import make_tree, write
+from tests.systemtree import make_tree, write
 
 NAME = "web1.example.org"
 ROOT = FsEntry("0a1b2c3d-1111-2222-3333-444455556666", "ext4")
@@ -36,13 +36,6 @@ DHCP1 = Nic(1, mac=MAC1)
 
 def nic(index: int = 0, **fields: str) -> Nic:
     return Nic(index, **{"mac": MAC0, **fields})
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> NodeFiles:
-    conf = write(tmp_path / "node/etc/resolv.conf", "nameserver 192.0.2.53\n")
-    return NodeFiles(resolv_conf=str(conf),
-                     resolved_upstream=str(tmp_path / "node/run/resolv.conf"))
 
 
 def read(t: Target, inner: str) -> str:

@@ -8,8 +8,10 @@ import os
 
 import pytest
 
-from ganeti_debootstrap import blockdev, filesystems, partitions
+from ganeti_debootstrap import blockdev, environment, instance_disk, partitions
 from ganeti_debootstrap.errors import CommandError, DiskError
+from ganeti_debootstrap.settings import PartitionStyle, Settings
+from tests.fakenode import ganeti_env
 
 MIB = 1024 * 1024
 DISK = 600 * MIB
@@ -92,7 +94,8 @@ def test_alignment_beyond_the_disk_is_refused():
 
 
 def test_minimum_disk_with_default_alignment_fits():
-    for style in ("msdos", "gpt"):
+    styles: tuple[PartitionStyle, ...] = ("msdos", "gpt")
+    for style in styles:
         partitions.plan(style, 2048, blockdev.MIN_DISK_MIB * MIB)
 
 
@@ -280,76 +283,63 @@ def test_kpartx_without_partition_1_is_refused(fake_runner, mapper):
     assert fake_runner.commands() == ["kpartx -l -p -part /dev/loop0"]
 
 
-def create_disk(disk_file: str, fstype: str = "ext4") -> None:
-    """The device part of create, as the create script composes it."""
+def create_disk(disk: str, fstype: str = "ext4") -> None:
+    """The device part of create and import, composed as they compose it
+    (instance_disk.format_disk): the table written on the disk itself, then
+    the disk attached and its root partition mapped (for a disk file, a
+    loop device over the partition's byte range), then mkfs.
+    """
+    request = environment.parse("create", [], ganeti_env(disk))
     with contextlib.ExitStack() as stack:
-        dev = stack.enter_context(blockdev.attached(disk_file))
-        layout = partitions.write_table(dev, "msdos", 2048, DISK, "amd64")
-        root_dev = stack.enter_context(partitions.mapped_root(dev, layout))
-        filesystems.make_filesystem(root_dev, fstype)
+        instance_disk.format_disk(stack, request, Settings(), fstype, "amd64")
 
 
-@pytest.fixture
-def disk_file(tmp_path) -> str:
-    path = tmp_path / "disk.img"
-    path.write_bytes(b"")
-    return str(path)
-
-
-def test_mkfs_failure_releases_offset_loop_then_disk_loop(fake_runner, disk_file):
-    fake_runner.expect("losetup", "--find", "--show", stdout="/dev/loop0\n")
-    fake_runner.expect("losetup", "--find", "--show", "--offset", stdout="/dev/loop1\n")
-    fake_runner.expect("losetup", "--detach")
-    fake_runner.expect("wipefs")
-    fake_runner.expect("sfdisk")
-    fake_runner.expect("mke2fs", returncode=1, stderr="mke2fs: No space left on device")
+def test_mkfs_failure_releases_offset_loop_then_disk_loop(fake_node, disk_file):
+    fake_node.fake.expect("mke2fs", returncode=1, stderr="mke2fs: No space left on device")
     with pytest.raises(CommandError, match="No space left"):
         create_disk(disk_file)
-    assert fake_runner.commands() == [
+    assert fake_node.fake.commands() == [
+        f"wipefs --all --force --quiet {disk_file}",
+        f"sfdisk --quiet --no-reread --no-tell-kernel {disk_file}",
         f"losetup --find --show {disk_file}",
-        "wipefs --all --force --quiet /dev/loop0",
-        "sfdisk --quiet --no-reread --no-tell-kernel /dev/loop0",
-        f"losetup --find --show --offset {MIB} --sizelimit {DISK - MIB} /dev/loop0",
+        f"losetup --find --show --offset {MIB} --sizelimit {DISK - MIB} {disk_file}",
         "mke2fs -F -q -t ext4 -E lazy_itable_init=1,lazy_journal_init=0 /dev/loop1",
         "losetup --detach /dev/loop1",
         "losetup --detach /dev/loop0",
     ]
+    assert fake_node.loops == {}
 
 
-def test_mkfs_failure_removes_kpartx_mapping_then_disk_loop(fake_runner, disk_file, mapper):
-    fake_runner.expect("losetup", "--find", "--show", stdout="/dev/loop0\n")
-    fake_runner.expect("losetup", "--detach")
-    fake_runner.expect("wipefs")
-    fake_runner.expect("sfdisk")
-    fake_runner.expect("kpartx", "-l", stdout="loop0-part1 : 0 1226752 /dev/loop0 2048\n")
-    fake_runner.expect("kpartx", "-a",
-                       action=lambda argv: open(os.path.join(mapper, "loop0-part1"), "w").close())
-    fake_runner.expect("kpartx", "-d")
-    fake_runner.expect("mke2fs", returncode=1, stderr="mke2fs: Device or resource busy")
+def test_mkfs_failure_removes_kpartx_mapping_of_a_block_device(fake_node, disk_file, mapper,
+                                                               monkeypatch):
+    # A block device (an LVM volume, a DRBD device) is partitioned through
+    # kpartx where the node has device-mapper; it is used as it is, with
+    # no loop device of its own. The kernel's answer is faked for the file.
+    monkeypatch.setattr(blockdev, "is_block_device", lambda path: True)
+    fake_node.fake.expect("kpartx", "-l", stdout="disk.img-part1 : 0 1226752 disk 2048\n")
+    fake_node.fake.expect("kpartx", "-a",
+                          action=lambda argv: open(os.path.join(mapper, "disk.img-part1"),
+                                                   "w").close())
+    fake_node.fake.expect("kpartx", "-d")
+    fake_node.fake.expect("mke2fs", returncode=1, stderr="mke2fs: Device or resource busy")
     with pytest.raises(CommandError, match="resource busy"):
         create_disk(disk_file)
-    assert fake_runner.commands()[-4:] == [
-        "kpartx -a -s -p -part /dev/loop0",
-        f"mke2fs -F -q -t ext4 -E lazy_itable_init=1,lazy_journal_init=0 {mapper}/loop0-part1",
-        "kpartx -d -p -part /dev/loop0",
-        "losetup --detach /dev/loop0",
+    assert fake_node.fake.commands() == [
+        f"wipefs --all --force --quiet {disk_file}",
+        f"sfdisk --quiet --no-reread --no-tell-kernel {disk_file}",
+        f"kpartx -l -p -part {disk_file}",
+        f"kpartx -a -s -p -part {disk_file}",
+        f"mke2fs -F -q -t ext4 -E lazy_itable_init=1,lazy_journal_init=0 {mapper}/disk.img-part1",
+        f"kpartx -d -p -part {disk_file}",
     ]
 
 
-def test_release_continues_when_one_step_fails(fake_runner, disk_file, caplog, monkeypatch):
-    # The fake loop devices count as attached whatever this machine's are.
-    monkeypatch.setattr(blockdev, "_loop_attached", lambda dev: True)
-    monkeypatch.setattr(blockdev, "_sleep", lambda seconds: None)
-    fake_runner.expect("losetup", "--find", "--show", stdout="/dev/loop0\n")
-    fake_runner.expect("losetup", "--find", "--show", "--offset", stdout="/dev/loop1\n")
-    fake_runner.expect("losetup", "--detach")
-    fake_runner.expect("losetup", "--detach", "/dev/loop1", returncode=1, stderr="busy")
-    fake_runner.expect("wipefs")
-    fake_runner.expect("sfdisk")
-    fake_runner.expect("mke2fs", returncode=1, stderr="mke2fs: bad")
+def test_release_continues_when_one_step_fails(fake_node, disk_file, caplog):
+    fake_node.fake.expect("losetup", "--detach", "/dev/loop1", returncode=1, stderr="busy")
+    fake_node.fake.expect("mke2fs", returncode=1, stderr="mke2fs: bad")
     with pytest.raises(CommandError, match="mke2fs: bad"):
         create_disk(disk_file)
-    assert fake_runner.commands()[-1] == "losetup --detach /dev/loop0"
+    assert fake_node.fake.commands()[-1] == "losetup --detach /dev/loop0"
     assert "detaching /dev/loop1 also failed" in caplog.text
 
 

@@ -11,6 +11,9 @@ import pytest
 from ganeti_debootstrap import runner
 from ganeti_debootstrap.errors import CommandError, MissingProgramError
 
+# These tests are of the real runner: every one runs real programs.
+pytestmark = pytest.mark.real_commands
+
 
 def test_child_stdout_goes_to_stderr_not_stdout(capfd):
     runner.run(["sh", "-c", "echo to-out; echo to-err >&2"])

@@ -13,18 +13,16 @@ import pytest
 from ganeti_debootstrap import settings
 from ganeti_debootstrap.errors import ConfigError
 from ganeti_debootstrap.paths import Paths
+from tests.scratch import make_paths
+
+# settings.load sources the settings files with /bin/sh, a real program.
+pytestmark = pytest.mark.real_commands
 
 
 @pytest.fixture
 def tree(tmp_path):
-    paths = Paths(str(tmp_path / "etc"), str(tmp_path / "var"), str(tmp_path / "os"))
-    os.makedirs(os.path.dirname(paths.defaults_file))
-    os.makedirs(paths.default_variants_dir)
-    os.makedirs(paths.os_dir)
-    with open(paths.variants_list, "w") as f:
-        f.write("# published variants\n\ndefault\n")
-    open(os.path.join(paths.default_variants_dir, "default.conf"), "w").close()
-    return paths
+    return make_paths(tmp_path, defaults=None, localstatedir=False,
+                      variants_list="# published variants\n\ndefault\n")
 
 
 def write(path, text):

@@ -16,6 +16,7 @@ import pytest
 from ganeti_debootstrap import cache, settings, trust
 from ganeti_debootstrap.errors import CacheError, ConfigError
 from ganeti_debootstrap.paths import Paths
+from tests.scratch import make_paths
 
 ME = (0, os.geteuid())
 UNTRUSTED = (4242 if os.geteuid() != 4242 else 4243,)
@@ -23,23 +24,14 @@ UNTRUSTED = (4242 if os.geteuid() != 4242 else 4243,)
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Paths:
-    paths = Paths(str(tmp_path / "etc"), str(tmp_path / "var"), str(tmp_path / "os"))
-    for d in (os.path.dirname(paths.defaults_file), paths.default_variants_dir,
-              paths.os_dir, paths.localstatedir):
-        os.makedirs(d, mode=0o755)
-    Path(paths.variants_list).write_text("default\n")
-    Path(paths.default_variants_dir, "default.conf").write_text("SUITE=bookworm\n")
-    Path(paths.defaults_file).write_text("")
-    for p in (paths.defaults_file, paths.variants_list,
-              os.path.join(paths.default_variants_dir, "default.conf")):
-        os.chmod(p, 0o644)
-    return paths
+    return make_paths(tmp_path, default_conf="SUITE=bookworm\n")
 
 
 def variant_conf(tree: Paths) -> str:
     return os.path.join(tree.default_variants_dir, "default.conf")
 
 
+@pytest.mark.real_commands  # settings.load sources the files with /bin/sh
 def test_settings_only_root_can_change_are_read(tree):
     assert settings.load(tree, "default", 20, trusted_uids=ME).suite == "bookworm"
 
@@ -48,6 +40,7 @@ def test_settings_only_root_can_change_are_read(tree):
                                    "sysconfdir"])
 @pytest.mark.parametrize("mode,who", [(0o002, "others"), (0o020, "its group"),
                                       (0o022, "its group and others")])
+@pytest.mark.real_commands  # settings.load sources the files with /bin/sh
 def test_settings_others_can_change_are_refused_with_the_fix(tree, which, mode, who):
     path = {"settings file": tree.defaults_file, "variants dir": tree.default_variants_dir,
             "variant file": variant_conf(tree), "sysconfdir": tree.sysconfdir}[which]
@@ -61,6 +54,7 @@ def test_settings_others_can_change_are_refused_with_the_fix(tree, which, mode, 
     assert "sourced as root" in message
 
 
+@pytest.mark.real_commands  # settings.load sources the files with /bin/sh
 def test_settings_of_an_untrusted_owner_are_refused_with_the_fix(tree):
     # Ownership of one path needs chown (root): tests/root/test_bad_input_root.py.
     # Here nobody's uid is trusted, so the first entry on the way is refused.
@@ -68,6 +62,7 @@ def test_settings_of_an_untrusted_owner_are_refused_with_the_fix(tree):
         settings.load(tree, "default", 20, trusted_uids=UNTRUSTED)
 
 
+@pytest.mark.real_commands  # settings.load sources the files with /bin/sh
 def test_a_missing_settings_file_and_variants_dir_keep_their_behaviour(tree):
     os.unlink(tree.defaults_file)
     assert settings.load(tree, "default", 20, trusted_uids=ME).suite == "bookworm"
@@ -77,6 +72,7 @@ def test_a_missing_settings_file_and_variants_dir_keep_their_behaviour(tree):
         settings.load(tree, "default", 20, trusted_uids=ME)
 
 
+@pytest.mark.real_commands  # settings.load sources the files with /bin/sh
 def test_a_variants_dir_reached_through_a_writable_directory_is_refused(tree, tmp_path):
     shared = tmp_path / "shared"
     (shared / "variants").mkdir(parents=True)

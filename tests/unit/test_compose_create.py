@@ -1,0 +1,281 @@
+"""create composed: every command it runs, in order, and the release after a failure.
+
+create runs through its entry point (create.run with the Request parsed
+from Ganeti's environment) on a disk file, with every external command
+faked (tests/fakenode.py keeps their effects: loop devices, mounts, the
+partition table, the filesystems). The bootstrap fills the mounted root
+with a small system tree (tests/systemtree.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from ganeti_debootstrap import create, environment, mounts
+from ganeti_debootstrap.errors import CommandError, DefinitionError, DiskError
+from ganeti_debootstrap.paths import Paths
+from tests.fakenode import DISK0_MIB, FakeNode, ganeti_env, shown, undo
+from tests.scratch import make_paths
+from tests.systemtree import make_tree
+
+MIB = 2**20
+DISK_MIB = DISK0_MIB
+NO_CACHE = "GENERATE_CACHE=no\nBOOTSTRAP_TOOL=debootstrap\n"
+
+# What create runs on a file disk (msdos table, no cache, no bootloader):
+# the table is written on the file itself before any loop device exists,
+# then the whole disk and the root partition get a loop device each (the
+# partition's over the file's byte range).
+SETUP = [
+    "dpkg --print-architecture",
+    "wipefs --all --force --quiet DISK",
+    "sfdisk --quiet --no-reread --no-tell-kernel DISK",
+    "losetup --find --show DISK",
+    f"losetup --find --show --offset {MIB} --sizelimit {(DISK_MIB - 1) * MIB} DISK",
+    "mke2fs -F -q -t ext4 -E lazy_itable_init=1,lazy_journal_init=0 /dev/loop1",
+    "blkid -p -o value -s UUID /dev/loop1",
+    "mount -t ext4 /dev/loop1 MNT",
+    "debootstrap trixie MNT",
+]
+LOOPS = ["/dev/loop0", "/dev/loop1"]
+RELEASE = ["umount MNT", "losetup --detach /dev/loop1", "losetup --detach /dev/loop0"]
+
+# With GENERATE_CACHE=yes (CACHE_IMAGE=no: the archive only): the fresh
+# bootstrap is archived from the instance's root before it is released;
+# the next create unpacks that archive instead of bootstrapping.
+CACHE = "CACHE_IMAGE=no\nBOOTSTRAP_TOOL=debootstrap\n"
+STORE = ("tar --create --file CACHE/ENTRY.tar.tmp-XXXX --directory MNT --format=posix "
+         "--numeric-owner --xattrs --xattrs-include=* --sparse --one-file-system .")
+# Ganeti's OS API 5 (options instead of variables): no partition table by
+# default, the root is the whole disk; the swap disk is formatted after it.
+API5_SETUP = [
+    "dpkg --print-architecture",
+    "wipefs --all --force --quiet DISK",
+    "losetup --find --show DISK",
+    "mke2fs -F -q -t ext4 -E lazy_itable_init=1,lazy_journal_init=0 /dev/loop0",
+    "blkid -p -o value -s UUID /dev/loop0",
+    "losetup --find --show SWAP",
+    "mkswap -f /dev/loop1",
+    "blkid -p -o value -s UUID /dev/loop1",
+    "mount -t ext4 /dev/loop0 MNT",
+    "debootstrap trixie MNT",
+]
+
+# With a hook in CUSTOMIZE_DIR: the API filesystems are mounted inside the
+# instance for it, and unmounted deepest first before the root.
+HOOK_STEPS = [
+    "mount -t proc -o nosuid,nodev,noexec proc MNT/proc",
+    "mount -t sysfs -o nosuid,nodev,noexec sysfs MNT/sys",
+    "mount --bind --make-private /dev MNT/dev",
+    "mount -t devpts -o newinstance,gid=5,mode=620,ptmxmode=666 devpts MNT/dev/pts",
+    "HOOKS/10-site",
+]
+UNPACK = ("tar --extract --file CACHE/ENTRY.tar --directory MNT --preserve-permissions "
+          "--same-owner --numeric-owner --xattrs --xattrs-include=*")
+
+
+@pytest.fixture
+def disk(disk0: str) -> str:
+    return disk0
+
+
+@pytest.fixture
+def debootstrap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BOOTSTRAP_TOOL=debootstrap must be on PATH: a stub (the fake runs instead)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "debootstrap").write_text("#!/bin/sh\nexit 1\n")
+    os.chmod(bindir / "debootstrap", 0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+
+
+@pytest.fixture
+def paths(tmp_path: Path, debootstrap: None) -> Paths:
+    return make_paths(tmp_path / "install", defaults=NO_CACHE)
+
+
+def bootstrapped(argv: Sequence[str]) -> None:
+    """What debootstrap leaves in its target directory (the last argument)."""
+    make_tree(Path(argv[-1]))
+
+
+def run_create(paths: Paths, disk: str) -> None:
+    create.run(environment.parse("create", [], ganeti_env(disk)), paths)
+
+
+def shown_with_cache(node: FakeNode, disk: str, paths: Paths) -> list[str]:
+    """The commands, the cache entry's name shown as ENTRY, a temporary suffix as XXXX."""
+    return [re.sub(r"/cache-[^ /]*?(\.tar)", r"/ENTRY\1", re.sub(r"\.tmp-\w+", ".tmp-XXXX", c))
+            for c in shown(node.fake, disk, CACHE=paths.cache_dir)]
+
+
+def cache_files(paths: Paths) -> list[str]:
+    return sorted(n for n in os.listdir(paths.cache_dir) if not n.endswith(".lock"))
+
+
+
+def test_create_runs_its_commands_in_order(fake_node, disk, paths):
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    run_create(paths, disk)
+    assert shown(fake_node.fake, disk) == SETUP + RELEASE
+    assert fake_node.leftovers() == []
+    root = fake_node.root_files(disk, MIB)
+    assert (root / "etc/hostname").read_text() == "web1.example.org\n"
+    uuid = fake_node.filesystems[(os.path.realpath(disk), MIB)].uuid
+    assert f"UUID={uuid}\t/\text4" in (root / "etc/fstab").read_text()
+
+
+@pytest.mark.parametrize("step", range(len(SETUP)), ids=lambda k: SETUP[k].split()[0] + str(k))
+def test_a_failed_step_releases_what_was_set_up_in_reverse(fake_node, disk, paths,
+                                                           step):
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    fake_node.fake.fail_at(step)
+    with pytest.raises(CommandError, match="failed with exit status 1"):
+        run_create(paths, disk)
+    assert shown(fake_node.fake, disk) == SETUP[:step + 1] + undo(SETUP[:step], LOOPS)
+    assert fake_node.leftovers() == []
+
+
+
+def test_a_fresh_bootstrap_is_stored_as_the_cache_then_unpacked_by_the_next_create(
+        tmp_path, fake_node, disk, debootstrap):
+    paths = make_paths(tmp_path / "install", defaults=CACHE)
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    run_create(paths, disk)
+    first = fake_node.fake.faked
+    assert shown_with_cache(fake_node, disk, paths) == SETUP + [STORE] + RELEASE
+    assert [n for n in cache_files(paths) if n.endswith(".tar")], "no archive stored"
+    run_create(paths, disk)
+    assert shown_with_cache(fake_node, disk, paths)[first:] == SETUP[:-1] + [UNPACK] + RELEASE
+    assert fake_node.leftovers() == []
+    root = fake_node.root_files(disk, MIB)
+    assert (root / "etc/hostname").read_text() == "web1.example.org\n"
+    assert (root / "usr/lib/systemd/systemd").exists(), "the archive was not unpacked"
+
+
+def test_a_cache_that_cannot_be_stored_leaves_nothing_and_the_create_completes(
+        tmp_path, fake_node, disk, debootstrap, caplog):
+    paths = make_paths(tmp_path / "install", defaults=CACHE)
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    fake_node.fake.fail_at(len(SETUP))
+    with caplog.at_level(logging.WARNING):
+        run_create(paths, disk)
+    assert shown_with_cache(fake_node, disk, paths) == SETUP + [STORE] + RELEASE
+    assert "Could not store the bootstrap cache" in caplog.text
+    assert cache_files(paths) == []
+    assert fake_node.leftovers() == []
+
+
+@pytest.mark.parametrize("step", range(len(SETUP)), ids=lambda k: SETUP[k].split()[0] + str(k))
+def test_a_failed_step_of_a_create_from_the_cache_releases_in_reverse(
+        tmp_path, fake_node, disk, debootstrap, step):
+    """As above, with the cache's unpacking in place of the bootstrap."""
+    paths = make_paths(tmp_path / "install", defaults=CACHE)
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    run_create(paths, disk)
+    first = fake_node.fake.faked
+    steps = SETUP[:-1] + [UNPACK]
+    fake_node.fake.fail_at(first + step)
+    with pytest.raises(CommandError, match="failed with exit status 1"):
+        run_create(paths, disk)
+    assert shown_with_cache(fake_node, disk, paths)[first:] == (
+        steps[:step + 1] + undo(steps[:step], LOOPS))
+    assert fake_node.leftovers() == []
+    assert [n for n in cache_files(paths) if n.endswith(".tar")], "the cache was removed"
+
+
+
+@pytest.fixture
+def hooks(tmp_path: Path) -> Path:
+    """A CUSTOMIZE_DIR holding one hook (the fake runs in its place)."""
+    directory = tmp_path / "hooks"
+    directory.mkdir(mode=0o755)
+    (directory / "10-site").write_text("#!/bin/sh\n")
+    os.chmod(directory / "10-site", 0o755)
+    return directory
+
+
+def test_hooks_run_with_the_api_filesystems_mounted_then_unmounted_deepest_first(
+        tmp_path, fake_node, disk, debootstrap, hooks):
+    paths = make_paths(tmp_path / "install", defaults=NO_CACHE + f"CUSTOMIZE_DIR={hooks}\n")
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    fake_node.fake.expect(str(hooks / "10-site"))
+    run_create(paths, disk)
+    assert shown(fake_node.fake, disk, HOOKS=str(hooks)) == SETUP + HOOK_STEPS + [
+        "umount MNT/dev/pts", "umount MNT/dev", "umount MNT/sys", "umount MNT/proc",
+    ] + RELEASE
+    assert fake_node.leftovers() == []
+
+
+@pytest.mark.parametrize("step", range(len(HOOK_STEPS)),
+                         ids=lambda k: HOOK_STEPS[k].split()[0] + str(k))
+def test_a_failed_step_of_the_hooks_releases_what_was_set_up_in_reverse(
+        tmp_path, fake_node, disk, debootstrap, hooks, step):
+    paths = make_paths(tmp_path / "install", defaults=NO_CACHE + f"CUSTOMIZE_DIR={hooks}\n")
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    fake_node.fake.expect(str(hooks / "10-site"))
+    fake_node.fake.fail_at(len(SETUP) + step)
+    # A failed hook is a HookError naming it; a failed mount, a CommandError.
+    with pytest.raises(DefinitionError, match="exit status 1"):
+        run_create(paths, disk)
+    steps = SETUP + HOOK_STEPS
+    assert shown(fake_node.fake, disk, HOOKS=str(hooks)) == (
+        steps[:len(SETUP) + step + 1] + undo(steps[:len(SETUP) + step], LOOPS))
+    assert fake_node.leftovers() == []
+
+
+def test_a_root_that_cannot_be_unmounted_is_reported_and_the_loops_still_released(
+        fake_node, disk, paths):
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    fake_node.fake.expect("umount", returncode=1, stderr="umount: target is busy.")
+    with pytest.raises(DiskError, match="Cannot unmount .*target is busy"):
+        run_create(paths, disk)
+    tries = 1 + len(mounts.UNMOUNT_DELAYS)
+    assert shown(fake_node.fake, disk) == SETUP + ["umount MNT"] * tries + RELEASE[1:]
+    assert fake_node.loops == {}
+
+
+
+@pytest.fixture
+def swap(tmp_path: Path, disk: str) -> str:
+    path = tmp_path / "disks" / "swap.img"
+    with open(path, "wb") as f:
+        f.truncate(64 * MIB)
+    return str(path)
+
+
+def run_create_api5(paths: Paths, disk: str, swap: str) -> None:
+    argv = ["-i", "web1.example.org", "-b", disk, "-s", swap]
+    create.run(environment.parse("create", argv, {"PATH": "/sbin:/bin:/usr/sbin:/usr/bin"}),
+               paths)
+
+
+def test_an_api5_create_formats_root_then_swap_and_releases_swap_first(
+        fake_node, disk, swap, paths):
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    run_create_api5(paths, disk, swap)
+    assert shown(fake_node.fake, disk, SWAP=swap) == API5_SETUP + [
+        "umount MNT", "losetup --detach /dev/loop1", "losetup --detach /dev/loop0"]
+    assert fake_node.leftovers() == []
+    fstab = (fake_node.root_files(disk, 0) / "etc/fstab").read_text()
+    swap_uuid = fake_node.filesystems[(os.path.realpath(swap), 0)].uuid
+    assert f"UUID={swap_uuid}\tnone\tswap" in fstab
+
+
+@pytest.mark.parametrize("step", range(len(API5_SETUP)),
+                         ids=lambda k: API5_SETUP[k].split()[0] + str(k))
+def test_a_failed_step_of_an_api5_create_releases_in_reverse(fake_node, disk, swap, paths,
+                                                              step):
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    fake_node.fake.fail_at(step)
+    with pytest.raises(CommandError, match="failed with exit status 1"):
+        run_create_api5(paths, disk, swap)
+    assert shown(fake_node.fake, disk, SWAP=swap) == (
+        API5_SETUP[:step + 1] + undo(API5_SETUP[:step], LOOPS))
+    assert fake_node.leftovers() == []

@@ -1,0 +1,112 @@
+"""import composed: every command it runs, in order, and the release after a failure.
+
+import runs through its entry point (import_disk.run with the Request
+parsed from Ganeti's environment) on a disk file, the backup stream on its
+standard input, with every external command faked (tests/fakenode.py):
+the disk is formatted as create formats it, the root mounted without
+setuid and device nodes, and the confined restore fills it with a small
+system tree (tests/systemtree.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import pytest
+
+from ganeti_debootstrap import confine, environment, import_disk
+from ganeti_debootstrap.errors import CommandError
+from ganeti_debootstrap.paths import Paths
+from tests.dumprecords import header
+from tests.fakenode import DISK0_MIB, ganeti_env, shown, undo
+from tests.systemtree import make_tree, write
+
+MIB = 2**20
+
+# A complete dump stream: a header, data, and dump's end-of-dump trailer.
+STREAM = header(1) + bytes(2048) + header(5) + header(5)
+
+SETUP = [
+    "dpkg --print-architecture",
+    "wipefs --all --force --quiet DISK",
+    "sfdisk --quiet --no-reread --no-tell-kernel DISK",
+    "losetup --find --show DISK",
+    f"losetup --find --show --offset {MIB} --sizelimit {(DISK0_MIB - 1) * MIB} DISK",
+    "mke2fs -F -q -t ext4 -E lazy_itable_init=1,lazy_journal_init=0 /dev/loop1",
+    "blkid -p -o value -s UUID /dev/loop1",
+    "mount -t ext4 -o nosuid,nodev /dev/loop1 MNT",
+    "/usr/bin/python3 -I -S CONFINE MNT -- restore -r -y -f -",
+]
+LOOPS = ["/dev/loop0", "/dev/loop1"]
+RELEASE = ["umount MNT", "losetup --detach /dev/loop1", "losetup --detach /dev/loop0"]
+
+
+def restored(argv: Sequence[str]) -> None:
+    """What restore leaves in the target (after the confinement's "--"): the
+    old instance's system, its old fstab and restore's own bookkeeping."""
+    target = Path(argv[argv.index("--") - 1])
+    make_tree(target)
+    write(target / "etc/fstab", "UUID=0ld-r00t / ext4 defaults 0 1\n")
+    write(target / "restoresymtable", "table")
+
+
+@pytest.fixture
+def stdin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[bytes], None]]:
+    """Puts a backup stream on standard input, as Ganeti pipes it."""
+    opened: list[BinaryIO] = []
+
+    def feed(data: bytes) -> None:
+        stream = tmp_path / f"backup{len(opened)}.dump"
+        stream.write_bytes(data)
+        opened.append(open(stream, "rb"))  # noqa: SIM115 (closed at teardown)
+        monkeypatch.setattr(sys, "stdin", opened[-1])
+
+    feed(STREAM)
+    yield feed
+    for f in opened:
+        f.close()
+
+
+def run_import(paths: Paths, disk: str) -> None:
+    env = ganeti_env(disk, IMPORT_DISK_PATH=disk, IMPORT_INDEX="0")
+    import_disk.run(environment.parse("import", [], env), paths)
+
+
+
+def test_import_runs_its_commands_in_order_and_adapts_the_restored_system(
+        fake_node, disk0, paths, stdin):
+    fake_node.fake.expect("/usr/bin/python3", action=restored)
+    run_import(paths, disk0)
+    assert shown(fake_node.fake, disk0, CONFINE=confine.__file__) == SETUP + RELEASE
+    assert fake_node.leftovers() == []
+    root = fake_node.root_files(disk0, MIB)
+    uuid = fake_node.filesystems[(os.path.realpath(disk0), MIB)].uuid
+    fstab = (root / "etc/fstab").read_text()
+    assert f"UUID={uuid}" in fstab and "0ld-r00t" not in fstab
+    assert not (root / "restoresymtable").exists()
+
+
+@pytest.mark.parametrize("step", range(len(SETUP)), ids=lambda k: SETUP[k].split()[0] + str(k))
+def test_a_failed_step_releases_what_was_set_up_in_reverse(fake_node, disk0, paths,
+                                                           stdin, step):
+    fake_node.fake.expect("/usr/bin/python3", action=restored)
+    fake_node.fake.fail_at(step)
+    with pytest.raises(CommandError, match="failed with exit status 1"):
+        run_import(paths, disk0)
+    assert shown(fake_node.fake, disk0, CONFINE=confine.__file__) == (
+        SETUP[:step + 1] + undo(SETUP[:step], LOOPS))
+    assert fake_node.leftovers() == []
+
+
+def test_a_truncated_stream_fails_the_import_and_releases_in_reverse(
+        fake_node, disk0, paths, stdin):
+    stdin(STREAM[:-2048])
+    fake_node.fake.expect("/usr/bin/python3", action=restored)
+    with pytest.raises(import_disk.ImportError_, match="truncated or damaged"):
+        run_import(paths, disk0)
+    assert shown(fake_node.fake, disk0, CONFINE=confine.__file__) == SETUP + RELEASE
+    assert fake_node.leftovers() == []
