@@ -22,7 +22,6 @@ settings are also left in /etc/default/grub.d for it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
 import logging
@@ -30,10 +29,9 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-from . import log, mounts, partitions, runner
+from . import fsutil, log, mounts, partitions, runner
 from .environment import Request
 from .errors import ConfigError, DefinitionError
 from .settings import Settings, is_number
@@ -313,19 +311,6 @@ def check_config(text: str) -> None:
 
 # --- installing -------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _package_umask() -> Iterator[None]:
-    """The umask package tools run with, instead of Ganeti's 077.
-
-    Under 077, /boot/grub and debconf's database would become private.
-    """
-    saved = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(saved)
-
-
 def grub_install_argv(root: str, disk_device: str, style: str) -> list[str]:
     """grub-install, run in the instance at ``root``, for BIOS boot from ``disk_device``."""
     modules = f"{PARTITION_MODULES[style]} {FILESYSTEM_MODULE}"
@@ -366,7 +351,9 @@ def install(t: Target, request: Request, conf: Settings, *, disk_device: str,
         if console is not None:
             t.write_text(GRUB_DEFAULTS_DROPIN, grub_defaults_text(console))
         inside = instance_disk_name(request)
-        with mounts.api_filesystems(t.root), _package_umask():
+        # Under Ganeti's umask 077, /boot/grub and debconf's database
+        # would become private.
+        with mounts.api_filesystems(t.root), fsutil.umask(fsutil.PACKAGE_UMASK):
             runner.run(["chroot", t.root, "debconf-set-selections"],
                        stdin=debconf_install_devices(inside))
             runner.run(grub_install_argv(t.root, disk_device, conf.partition_style),
@@ -537,11 +524,8 @@ def _real_directory(t: Target, inner: str) -> str:
         try:
             mode = os.lstat(current).st_mode
         except FileNotFoundError:
-            saved = os.umask(0o022)
-            try:
+            with fsutil.umask(fsutil.PACKAGE_UMASK):
                 os.mkdir(current, 0o755)
-            finally:
-                os.umask(saved)
             continue
         if not stat.S_ISDIR(mode):
             raise _GrubSkipped(f"{_inner(t, current)} in the instance is "

@@ -12,6 +12,11 @@ import os
 import tempfile
 from collections.abc import Iterator
 
+# The umask Debian's package tools and run-parts work under. Ganeti runs the
+# scripts with 077, under which what they make in an instance (a user's home,
+# /boot/grub, systemd's directories) would be private to root.
+PACKAGE_UMASK = 0o022
+
 
 def fsync_path(path: str) -> None:
     """Flush ``path`` (a file or a directory) to the disk."""

@@ -23,7 +23,7 @@ import subprocess
 import time
 from collections.abc import Collection, Iterator
 
-from . import mounts, runner, trust
+from . import fsutil, mounts, runner, trust
 from .environment import Request
 from .errors import CommandError, HookError, MissingProgramError
 from .settings import Settings
@@ -41,7 +41,7 @@ HOOK_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 # run-parts sets this umask before running each script; Ganeti runs us with
 # 077, under which files a hook writes into the instance would be private.
-HOOK_UMASK = 0o022
+HOOK_UMASK = fsutil.PACKAGE_UMASK
 
 def _scan(directory: str) -> tuple[list[str], list[str]]:
     """The hooks of ``directory`` and the entries run-parts would complain about."""
@@ -151,9 +151,9 @@ def _failed(hook: str, what: str, tail: str = "") -> HookError:
 
 def run_hook(hook: str, env: dict[str, str], *, timeout: float | None = None) -> None:
     """Run one hook with ``env``, stdin /dev/null, output to our stderr."""
-    saved = os.umask(HOOK_UMASK)
     try:
-        runner.run([hook], env=env, timeout=timeout)
+        with fsutil.umask(HOOK_UMASK):
+            runner.run([hook], env=env, timeout=timeout)
     except CommandError as exc:
         if exc.returncode < 0:
             what = f"was killed by signal {-exc.returncode}"
@@ -171,8 +171,6 @@ def run_hook(hook: str, env: dict[str, str], *, timeout: float | None = None) ->
         # e.g. "Exec format error": a script without a #! line (run-parts
         # cannot run those either).
         raise _failed(hook, f"could not be started: {exc.strerror}") from None
-    finally:
-        os.umask(saved)
 
 
 def run_all(directory: str, env: dict[str, str], *, timeout: float | None = None,

@@ -389,19 +389,6 @@ INITTAB = "/etc/inittab"
 DEFAULT_SERIAL_SPEEDS = "115200,38400,9600"
 
 
-def _make_dirs(t: Target, inner: str) -> str:
-    """Create directory ``inner`` in the instance, mode 0755 whatever our umask."""
-    path = t.path(inner)
-    if not os.path.isdir(path):
-        # Ganeti runs us with umask 077; a package would have made it 0755.
-        saved = os.umask(0o022)
-        try:
-            os.makedirs(path, mode=0o755, exist_ok=True)
-        finally:
-            os.umask(saved)
-    return path
-
-
 def runs_systemd(t: Target) -> bool:
     """Whether the tree boots systemd (its /sbin/init is systemd)."""
     return os.path.basename(t.path("/sbin/init")) == "systemd"
@@ -441,7 +428,7 @@ def enable_serial_getty(t: Target, device: str, unit: str) -> str:
     prompt when the kernel command line names no serial console.
     """
     link = f"{GETTY_WANTS}/serial-getty@{device}.service"
-    _make_dirs(t, GETTY_WANTS)
+    t.make_directories(GETTY_WANTS)
     dest = t.path_nofollow(link)
     if os.path.islink(dest) or os.path.isfile(dest):
         os.unlink(dest)
@@ -615,7 +602,7 @@ def regenerate_ssh_host_keys(t: Target, comment: str,
         if match and t.remove(inner) and not match.group(2):
             found.append(match.group(1))
     types = [k for k in SSH_KEY_TYPES if k in found] or list(SSH_KEY_TYPES)
-    _make_dirs(t, SSH_DIR)
+    t.make_directories(SSH_DIR)
     prints = []
     for kind in types:
         inner = f"{SSH_DIR}/ssh_host_{kind}_key"

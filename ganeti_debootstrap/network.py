@@ -484,14 +484,8 @@ def install_section(text: str) -> dict[str, list[str]]:
 
 
 def _symlink(t: Target, link: str, unit: str) -> None:
-    directory = os.path.dirname(link)
-    if not os.path.isdir(t.path(directory)):
-        # Ganeti's umask 077 would make a 0700 directory systemd cannot share.
-        saved = os.umask(0o022)
-        try:
-            os.makedirs(t.path(directory), mode=0o755, exist_ok=True)
-        finally:
-            os.umask(saved)
+    # Made 0755: a 0700 directory (Ganeti's umask) systemd cannot share.
+    t.make_directories(os.path.dirname(link))
     dest = t.path_nofollow(link)
     if os.path.lexists(dest):
         os.unlink(dest)
