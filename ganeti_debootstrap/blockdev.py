@@ -18,8 +18,9 @@ import struct
 import time
 from collections.abc import Iterable, Iterator
 
-from . import mounts, runner
+from . import mounts, procs, runner
 from .errors import CommandError, DiskError
+from .log import failure_logged
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +334,7 @@ def _check_not_open(path: str) -> None:
     Compared by the path the kernel shows (never stat: an open file on a
     hung network filesystem would hang us).
     """
-    holders = mounts.processes_using(os.path.realpath(path))
+    holders = procs.processes_using(os.path.realpath(path))
     if holders:
         who = ", ".join(f"{name} (pid {pid})" for pid, name in holders)
         raise DiskError(
@@ -438,7 +439,7 @@ def loop_device(backing: str, offset: int = 0, size: int | None = None,
         # Interrupted (or failed) after losetup may have attached a device
         # whose name we never read: release any that appeared on the file.
         for new in sorted(loops_backed_by(backing) - before):
-            with mounts.failure_logged(f"detaching {new}"):
+            with failure_logged(f"detaching {new}"):
                 detach_loop(new)
         raise
     if not dev.startswith("/dev/"):
@@ -448,7 +449,7 @@ def loop_device(backing: str, offset: int = 0, size: int | None = None,
     try:
         yield dev
     except BaseException:
-        with mounts.failure_logged(f"detaching {dev}"):
+        with failure_logged(f"detaching {dev}"):
             detach_loop(dev)
         raise
     detach_loop(dev)

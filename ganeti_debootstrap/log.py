@@ -52,6 +52,19 @@ def phase(name: str) -> Iterator[None]:
             log.info("%s: failed after %.2f s", name, took)
 
 
+@contextlib.contextmanager
+def failure_logged(what: str) -> Iterator[None]:
+    """Log an error of a cleanup step instead of raising it.
+
+    Used while another error is on its way up: that one is what the
+    administrator must see, not a consequence of it.
+    """
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - logged, the first error wins
+        log.error("%s also failed: %s", what, exc)
+
+
 def _pause_if_asked(name: str) -> None:
     """Wait for a signal at the start of the phase GIDB_TEST_PAUSE_AT names.
 

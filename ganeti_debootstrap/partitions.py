@@ -23,8 +23,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from . import blockdev, filesystems, mounts, runner
+from . import blockdev, filesystems, runner
 from .errors import CommandError, DiskError
+from .log import failure_logged
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +404,7 @@ def _kpartx_mapping(dev: str, read_only: bool) -> Iterator[str]:
         _wait_for_node(part)
         yield part
     except BaseException:
-        with mounts.failure_logged(f"removing the partition mappings of {dev}"):
+        with failure_logged(f"removing the partition mappings of {dev}"):
             _kpartx_delete(dev)
         raise
     _kpartx_delete(dev)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from ganeti_debootstrap import mounts
+from ganeti_debootstrap import mounts, procs
 from ganeti_debootstrap.errors import DiskError
 
 SAMPLE = r"""22 27 0:21 / /proc rw,relatime - proc proc rw
@@ -76,7 +76,7 @@ def sleeps(monkeypatch) -> list[float]:
 def no_processes(tmp_path, monkeypatch) -> str:
     proc = tmp_path / "proc"
     proc.mkdir()
-    monkeypatch.setattr(mounts, "PROC", str(proc))
+    monkeypatch.setattr(procs, "PROC", str(proc))
     return str(proc)
 
 
@@ -169,7 +169,7 @@ def test_processes_are_found_by_root_cwd_exe_fd_and_maps(no_processes):
     process(13, "writer", {"fd/3": "/t/var/log/x"})
     process(14, "mapper", {}, "7f00-7f10 r-xp 00000000 07:01 12 /t/usr/lib/libx.so\n")
     process(15, "outside", {"cwd": "/tmp", "fd/1": "/tx/file"}, "7f00-7f10 r-xp 0 0:0 0 [heap]\n")
-    assert mounts.processes_using("/t") == [
+    assert procs.processes_using("/t") == [
         (10, "chrooted"), (11, "inside"), (12, "binary"), (13, "writer"), (14, "mapper")]
 
 
