@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import access, apt_sources, cloudinit, network, runner
+from . import access, apt_sources, cloudinit, network, runner, systemd_units
 from .environment import Request
 from .errors import DefinitionError
 from .names import short_hostname
@@ -380,9 +380,8 @@ def write_interfaces(t: Target) -> None:
 
 # --- serial console ---------------------------------------------------------
 
-SERIAL_GETTY_UNITS = ("/usr/lib/systemd/system/serial-getty@.service",
-                      "/lib/systemd/system/serial-getty@.service")
-GETTY_WANTS = "/etc/systemd/system/getty.target.wants"
+SERIAL_GETTY_UNIT = "serial-getty@.service"
+GETTY_WANTS = f"{systemd_units.ETC_UNITS}/getty.target.wants"
 SYSTEMD_FILE_LIST = "/var/lib/dpkg/info/systemd.list"
 INITTAB = "/etc/inittab"
 # agetty tries these in turn when the line's speed is not given.
@@ -405,18 +404,7 @@ def serial_getty_unit(t: Target) -> str | None:
         listed = set(t.read_text(SYSTEMD_FILE_LIST).splitlines())
     except (FileNotFoundError, UnsafeFileError):
         listed = set()
-    for unit in SERIAL_GETTY_UNITS:
-        if unit in listed and os.path.isfile(t.path(unit)):
-            return unit
-    # No package list: prefer a path reached without a merged-/usr symlink.
-    for unit in SERIAL_GETTY_UNITS:
-        if os.path.isfile(t.path_nofollow(unit)) and \
-                t.path(unit) == os.path.join(t.root, unit.lstrip("/")):
-            return unit
-    for unit in SERIAL_GETTY_UNITS:
-        if os.path.isfile(t.path(unit)):
-            return unit
-    return None
+    return systemd_units.find_unit(t, SERIAL_GETTY_UNIT, listed)
 
 
 def enable_serial_getty(t: Target, device: str, unit: str) -> str:
