@@ -254,6 +254,23 @@ def write_errors_reported(mount_point: str, what: str) -> Iterator[None]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def instance_root(device: str, fstype: str, disk_path: str,
+                  options: Sequence[str] = ()) -> Iterator[str]:
+    """Mount the instance's root filesystem ``device`` on a new private mount
+    point; yield it. On exit: write errors reported, unmounted, removed.
+
+    ``options`` is :data:`UNTRUSTED_OPTIONS` for a filesystem the tenant
+    filled; ``disk_path`` (the instance's disk) names it in messages.
+    """
+    with contextlib.ExitStack() as stack:
+        target_dir = stack.enter_context(temporary_mountpoint())
+        stack.enter_context(mounted(device, target_dir, fstype, options))
+        stack.enter_context(write_errors_reported(
+            target_dir, f"the instance's root filesystem on {disk_path}"))
+        yield target_dir
+
+
 # What hooks expect inside the instance, in mounting order: (source, path
 # inside the instance, mount arguments). /dev is a bind of the node's so
 # that hooks see the instance's own loop device or partition mapping (and,

@@ -300,3 +300,27 @@ def test_private_root_is_made_in_the_directory_asked(tmp_path):
     assert os.path.dirname(os.path.dirname(root)) == str(tmp_path)
     assert stat.S_IMODE(os.stat(os.path.dirname(root)).st_mode) == 0o700
     assert os.listdir(root) == []
+
+
+@pytest.mark.parametrize("options,mount_options", [
+    ((), ""), (mounts.UNTRUSTED_OPTIONS, "-o nosuid,nodev ")])
+def test_instance_root_is_mounted_on_a_private_point_and_removed(fake_runner, table,
+                                                                 options, mount_options):
+    fake_runner.expect("mount", action=table.mount)
+    fake_runner.expect("umount", action=table.umount)
+    with mounts.instance_root("/dev/loop1", "ext4", "/disk", options) as root:
+        assert stat.S_IMODE(os.stat(os.path.dirname(root)).st_mode) == 0o700
+        assert fake_runner.commands() == [f"mount -t ext4 {mount_options}/dev/loop1 {root}"]
+    assert fake_runner.commands()[1:] == [f"umount {root}"]
+    assert not os.path.exists(os.path.dirname(root))
+
+
+def test_instance_root_is_released_after_a_failure_inside(fake_runner, table):
+    fake_runner.expect("mount", action=table.mount)
+    fake_runner.expect("umount", action=table.umount)
+    with pytest.raises(RuntimeError, match="restore failed"):
+        with mounts.instance_root("/dev/loop1", "ext4", "/disk") as root:
+            raise RuntimeError("restore failed")
+    assert fake_runner.commands()[1:] == [f"umount {root}"]
+    assert mounts.current_mounts() == []
+    assert not os.path.exists(os.path.dirname(root))
