@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import signal
 from collections.abc import Sequence
 
 
@@ -61,12 +63,11 @@ class CommandError(DefinitionError):
         super().__init__(self._render())
 
     def _render(self) -> str:
-        from shlex import join
         if self.returncode < 0:
             status = f"was killed by signal {-self.returncode}"
         else:
             status = f"failed with exit status {self.returncode}"
-        lines = [f"Command {join(self.argv)} {status}."]
+        lines = [f"Command {shlex.join(self.argv)} {status}."]
         if self.stderr_tail.strip():
             lines.append("Its last output was:")
             lines.extend("  " + line for line in
@@ -84,6 +85,5 @@ class Interrupted(BaseException):
     """
 
     def __init__(self, signum: int) -> None:
-        import signal
         self.signum = signum
         super().__init__(f"interrupted by {signal.Signals(signum).name}")

@@ -20,18 +20,14 @@ import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from . import access, apt_sources, cloudinit, network, runner, systemd_units
 from .environment import Request
 from .errors import DefinitionError
 from .names import short_hostname
-from .settings import is_number
+from .osparams import OSParams
+from .settings import Settings, is_number
 from .target import Target, UnsafeFileError
-
-if TYPE_CHECKING:
-    from .osparams import OSParams
-    from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +335,8 @@ DPKG_STATUS = "/var/lib/dpkg/status"
 
 def installed_package_versions(t: Target) -> dict[str, str]:
     """Installed package -> version, from dpkg's status file (empty if none)."""
+    # Imported here, not at the top: python3-debian takes about 60 ms to
+    # import, and only create's configuration reads dpkg's status.
     from debian import deb822
 
     try:

@@ -16,9 +16,6 @@ from .errors import ConfigError
 from .names import line_break_problem
 from .network import IPV6_MODES, NETWORK_MODES
 
-KNOWN_CHECKS = ("parameters",)
-
-
 @dataclass(frozen=True)
 class Parameter:
     """One declared OS parameter with its accepted values.
