@@ -15,6 +15,15 @@ from .errors import CommandError, DiskError
 # The root filesystems create can make (the ``filesystem`` OS parameter).
 FILESYSTEMS = ("ext2", "ext3", "ext4")
 
+
+@dataclass(frozen=True)
+class FsEntry:
+    """A filesystem create made: its UUID and type (``swap`` for swap)."""
+
+    uuid: str
+    fstype: str
+
+
 # blkid's exit status when it found nothing to report.
 _BLKID_NOTHING = 2
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from . import blockdev, filesystems, image_cache, log, partitions
 from .environment import Request
 from .errors import DiskError
-from .instance_files import FsEntry
+from .filesystems import FsEntry
 from .settings import Settings
 
 logger = logging.getLogger(__name__)

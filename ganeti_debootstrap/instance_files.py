@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from . import access, apt_sources, cloudinit, network, runner, systemd_units
 from .environment import Request
 from .errors import DefinitionError
+from .filesystems import FsEntry
 from .names import short_hostname
 from .osparams import OSParams
 from .settings import Settings, is_number
@@ -93,14 +94,6 @@ class Instance:
                    network_plan=plan, apt=apt,
                    login=params.login() if params is not None else access.Access(),
                    cloud_seed=seed)
-
-
-@dataclass(frozen=True)
-class FsEntry:
-    """A filesystem create made: its UUID and type (``swap`` for swap)."""
-
-    uuid: str
-    fstype: str
 
 
 @dataclass(frozen=True)

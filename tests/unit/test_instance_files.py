@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from ganeti_debootstrap import environment, instance_files, runner
-from ganeti_debootstrap.instance_files import FsEntry, Instance, NodeFiles
+from ganeti_debootstrap.filesystems import FsEntry
+from ganeti_debootstrap.instance_files import Instance, NodeFiles
 from ganeti_debootstrap.target import Target
 
 ROOT_UUID = "0a1b2c3d-1111-2222-3333-444455556666"

@@ -12,7 +12,8 @@ import pytest
 from ganeti_debootstrap import environment, instance_files, network, osparams, systemd_units
 from ganeti_debootstrap.environment import Nic
 from ganeti_debootstrap.errors import ConfigError
-from ganeti_debootstrap.instance_files import FsEntry, Instance, NodeFiles
+from ganeti_debootstrap.filesystems import FsEntry
+from ganeti_debootstrap.instance_files import Instance, NodeFiles
 from ganeti_debootstrap.network import NetworkPlan
 from ganeti_debootstrap.target import Target
 from tests.unit.test_instance_files import make_tree, write
