@@ -29,6 +29,7 @@ import os
 import re
 import stat
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import fsutil, log, mounts, partitions, runner
@@ -554,16 +555,26 @@ def _copy_platform_files(t: Target, grub: NodeGrub, platform_dir: str, core: byt
 
 def _build_core(grub: NodeGrub, style: str, root_uuid: str) -> bytes:
     """core.img for the root ``root_uuid``, built in a private directory of the node."""
-    with tempfile.TemporaryDirectory(prefix="gidb-grub-") as work:
+    return _built_image(
+        "gidb-grub-", CORE_IMG, root_uuid,
+        lambda config, output: mkimage_argv(grub, style, config, output),
+        hint=f"The node's GRUB ({NODE_GRUB_PACKAGE}) could not build its "
+             f"core image; check that {NODE_GRUB_PACKAGE} is fully "
+             f"installed, or import with bootloader=none and boot the "
+             f"instance with Ganeti's kernel_path.")
+
+
+def _built_image(prefix: str, name: str, root_uuid: str,
+                 argv: Callable[[str, str], list[str]], *, hint: str) -> bytes:
+    """The GRUB image ``name`` that ``argv(config, output)`` builds, embedding the
+    configuration that finds the root ``root_uuid``; built in a private
+    directory of the node (named with ``prefix``), removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as work:
         config = os.path.join(work, "load.cfg")
         with open(config, "w", encoding="ascii") as f:
             f.write(core_config_text(root_uuid))
-        output = os.path.join(work, CORE_IMG)
-        runner.run(mkimage_argv(grub, style, config, output),
-                   hint=f"The node's GRUB ({NODE_GRUB_PACKAGE}) could not build its "
-                        f"core image; check that {NODE_GRUB_PACKAGE} is fully "
-                        f"installed, or import with bootloader=none and boot the "
-                        f"instance with Ganeti's kernel_path.")
+        output = os.path.join(work, name)
+        runner.run(argv(config, output), hint=hint)
         with open(output, "rb") as f:
             return f.read()
 
@@ -790,17 +801,12 @@ def esp_commands(esp_device: str, image: str) -> list[list[str]]:
 
 def _build_efi_image(modules_dir: str, root_uuid: str) -> bytes:
     """BOOTX64.EFI for the root ``root_uuid``, built in a private directory of the node."""
-    with tempfile.TemporaryDirectory(prefix="gidb-grub-efi-") as work:
-        config = os.path.join(work, "load.cfg")
-        with open(config, "w", encoding="ascii") as f:
-            f.write(core_config_text(root_uuid))
-        output = os.path.join(work, EFI_BOOT_IMAGE)
-        runner.run(efi_mkimage_argv(modules_dir, config, output),
-                   hint=f"The node's GRUB ({NODE_GRUB_EFI_PACKAGE}) could not build "
-                        f"its EFI image; check that {NODE_GRUB_EFI_PACKAGE} is fully "
-                        f"installed.")
-        with open(output, "rb") as f:
-            return f.read()
+    return _built_image(
+        "gidb-grub-efi-", EFI_BOOT_IMAGE, root_uuid,
+        lambda config, output: efi_mkimage_argv(modules_dir, config, output),
+        hint=f"The node's GRUB ({NODE_GRUB_EFI_PACKAGE}) could not build "
+             f"its EFI image; check that {NODE_GRUB_EFI_PACKAGE} is fully "
+             f"installed.")
 
 
 def _write_esp(esp_device: str, image: bytes) -> None:
