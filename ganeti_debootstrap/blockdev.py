@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from . import mounts, procs, runner
 from .errors import CommandError, DiskError
-from .log import failure_logged
+from .log import failure_logged, released
 
 log = logging.getLogger(__name__)
 
@@ -456,13 +456,8 @@ def loop_device(backing: str, offset: int = 0, size: int | None = None,
         raise DiskError(f"losetup attached {backing} but printed {dev!r} instead "
                         f"of a device name; check 'losetup -a' for a device to "
                         f"detach.")
-    try:
+    with released(f"detaching {dev}", lambda: detach_loop(dev)):
         yield dev
-    except BaseException:
-        with failure_logged(f"detaching {dev}"):
-            detach_loop(dev)
-        raise
-    detach_loop(dev)
 
 
 def loops_backed_by(path: str) -> set[str]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from . import fsutil, procs, runner
 from .errors import CommandError, DiskError
-from .log import failure_logged
+from .log import failure_logged, released
 from .target import Target
 
 log = logging.getLogger(__name__)
@@ -315,10 +315,5 @@ def _mounted_with(source: str, point: str, args: Sequence[str]) -> Iterator[None
             if is_mounted(point):
                 unmount_tree(point)
         raise
-    try:
+    with released(f"unmounting {point}", lambda: unmount_tree(point)):
         yield
-    except BaseException:
-        with failure_logged(f"unmounting {point}"):
-            unmount_tree(point)
-        raise
-    unmount_tree(point)
