@@ -155,11 +155,7 @@ def run_hook(hook: str, env: dict[str, str], *, timeout: float | None = None) ->
         with fsutil.umask(HOOK_UMASK):
             runner.run([hook], env=env, timeout=timeout)
     except CommandError as exc:
-        if exc.returncode < 0:
-            what = f"was killed by signal {-exc.returncode}"
-        else:
-            what = f"failed with exit status {exc.returncode}"
-        raise _failed(hook, what, exc.stderr_tail) from None
+        raise _failed(hook, exc.status, exc.stderr_tail) from None
     except subprocess.TimeoutExpired:
         raise _failed(hook, f"did not finish within {timeout:g} s and was "
                             f"killed") from None
