@@ -152,27 +152,6 @@ def test_unmount_that_stays_busy_names_the_processes(fake_runner, table, sleeps,
     assert "-l" not in {arg for call in fake_runner.calls for arg in call}
 
 
-def test_processes_are_found_by_root_cwd_exe_fd_and_maps(no_processes):
-    def process(pid: int, comm: str, links: dict[str, str], maps: str = "") -> None:
-        base = os.path.join(no_processes, str(pid))
-        os.makedirs(os.path.join(base, "fd"))
-        with open(os.path.join(base, "comm"), "w") as f:
-            f.write(comm + "\n")
-        with open(os.path.join(base, "maps"), "w") as f:
-            f.write(maps)
-        for name, dest in links.items():
-            os.symlink(dest, os.path.join(base, name))
-
-    process(10, "chrooted", {"root": "/t"})
-    process(11, "inside", {"cwd": "/t/home"})
-    process(12, "binary", {"exe": "/t/usr/bin/daemon (deleted)"})
-    process(13, "writer", {"fd/3": "/t/var/log/x"})
-    process(14, "mapper", {}, "7f00-7f10 r-xp 00000000 07:01 12 /t/usr/lib/libx.so\n")
-    process(15, "outside", {"cwd": "/tmp", "fd/1": "/tx/file"}, "7f00-7f10 r-xp 0 0:0 0 [heap]\n")
-    assert procs.processes_using("/t") == [
-        (10, "chrooted"), (11, "inside"), (12, "binary"), (13, "writer"), (14, "mapper")]
-
-
 def test_mounted_passes_type_and_options_and_unmounts_on_exit(fake_runner, table):
     fake_runner.expect("mount", action=table.mount)
     fake_runner.expect("umount", action=table.umount)
