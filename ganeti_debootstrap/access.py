@@ -28,7 +28,7 @@ import re
 import stat
 from dataclasses import dataclass
 
-from . import runner
+from . import fsutil, runner
 from .errors import DefinitionError
 from .target import Target
 
@@ -210,12 +210,9 @@ def make_admin_user(t: Target, name: str, packages: frozenset[str]) -> Account:
             f"gnt-instance modify -O admin_user=admin INSTANCE, then reinstall.")
     # Ganeti's umask (077) would make useradd's files unreadable: its own
     # HOME_MODE/UMASK from login.defs decide the home directory's mode.
-    saved = os.umask(0o022)
-    try:
+    with fsutil.umask(fsutil.PACKAGE_UMASK):
         runner.run(["chroot", t.root, "useradd", "--create-home", "--shell",
                     "/bin/bash", "--groups", SUDO_GROUP, "--", name])
-    finally:
-        os.umask(saved)
     account = find_account(t, name)
     if account is None:
         raise AccessError(f"useradd did not add {name} to the instance's /etc/passwd.")

@@ -228,6 +228,9 @@ def sources(release: Release, mirror: str, components: Sequence[str],
 
 def deb822_text(entries: Sequence[Source]) -> str:
     """The entries as a deb822 .sources file (sources.list(5))."""
+    # Imported here, not at the top: python3-debian takes about 60 ms to
+    # import, and verify (which imports this module through osparams) must
+    # answer Ganeti quickly.
     from debian.deb822 import Deb822
 
     stanzas = []

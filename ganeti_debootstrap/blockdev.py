@@ -16,10 +16,11 @@ import os
 import stat
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
-from . import mounts, runner
+from . import mounts, procs, runner
 from .errors import CommandError, DiskError
+from .log import failure_logged, released
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +147,9 @@ def _loops_backed_by(st: os.stat_result) -> list[Devnum]:
     return found
 
 
-def _built_on(start: Iterable[Devnum]) -> set[Devnum]:
-    """``start`` and every device using it: partitions, holders (device-mapper,
-    md) and loop devices over it, recursively."""
+def _reachable(start: Iterable[Devnum],
+               neighbours: Callable[[Devnum], list[Devnum]]) -> set[Devnum]:
+    """``start`` and every device ``neighbours`` leads to from it, recursively."""
     seen: set[Devnum] = set()
     todo = list(start)
     while todo:
@@ -156,11 +157,23 @@ def _built_on(start: Iterable[Devnum]) -> set[Devnum]:
         if dev in seen:
             continue
         seen.add(dev)
-        todo += _partitions(dev) + _related(dev, "holders")
-        node = _node_stat(dev)
-        if node is not None:
-            todo += _loops_backed_by(node)
+        todo += neighbours(dev)
     return seen
+
+
+def _built_on(start: Iterable[Devnum]) -> set[Devnum]:
+    """``start`` and every device using it: partitions, holders (device-mapper,
+    md) and loop devices over it, recursively."""
+    return _reachable(start, _users)
+
+
+def _users(dev: Devnum) -> list[Devnum]:
+    """The partitions, holders and loop devices directly over ``dev``."""
+    users = _partitions(dev) + _related(dev, "holders")
+    node = _node_stat(dev)
+    if node is not None:
+        users += _loops_backed_by(node)
+    return users
 
 
 def _node_stat(dev: Devnum) -> os.stat_result | None:
@@ -179,19 +192,13 @@ def _root_devices() -> set[Devnum]:
     roots = [e for e in mounts.current_mounts() if e.mount_point == "/"]
     if not roots:
         return set()
-    start = [d for d in _mount_devices(roots[-1]) if d[0] != 0]
-    seen: set[Devnum] = set()
-    while start:
-        dev = start.pop()
-        if dev in seen:
-            continue
-        seen.add(dev)
-        parent = _parent_disk(dev)
-        if parent:
-            start.append(parent)
-        start += _related(dev, "slaves")
-        start += _loop_backing_device(dev)
-    return seen
+    return _reachable((d for d in _mount_devices(roots[-1]) if d[0] != 0), _under)
+
+
+def _under(dev: Devnum) -> list[Devnum]:
+    """The devices ``dev`` is built on: parent disk, slaves, a loop's backing device."""
+    parent = _parent_disk(dev)
+    return ([parent] if parent else []) + _related(dev, "slaves") + _loop_backing_device(dev)
 
 
 def _loop_backing_device(dev: Devnum) -> list[Devnum]:
@@ -333,7 +340,7 @@ def _check_not_open(path: str) -> None:
     Compared by the path the kernel shows (never stat: an open file on a
     hung network filesystem would hang us).
     """
-    holders = mounts.processes_using(os.path.realpath(path))
+    holders = procs.processes_using(os.path.realpath(path))
     if holders:
         who = ", ".join(f"{name} (pid {pid})" for pid, name in holders)
         raise DiskError(
@@ -363,26 +370,30 @@ def _check_not_claimed(path: str) -> None:
     os.close(fd)
 
 
-def size_bytes(dev: str) -> int:
-    """The size of a block device or file in bytes."""
+@contextlib.contextmanager
+def _opened(dev: str) -> Iterator[int]:
+    """``dev`` open for reading, as a descriptor closed on exit."""
     fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        # Seeking to the end gives a block device's size without an ioctl.
-        return os.lseek(fd, 0, os.SEEK_END)
+        yield fd
     finally:
         os.close(fd)
+
+
+def size_bytes(dev: str) -> int:
+    """The size of a block device or file in bytes."""
+    with _opened(dev) as fd:
+        # Seeking to the end gives a block device's size without an ioctl.
+        return os.lseek(fd, 0, os.SEEK_END)
 
 
 def logical_sector_size(dev: str) -> int:
     """The sector size partition tables on ``dev`` count in (512 for files)."""
-    fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
-    try:
+    with _opened(dev) as fd:
         if not stat.S_ISBLK(os.fstat(fd).st_mode):
             return 512
         raw = fcntl.ioctl(fd, _BLKSSZGET, b"\0" * 4)
         return int(struct.unpack("i", raw)[0])
-    finally:
-        os.close(fd)
 
 
 def require_min_size(size: int, min_mib: int, what: str = "The instance disk") -> None:
@@ -438,20 +449,15 @@ def loop_device(backing: str, offset: int = 0, size: int | None = None,
         # Interrupted (or failed) after losetup may have attached a device
         # whose name we never read: release any that appeared on the file.
         for new in sorted(loops_backed_by(backing) - before):
-            with mounts.failure_logged(f"detaching {new}"):
+            with failure_logged(f"detaching {new}"):
                 detach_loop(new)
         raise
     if not dev.startswith("/dev/"):
         raise DiskError(f"losetup attached {backing} but printed {dev!r} instead "
                         f"of a device name; check 'losetup -a' for a device to "
                         f"detach.")
-    try:
+    with released(f"detaching {dev}", lambda: detach_loop(dev)):
         yield dev
-    except BaseException:
-        with mounts.failure_logged(f"detaching {dev}"):
-            detach_loop(dev)
-        raise
-    detach_loop(dev)
 
 
 def loops_backed_by(path: str) -> set[str]:

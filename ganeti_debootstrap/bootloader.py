@@ -22,7 +22,6 @@ settings are also left in /etc/default/grub.d for it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
 import logging
@@ -30,10 +29,10 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import log, mounts, partitions, runner
+from . import fsutil, log, mounts, partitions, runner
 from .environment import DEFAULT_SERIAL_SPEED, Request
 from .errors import ConfigError, DefinitionError
 from .settings import Settings
@@ -311,19 +310,6 @@ def check_config(text: str) -> None:
 
 # --- installing -------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _package_umask() -> Iterator[None]:
-    """The umask package tools run with, instead of Ganeti's 077.
-
-    Under 077, /boot/grub and debconf's database would become private.
-    """
-    saved = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(saved)
-
-
 def grub_install_argv(root: str, disk_device: str, style: str) -> list[str]:
     """grub-install, run in the instance at ``root``, for BIOS boot from ``disk_device``."""
     modules = f"{PARTITION_MODULES[style]} {FILESYSTEM_MODULE}"
@@ -364,7 +350,9 @@ def install(t: Target, request: Request, conf: Settings, *, disk_device: str,
         if console is not None:
             t.write_text(GRUB_DEFAULTS_DROPIN, grub_defaults_text(console))
         inside = instance_disk_name(request)
-        with mounts.api_filesystems(t.root), _package_umask():
+        # Under Ganeti's umask 077, /boot/grub and debconf's database
+        # would become private.
+        with mounts.api_filesystems(t.root), fsutil.umask(fsutil.PACKAGE_UMASK):
             runner.run(["chroot", t.root, "debconf-set-selections"],
                        stdin=debconf_install_devices(inside))
             runner.run(grub_install_argv(t.root, disk_device, conf.partition_style),
@@ -535,11 +523,8 @@ def _real_directory(t: Target, inner: str) -> str:
         try:
             mode = os.lstat(current).st_mode
         except FileNotFoundError:
-            saved = os.umask(0o022)
-            try:
+            with fsutil.umask(fsutil.PACKAGE_UMASK):
                 os.mkdir(current, 0o755)
-            finally:
-                os.umask(saved)
             continue
         if not stat.S_ISDIR(mode):
             raise _GrubSkipped(f"{_inner(t, current)} in the instance is "
@@ -568,16 +553,26 @@ def _copy_platform_files(t: Target, grub: NodeGrub, platform_dir: str, core: byt
 
 def _build_core(grub: NodeGrub, style: str, root_uuid: str) -> bytes:
     """core.img for the root ``root_uuid``, built in a private directory of the node."""
-    with tempfile.TemporaryDirectory(prefix="gidb-grub-") as work:
+    return _built_image(
+        "gidb-grub-", CORE_IMG, root_uuid,
+        lambda config, output: mkimage_argv(grub, style, config, output),
+        hint=f"The node's GRUB ({NODE_GRUB_PACKAGE}) could not build its "
+             f"core image; check that {NODE_GRUB_PACKAGE} is fully "
+             f"installed, or import with bootloader=none and boot the "
+             f"instance with Ganeti's kernel_path.")
+
+
+def _built_image(prefix: str, name: str, root_uuid: str,
+                 argv: Callable[[str, str], list[str]], *, hint: str) -> bytes:
+    """The GRUB image ``name`` that ``argv(config, output)`` builds, embedding the
+    configuration that finds the root ``root_uuid``; built in a private
+    directory of the node (named with ``prefix``), removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as work:
         config = os.path.join(work, "load.cfg")
         with open(config, "w", encoding="ascii") as f:
             f.write(core_config_text(root_uuid))
-        output = os.path.join(work, CORE_IMG)
-        runner.run(mkimage_argv(grub, style, config, output),
-                   hint=f"The node's GRUB ({NODE_GRUB_PACKAGE}) could not build its "
-                        f"core image; check that {NODE_GRUB_PACKAGE} is fully "
-                        f"installed, or import with bootloader=none and boot the "
-                        f"instance with Ganeti's kernel_path.")
+        output = os.path.join(work, name)
+        runner.run(argv(config, output), hint=hint)
         with open(output, "rb") as f:
             return f.read()
 
@@ -804,17 +799,12 @@ def esp_commands(esp_device: str, image: str) -> list[list[str]]:
 
 def _build_efi_image(modules_dir: str, root_uuid: str) -> bytes:
     """BOOTX64.EFI for the root ``root_uuid``, built in a private directory of the node."""
-    with tempfile.TemporaryDirectory(prefix="gidb-grub-efi-") as work:
-        config = os.path.join(work, "load.cfg")
-        with open(config, "w", encoding="ascii") as f:
-            f.write(core_config_text(root_uuid))
-        output = os.path.join(work, EFI_BOOT_IMAGE)
-        runner.run(efi_mkimage_argv(modules_dir, config, output),
-                   hint=f"The node's GRUB ({NODE_GRUB_EFI_PACKAGE}) could not build "
-                        f"its EFI image; check that {NODE_GRUB_EFI_PACKAGE} is fully "
-                        f"installed.")
-        with open(output, "rb") as f:
-            return f.read()
+    return _built_image(
+        "gidb-grub-efi-", EFI_BOOT_IMAGE, root_uuid,
+        lambda config, output: efi_mkimage_argv(modules_dir, config, output),
+        hint=f"The node's GRUB ({NODE_GRUB_EFI_PACKAGE}) could not build "
+             f"its EFI image; check that {NODE_GRUB_EFI_PACKAGE} is fully "
+             f"installed.")
 
 
 def _write_esp(esp_device: str, image: bytes) -> None:

@@ -207,8 +207,10 @@ def attach_tree(tree_fd: int, path: str) -> None:
                          ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)), f"attach {path}")
 
 
-def _prctl(option: int, arg: int, what: str) -> None:
-    _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(0),
+def _prctl(option: int, arg: int, what: str, pointer: object = None) -> None:
+    """prctl(option, arg, pointer or 0, 0, 0)."""
+    third = ctypes.c_ulong(0) if pointer is None else pointer
+    _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), third,
                        ctypes.c_ulong(0), ctypes.c_ulong(0)), what)
 
 
@@ -446,9 +448,8 @@ def install_filter(program: list[Instruction]) -> None:
     """Install ``program`` for this process and all it starts, for good."""
     instructions = (SockFilter * len(program))(*(SockFilter(*i) for i in program))
     fprog = SockFprog(len(program), instructions)
-    _check(_libc.prctl(ctypes.c_int(PR_SET_SECCOMP), ctypes.c_ulong(SECCOMP_MODE_FILTER),
-                       ctypes.byref(fprog), ctypes.c_ulong(0), ctypes.c_ulong(0)),
-           "install the seccomp filter")
+    _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, "install the seccomp filter",
+           ctypes.byref(fprog))
 
 
 def build_root(target: str) -> str:
@@ -620,6 +621,15 @@ def _exec(command: list[str], env: dict[str, str], mask: set[int | signal.Signal
         os._exit(code)
 
 
+def _fork(what: str) -> int | None:
+    """os.fork(); None, once said why, when it fails."""
+    try:
+        return os.fork()
+    except OSError as exc:
+        print(f"confine: cannot confine {what}: fork: {exc.strerror}", file=sys.stderr)
+        return None
+
+
 def _init(command: list[str], env: dict[str, str], what: str, mask: set[int | signal.Signals],
           alive_fd: int, status_fd: int) -> int:
     """PID 1 of the new PID namespace: start the program, wait for it (and
@@ -637,10 +647,8 @@ def _init(command: list[str], env: dict[str, str], what: str, mask: set[int | si
     os.close(alive_fd)
     # Out of the supervisor's process group: kill(0, ...) reaches only us.
     os.setsid()
-    try:
-        pid = os.fork()
-    except OSError as exc:
-        print(f"confine: cannot confine {what}: fork: {exc.strerror}", file=sys.stderr)
+    pid = _fork(what)
+    if pid is None:
         return SETUP_FAILED
     if pid == 0:
         _exec(command, env, mask)
@@ -660,10 +668,8 @@ def run_confined(command: list[str], env: dict[str, str], what: str) -> int:
     alive_read, alive_write = os.pipe()  # EOF: the supervisor is gone
     status_read, status_write = os.pipe()  # the program's wait status
     sys.stderr.flush()
-    try:
-        pid = os.fork()
-    except OSError as exc:
-        print(f"confine: cannot confine {what}: fork: {exc.strerror}", file=sys.stderr)
+    pid = _fork(what)
+    if pid is None:
         return SETUP_FAILED
     if pid == 0:
         code = SETUP_FAILED

@@ -99,16 +99,13 @@ def run(request: Request, paths: Paths) -> None:
             source = find_source(cache_hold, p, paths)
             disk = instance_disk.format_disk(stack, request, conf, p.params.filesystem,
                                              p.arch, image=source.image)
-            target_dir = stack.enter_context(mounts.temporary_mountpoint())
             # Without nosuid,nodev: the system is ours (bootstrapped now or
             # from the administrator's cache), and the bootstrap and hooks
             # run inside it (debootstrap makes its /dev nodes there; a hook
             # may drop to a user and need a setuid program). The 0700
             # parent of the mount point keeps the node's users out.
-            stack.enter_context(mounts.mounted(disk.root_device, target_dir,
-                                               disk.root.fstype))
-            stack.enter_context(mounts.write_errors_reported(
-                target_dir, f"the instance's root filesystem on {request.disk_path}"))
+            target_dir = stack.enter_context(mounts.instance_root(
+                disk.root_device, disk.root.fstype, request.disk_path))
             if disk.from_image:
                 logger.info("The system comes from the cache image %s",
                             source.image.path if source.image else "")

@@ -415,8 +415,12 @@ def parse(script: str, argv: Sequence[str], env: Mapping[str, str]) -> Request:
         exp_size_fd=exp_size_fd, ganeti_env=_ganeti_env(env))
 
 
+# The checks ``verify`` knows (verify.py runs them; "parameters" checks the
+# OS parameters of osparams.py).
+KNOWN_CHECKS = ("parameters",)
+
+
 def _parse_verify(argv: Sequence[str], env: Mapping[str, str], api: int) -> Request:
-    from .osparams import KNOWN_CHECKS
     if not argv:
         raise UsageError(_usage_then("verify", "verify needs the checks to run as "
                                                "arguments."))

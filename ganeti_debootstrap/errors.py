@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import signal
 from collections.abc import Sequence
 
 
@@ -60,13 +62,15 @@ class CommandError(DefinitionError):
         self.hint = hint
         super().__init__(self._render())
 
-    def _render(self) -> str:
-        from shlex import join
+    @property
+    def status(self) -> str:
+        """How the command ended, as a predicate: "failed with exit status 2"."""
         if self.returncode < 0:
-            status = f"was killed by signal {-self.returncode}"
-        else:
-            status = f"failed with exit status {self.returncode}"
-        lines = [f"Command {join(self.argv)} {status}."]
+            return f"was killed by signal {-self.returncode}"
+        return f"failed with exit status {self.returncode}"
+
+    def _render(self) -> str:
+        lines = [f"Command {shlex.join(self.argv)} {self.status}."]
         if self.stderr_tail.strip():
             lines.append("Its last output was:")
             lines.extend("  " + line for line in
@@ -84,6 +88,5 @@ class Interrupted(BaseException):
     """
 
     def __init__(self, signum: int) -> None:
-        import signal
         self.signum = signum
         super().__init__(f"interrupted by {signal.Signals(signum).name}")

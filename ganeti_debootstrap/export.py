@@ -138,14 +138,17 @@ def expected_size(fields: dict[str, str], root_dev: str) -> int:
                         f"instance's disk, then export again.") from None
 
 
+_BY_HAND = ("Ganeti passes an open descriptor; unset EXP_SIZE_FD when running "
+            "export by hand.")
+
+
 def check_size_fd(fd: int) -> None:
     """Refuse an EXP_SIZE_FD that is not open for writing, before the disk is opened."""
     try:
         mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
     except OSError as exc:
         raise DiskError(f"EXP_SIZE_FD={fd} is not an open file descriptor "
-                        f"({exc.strerror}). Ganeti passes an open descriptor; "
-                        f"unset EXP_SIZE_FD when running export by hand.") from None
+                        f"({exc.strerror}). {_BY_HAND}") from None
     if mode not in (os.O_WRONLY, os.O_RDWR):
         raise DiskError(f"EXP_SIZE_FD={fd} is open for reading only, so the "
                         f"expected size cannot be written to it. Pass a "
@@ -159,8 +162,7 @@ def write_expected_size(fd: int, size: int) -> None:
         os.write(fd, data)
     except OSError as exc:
         raise DiskError(f"Cannot write the expected size to EXP_SIZE_FD={fd}: "
-                        f"{exc.strerror}. Ganeti passes an open descriptor; "
-                        f"unset EXP_SIZE_FD when running export by hand.") from None
+                        f"{exc.strerror}. {_BY_HAND}") from None
 
 
 def run(request: Request, paths: Paths) -> None:

@@ -18,6 +18,15 @@ from .errors import CommandError, DiskError
 RootType = Literal["ext4", "ext3", "ext2"]
 ROOT_TYPES: tuple[RootType, ...] = get_args(RootType)
 
+
+@dataclass(frozen=True)
+class FsEntry:
+    """A filesystem create made: its UUID and type (``swap`` for swap)."""
+
+    uuid: str
+    fstype: str
+
+
 # blkid's exit status when it found nothing to report.
 _BLKID_NOTHING = 2
 

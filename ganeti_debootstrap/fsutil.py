@@ -1,4 +1,5 @@
-"""Small file-system helpers every module may use: atomic writes and the umask.
+"""Small file-system helpers every module may use: atomic writes, the umask,
+whether a path lies below another.
 
 The node's own files only (the cache, records beside it). A file inside an
 instance is written through :class:`target.Target`, which never follows the
@@ -11,6 +12,16 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
+
+# The umask Debian's package tools and run-parts work under. Ganeti runs the
+# scripts with 077, under which what they make in an instance (a user's home,
+# /boot/grub, systemd's directories) would be private to root.
+PACKAGE_UMASK = 0o022
+
+
+def is_under(path: str, top: str) -> bool:
+    """Whether the normalised path ``path`` is ``top`` or lies below it."""
+    return path == top or path.startswith(top.rstrip("/") + "/")
 
 
 def fsync_path(path: str) -> None:

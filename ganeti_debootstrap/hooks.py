@@ -23,7 +23,7 @@ import subprocess
 import time
 from collections.abc import Collection, Iterator
 
-from . import mounts, runner, trust
+from . import fsutil, procs, runner, trust
 from .environment import Request
 from .errors import CommandError, HookError, MissingProgramError
 from .settings import Settings
@@ -41,7 +41,7 @@ HOOK_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 # run-parts sets this umask before running each script; Ganeti runs us with
 # 077, under which files a hook writes into the instance would be private.
-HOOK_UMASK = 0o022
+HOOK_UMASK = fsutil.PACKAGE_UMASK
 
 def _scan(directory: str) -> tuple[list[str], list[str]]:
     """The hooks of ``directory`` and the entries run-parts would complain about."""
@@ -151,15 +151,11 @@ def _failed(hook: str, what: str, tail: str = "") -> HookError:
 
 def run_hook(hook: str, env: dict[str, str], *, timeout: float | None = None) -> None:
     """Run one hook with ``env``, stdin /dev/null, output to our stderr."""
-    saved = os.umask(HOOK_UMASK)
     try:
-        runner.run([hook], env=env, timeout=timeout)
+        with fsutil.umask(HOOK_UMASK):
+            runner.run([hook], env=env, timeout=timeout)
     except CommandError as exc:
-        if exc.returncode < 0:
-            what = f"was killed by signal {-exc.returncode}"
-        else:
-            what = f"failed with exit status {exc.returncode}"
-        raise _failed(hook, what, exc.stderr_tail) from None
+        raise _failed(hook, exc.status, exc.stderr_tail) from None
     except subprocess.TimeoutExpired:
         raise _failed(hook, f"did not finish within {timeout:g} s and was "
                             f"killed") from None
@@ -171,8 +167,6 @@ def run_hook(hook: str, env: dict[str, str], *, timeout: float | None = None) ->
         # e.g. "Exec format error": a script without a #! line (run-parts
         # cannot run those either).
         raise _failed(hook, f"could not be started: {exc.strerror}") from None
-    finally:
-        os.umask(saved)
 
 
 def run_all(directory: str, env: dict[str, str], *, timeout: float | None = None,
@@ -209,44 +203,10 @@ def leftover_processes(target_dir: str) -> list[tuple[int, str]]:
     they keep its filesystem busy) and those a hook started, found by the
     TARGET variable they inherited, even after setsid or a chroot.
     """
-    found = dict(mounts.processes_using(target_dir))
-    found.update(_processes_with_variable("TARGET", target_dir))
+    found = dict(procs.processes_using(target_dir))
+    found.update(procs.processes_with_variable("TARGET", target_dir))
     found.pop(os.getpid(), None)
     return sorted(found.items())
-
-
-def _processes_with_variable(name: str, value: str) -> dict[int, str]:
-    needle = f"{name}={value}".encode()
-    found = {}
-    for pid in (p for p in os.listdir(mounts.PROC) if p.isdigit()):
-        try:
-            with open(os.path.join(mounts.PROC, pid, "environ"), "rb") as f:
-                if needle not in f.read().split(b"\0"):
-                    continue
-        except OSError:
-            continue  # gone, or a kernel thread
-        found[int(pid)] = _command_name(int(pid))
-    return found
-
-
-def _command_name(pid: int) -> str:
-    try:
-        with open(os.path.join(mounts.PROC, str(pid), "comm"), encoding="utf-8",
-                  errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie waiting for its parent."""
-    try:
-        with open(os.path.join(mounts.PROC, str(pid), "stat"), encoding="ascii",
-                  errors="replace") as f:
-            # pid (comm) state ...: comm may hold spaces and parentheses.
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def stop_processes(pids: Collection[int]) -> list[int]:
@@ -261,17 +221,13 @@ def stop_processes(pids: Collection[int]) -> list[int]:
                 os.kill(pid, signum)
         deadline = time.monotonic() + LEFTOVER_GRACE_SECONDS
         while True:
-            alive = [pid for pid in alive if _running(pid)]
+            alive = [pid for pid in alive if procs.running(pid)]
             if not alive or time.monotonic() >= deadline:
                 break
             _sleep(0.05)
         if not alive:
             break
     return alive
-
-
-def _describe(processes: list[tuple[int, str]]) -> str:
-    return ", ".join(f"{name} (pid {pid})" for pid, name in processes)
 
 
 @contextlib.contextmanager
@@ -293,7 +249,7 @@ def leftovers_stopped(hook: str, target_dir: str) -> Iterator[None]:
             left = leftover_processes(target_dir)
             if left:
                 log.warning("Stopping what the hook %s left running: %s", hook,
-                            _describe(left))
+                            procs.describe(left))
                 stop_processes([pid for pid, _ in left])
         except Exception:
             log.exception("Could not stop what the hook %s left running", hook)
@@ -306,7 +262,7 @@ def leftovers_stopped(hook: str, target_dir: str) -> Iterator[None]:
             if stuck else "")
     raise HookError(
         f"The customisation hook {hook} left processes running: "
-        f"{_describe(left)}. They were stopped so that the "
+        f"{procs.describe(left)}. They were stopped so that the "
         f"instance's filesystem can be unmounted{fate}, and what they were "
         f"doing is unfinished, so the install failed. Fix the hook: wait for "
         f"what it starts in the background, and start no daemon (while hooks "

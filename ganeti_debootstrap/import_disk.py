@@ -105,13 +105,10 @@ def run(request: Request, paths: Paths) -> None:
     conf = p.settings
     with contextlib.ExitStack() as stack:
         disk = instance_disk.format_disk(stack, request, conf, p.params.filesystem, p.arch)
-        target_dir = stack.enter_context(mounts.temporary_mountpoint())
         # The stream is the tenant's: its setuid programs and device nodes
         # must mean nothing on the node (restore still makes them).
-        stack.enter_context(mounts.mounted(disk.root_device, target_dir, disk.root.fstype,
-                                           mounts.UNTRUSTED_OPTIONS))
-        stack.enter_context(mounts.write_errors_reported(
-            target_dir, f"the instance's root filesystem on {request.disk_path}"))
+        target_dir = stack.enter_context(mounts.instance_root(
+            disk.root_device, disk.root.fstype, request.disk_path, mounts.UNTRUSTED_OPTIONS))
         with log.phase("restore"):
             size = restore_stream(target_dir, sys.stdin.fileno())
             logger.info("restored %d bytes of dump stream", size)

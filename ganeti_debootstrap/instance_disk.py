@@ -16,7 +16,7 @@ from . import blockdev, filesystems, image_copy, log, partitions
 from .cache_images import FsImage
 from .environment import Request
 from .errors import DiskError
-from .instance_files import FsEntry
+from .filesystems import FsEntry
 from .settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -20,17 +20,15 @@ import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from . import access, apt_sources, cloudinit, filesystems, network, runner
+from . import access, apt_sources, cloudinit, filesystems, network, runner, systemd_units
 from .environment import DEFAULT_SERIAL_SPEED, Request
 from .errors import DefinitionError
+from .filesystems import FsEntry
 from .names import short_hostname
+from .osparams import OSParams
+from .settings import Settings
 from .target import Target, UnsafeFileError
-
-if TYPE_CHECKING:
-    from .osparams import OSParams
-    from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +93,6 @@ class Instance:
                    network_plan=plan, apt=apt,
                    login=params.login() if params is not None else access.Access(),
                    cloud_seed=seed)
-
-
-@dataclass(frozen=True)
-class FsEntry:
-    """A filesystem create made: its UUID and type (``swap`` for swap)."""
-
-    uuid: str
-    fstype: str
 
 
 @dataclass(frozen=True)
@@ -336,6 +326,8 @@ DPKG_STATUS = "/var/lib/dpkg/status"
 
 def installed_package_versions(t: Target) -> dict[str, str]:
     """Installed package -> version, from dpkg's status file (empty if none)."""
+    # Imported here, not at the top: python3-debian takes about 60 ms to
+    # import, and only create's configuration reads dpkg's status.
     from debian import deb822
 
     try:
@@ -377,27 +369,13 @@ def write_interfaces(t: Target) -> None:
 
 # --- serial console ---------------------------------------------------------
 
-SERIAL_GETTY_UNITS = ("/usr/lib/systemd/system/serial-getty@.service",
-                      "/lib/systemd/system/serial-getty@.service")
-GETTY_WANTS = "/etc/systemd/system/getty.target.wants"
+SERIAL_GETTY_UNIT = "serial-getty@.service"
+GETTY_WANTS = f"{systemd_units.ETC_UNITS}/getty.target.wants"
 SYSTEMD_FILE_LIST = "/var/lib/dpkg/info/systemd.list"
 INITTAB = "/etc/inittab"
 # agetty tries these in turn when the line's speed is not given: the
 # speed GRUB and the kernel default to first.
 DEFAULT_SERIAL_SPEEDS = f"{DEFAULT_SERIAL_SPEED},38400,9600"
-
-
-def _make_dirs(t: Target, inner: str) -> str:
-    """Create directory ``inner`` in the instance, mode 0755 whatever our umask."""
-    path = t.path(inner)
-    if not os.path.isdir(path):
-        # Ganeti runs us with umask 077; a package would have made it 0755.
-        saved = os.umask(0o022)
-        try:
-            os.makedirs(path, mode=0o755, exist_ok=True)
-        finally:
-            os.umask(saved)
-    return path
 
 
 def runs_systemd(t: Target) -> bool:
@@ -416,18 +394,7 @@ def serial_getty_unit(t: Target) -> str | None:
         listed = set(t.read_text(SYSTEMD_FILE_LIST).splitlines())
     except (FileNotFoundError, UnsafeFileError):
         listed = set()
-    for unit in SERIAL_GETTY_UNITS:
-        if unit in listed and os.path.isfile(t.path(unit)):
-            return unit
-    # No package list: prefer a path reached without a merged-/usr symlink.
-    for unit in SERIAL_GETTY_UNITS:
-        if os.path.isfile(t.path_nofollow(unit)) and \
-                t.path(unit) == os.path.join(t.root, unit.lstrip("/")):
-            return unit
-    for unit in SERIAL_GETTY_UNITS:
-        if os.path.isfile(t.path(unit)):
-            return unit
-    return None
+    return systemd_units.find_unit(t, SERIAL_GETTY_UNIT, listed)
 
 
 def enable_serial_getty(t: Target, device: str, unit: str) -> str:
@@ -439,7 +406,7 @@ def enable_serial_getty(t: Target, device: str, unit: str) -> str:
     prompt when the kernel command line names no serial console.
     """
     link = f"{GETTY_WANTS}/serial-getty@{device}.service"
-    _make_dirs(t, GETTY_WANTS)
+    t.make_directories(GETTY_WANTS)
     dest = t.path_nofollow(link)
     if os.path.islink(dest) or os.path.isfile(dest):
         os.unlink(dest)
@@ -613,7 +580,7 @@ def regenerate_ssh_host_keys(t: Target, comment: str,
         if match and t.remove(inner) and not match.group(2):
             found.append(match.group(1))
     types = [k for k in SSH_KEY_TYPES if k in found] or list(SSH_KEY_TYPES)
-    _make_dirs(t, SSH_DIR)
+    t.make_directories(SSH_DIR)
     prints = []
     for kind in types:
         inner = f"{SSH_DIR}/ssh_host_{kind}_key"

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 log = logging.getLogger("ganeti_debootstrap")
 
@@ -50,6 +50,35 @@ def phase(name: str) -> Iterator[None]:
             log.info("%s: done in %.2f s", name, took)
         else:
             log.info("%s: failed after %.2f s", name, took)
+
+
+@contextlib.contextmanager
+def failure_logged(what: str) -> Iterator[None]:
+    """Log an error of a cleanup step instead of raising it.
+
+    Used while another error is on its way up: that one is what the
+    administrator must see, not a consequence of it.
+    """
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - logged, the first error wins
+        log.error("%s also failed: %s", what, exc)
+
+
+@contextlib.contextmanager
+def released(what: str, release: Callable[[], None]) -> Iterator[None]:
+    """Run ``release`` (``what``, for the log) when the block ends.
+
+    After a block that failed, a failure of ``release`` is only logged
+    (:func:`failure_logged`) and the block's error goes on.
+    """
+    try:
+        yield
+    except BaseException:
+        with failure_logged(what):
+            release()
+        raise
+    release()
 
 
 def _pause_if_asked(name: str) -> None:

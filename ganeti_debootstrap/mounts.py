@@ -19,17 +19,17 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from . import runner
+from . import fsutil, procs, runner
 from .errors import CommandError, DiskError
+from .log import failure_logged, released
 from .target import Target
 
 log = logging.getLogger(__name__)
 
 MOUNTINFO = "/proc/self/mountinfo"
-PROC = "/proc"
 
 # A busy unmount is usually a process that is about to exit (a hook's last
 # child, a blkid started by udev): retry with growing pauses, about 3 s in
@@ -85,10 +85,6 @@ def current_mounts() -> list[MountEntry]:
         return parse_mountinfo(f.read())
 
 
-def _is_under(path: str, top: str) -> bool:
-    return path == top or path.startswith(top.rstrip("/") + "/")
-
-
 def mounts_under(top: str, entries: Sequence[MountEntry]) -> list[MountEntry]:
     """The mounts at or below ``top`` in the order to unmount them.
 
@@ -96,7 +92,7 @@ def mounts_under(top: str, entries: Sequence[MountEntry]) -> list[MountEntry]:
     kernel lists mounts in the order they were made, and ``umount PATH``
     removes the topmost one).
     """
-    found = [(i, e) for i, e in enumerate(entries) if _is_under(e.mount_point, top)]
+    found = [(i, e) for i, e in enumerate(entries) if fsutil.is_under(e.mount_point, top)]
     found.sort(key=lambda ie: (ie[1].mount_point.rstrip("/").count("/"), ie[0]),
                reverse=True)
     return [e for _, e in found]
@@ -106,70 +102,6 @@ def is_mounted(path: str) -> bool:
     """Whether something is mounted exactly at ``path``."""
     path = os.path.realpath(path)
     return any(e.mount_point == path for e in current_mounts())
-
-
-@contextlib.contextmanager
-def failure_logged(what: str) -> Iterator[None]:
-    """Log an error of a cleanup step instead of raising it.
-
-    Used while another error is on its way up: that one is what the
-    administrator must see, not a consequence of it.
-    """
-    try:
-        yield
-    except Exception as exc:  # noqa: BLE001 - logged, the first error wins
-        log.error("%s also failed: %s", what, exc)
-
-
-def processes_using(path: str) -> list[tuple[int, str]]:
-    """Processes (pid, command name) with their root, cwd, executable, an open
-    file or a mapped file at or below ``path``."""
-    found = []
-    try:
-        pids = [name for name in os.listdir(PROC) if name.isdigit()]
-    except OSError:
-        return []
-    for pid in pids:
-        base = os.path.join(PROC, pid)
-        if any(_is_under(p, path) for p in _paths_held(base)):
-            found.append((int(pid), _command_name(base)))
-    return sorted(found)
-
-
-def _paths_held(base: str) -> Iterator[str]:
-    """Paths a process (its /proc directory) keeps open; gone ones are skipped."""
-    links = [os.path.join(base, name) for name in ("root", "cwd", "exe")]
-    try:
-        links += [os.path.join(base, "fd", fd) for fd in os.listdir(os.path.join(base, "fd"))]
-    except OSError:
-        pass
-    for link in links:
-        try:
-            yield os.readlink(link)
-        except OSError:
-            continue
-    try:
-        with open(os.path.join(base, "maps"), encoding="utf-8",
-                  errors="surrogateescape") as f:
-            for line in f:
-                # address perms offset dev inode [path]
-                parts = line.rstrip("\n").split(None, 5)
-                if len(parts) == 6 and parts[5].startswith("/"):
-                    yield parts[5]
-    except OSError:
-        pass
-
-
-def _command_name(base: str) -> str:
-    try:
-        with open(os.path.join(base, "comm"), encoding="utf-8", errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
-
-
-def _describe_users(users: Iterable[tuple[int, str]]) -> str:
-    return ", ".join(f"{name} (pid {pid})" for pid, name in users)
 
 
 def unmount_tree(path: str) -> None:
@@ -205,11 +137,11 @@ def unmount_tree(path: str) -> None:
 
 
 def _busy_error(mount_point: str, top: str, exc: CommandError) -> DiskError:
-    users = processes_using(top)
+    users = procs.processes_using(top)
     reason = (exc.stderr_tail.strip().splitlines()[-1].rstrip(".")
               if exc.stderr_tail.strip() else f"exit status {exc.returncode}")
     if users:
-        who = (f"It is in use by {_describe_users(users)}: stop these processes "
+        who = (f"It is in use by {procs.describe(users)}: stop these processes "
                f"(a daemon a hook started inside the instance?)")
     else:
         who = (f"No process holds a file there (the kernel may: a loop device, "
@@ -322,6 +254,23 @@ def write_errors_reported(mount_point: str, what: str) -> Iterator[None]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def instance_root(device: str, fstype: str, disk_path: str,
+                  options: Sequence[str] = ()) -> Iterator[str]:
+    """Mount the instance's root filesystem ``device`` on a new private mount
+    point; yield it. On exit: write errors reported, unmounted, removed.
+
+    ``options`` is :data:`UNTRUSTED_OPTIONS` for a filesystem the tenant
+    filled; ``disk_path`` (the instance's disk) names it in messages.
+    """
+    with contextlib.ExitStack() as stack:
+        target_dir = stack.enter_context(temporary_mountpoint())
+        stack.enter_context(mounted(device, target_dir, fstype, options))
+        stack.enter_context(write_errors_reported(
+            target_dir, f"the instance's root filesystem on {disk_path}"))
+        yield target_dir
+
+
 # What hooks expect inside the instance, in mounting order: (source, path
 # inside the instance, mount arguments). /dev is a bind of the node's so
 # that hooks see the instance's own loop device or partition mapping (and,
@@ -366,10 +315,5 @@ def _mounted_with(source: str, point: str, args: Sequence[str]) -> Iterator[None
             if is_mounted(point):
                 unmount_tree(point)
         raise
-    try:
+    with released(f"unmounting {point}", lambda: unmount_tree(point)):
         yield
-    except BaseException:
-        with failure_logged(f"unmounting {point}"):
-            unmount_tree(point)
-        raise
-    unmount_tree(point)

@@ -39,10 +39,12 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .environment import Nic
 from .errors import ConfigError
 from .names import one_line
+from .systemd_units import enable_unit, find_unit
 from .target import Target, UnsafeFileError
 
 log = logging.getLogger(__name__)
@@ -127,6 +129,11 @@ def eui64_address(subnet: ipaddress.IPv6Network, mac: str) -> ipaddress.IPv6Addr
                                  | int.from_bytes(ident, "big"))
 
 
+_Address = TypeVar("_Address", ipaddress.IPv4Address, ipaddress.IPv6Address)
+_ADDRESS_EXAMPLES: dict[type, tuple[int, str]] = {
+    ipaddress.IPv4Address: (4, "192.0.2.10"), ipaddress.IPv6Address: (6, "2001:db8::1")}
+
+
 class _Checker:
     """Collects every problem of every NIC, so that one error lists them all."""
 
@@ -174,37 +181,37 @@ class _Checker:
             return None
         return net
 
-    def address4(self, var: str, value: str) -> ipaddress.IPv4Address | None:
+    def address(self, var: str, value: str, kind: type[_Address]) -> _Address | None:
+        """``value`` as an address of ``kind``, or None (a problem noted)."""
         try:
             address = ipaddress.ip_address(value)
         except ValueError:
             address = None
-        if not isinstance(address, ipaddress.IPv4Address):
-            self.bad(var, value, "is not an IPv4 address such as 192.0.2.10")
+        if not isinstance(address, kind):
+            version, example = _ADDRESS_EXAMPLES[kind]
+            self.bad(var, value, f"is not an IPv{version} address such as {example}")
             return None
         return address
 
-    def address6(self, var: str, value: str) -> ipaddress.IPv6Address | None:
-        try:
-            address = ipaddress.ip_address(value)
-        except ValueError:
-            address = None
-        if not isinstance(address, ipaddress.IPv6Address):
-            self.bad(var, value, "is not an IPv6 address such as 2001:db8::1")
-            return None
-        return address
+    def gateway(self, n: int, value: str, subnet: str,
+                kind: type[_Address]) -> _Address | None:
+        """NIC ``n``'s gateway ``value`` (of the network ``subnet``), or None."""
+        suffix = "" if kind is ipaddress.IPv4Address else "6"
+        var = f"NIC_{n}_NETWORK_GATEWAY{suffix}"
+        gateway = self.address(var, value, kind) if value else None
+        if value and not subnet:
+            self.problems.append(f"{var}={value!r} is set without "
+                                 f"NIC_{n}_NETWORK_SUBNET{suffix}")
+        return gateway
 
 
 def _ipv4(check: _Checker, nic: Nic) -> tuple[ipaddress.IPv4Interface | None,
                                                 ipaddress.IPv4Address | None]:
     n = nic.index
     subnet = check.network4(n, nic.subnet)
-    address = check.address4(f"NIC_{n}_IP", nic.ip) if nic.ip else None
-    gateway = (check.address4(f"NIC_{n}_NETWORK_GATEWAY", nic.gateway)
-               if nic.gateway else None)
-    if nic.gateway and not nic.subnet:
-        check.problems.append(f"NIC_{n}_NETWORK_GATEWAY={nic.gateway!r} is set "
-                              f"without NIC_{n}_NETWORK_SUBNET")
+    address = (check.address(f"NIC_{n}_IP", nic.ip, ipaddress.IPv4Address)
+               if nic.ip else None)
+    gateway = check.gateway(n, nic.gateway, nic.subnet, ipaddress.IPv4Address)
     if subnet is None:
         if address is not None:
             # Without a Ganeti network (e.g. a routed NIC) the prefix length
@@ -243,11 +250,7 @@ def _ipv6(check: _Checker, nic: Nic, mac: str | None,
                               ipaddress.IPv6Address | None, bool]:
     n = nic.index
     subnet = check.network6(n, nic.subnet6)
-    gateway = (check.address6(f"NIC_{n}_NETWORK_GATEWAY6", nic.gateway6)
-               if nic.gateway6 else None)
-    if nic.gateway6 and not nic.subnet6:
-        check.problems.append(f"NIC_{n}_NETWORK_GATEWAY6={nic.gateway6!r} is set "
-                              f"without NIC_{n}_NETWORK_SUBNET6")
+    gateway = check.gateway(n, nic.gateway6, nic.subnet6, ipaddress.IPv6Address)
     if subnet is None or mode == "none":
         return None, None, False
     # A router's link-local address is a common and valid IPv6 gateway.
@@ -309,19 +312,22 @@ def nic_configs(nics: Sequence[Nic], ipv6: str = "eui64") -> tuple[NicConfig, ..
     return _one_default_route(configs)
 
 
+def _unless_taken(index: int, gateway: _Address | None, taken: bool) -> _Address | None:
+    """NIC ``index``'s ``gateway``; None when an earlier NIC has the route (``taken``)."""
+    if gateway is not None and taken:
+        log.info("NIC %d's IPv%d gateway %s is not used: the default route "
+                 "goes through the first NIC with a gateway.", index, gateway.version,
+                 gateway)
+        return None
+    return gateway
+
+
 def _one_default_route(configs: list[NicConfig]) -> tuple[NicConfig, ...]:
     out = []
     have4 = have6 = False
     for c in configs:
-        gateway4, gateway6 = c.gateway4, c.gateway6
-        if gateway4 is not None and have4:
-            log.info("NIC %d's IPv4 gateway %s is not used: the default route "
-                     "goes through the first NIC with a gateway.", c.index, gateway4)
-            gateway4 = None
-        if gateway6 is not None and have6:
-            log.info("NIC %d's IPv6 gateway %s is not used: the default route "
-                     "goes through the first NIC with a gateway.", c.index, gateway6)
-            gateway6 = None
+        gateway4 = _unless_taken(c.index, c.gateway4, have4)
+        gateway6 = _unless_taken(c.index, c.gateway6, have6)
         have4 = have4 or gateway4 is not None
         have6 = have6 or gateway6 is not None
         out.append(NicConfig(c.index, c.mac, c.network_name, c.address4, gateway4,
@@ -441,95 +447,6 @@ def network_text(nic: NicConfig) -> str:
             "\n"
             "[Network]\n"
             + "".join(s + "\n" for s in settings))
-
-
-# --- enabling units as systemctl enable does --------------------------------------
-
-UNIT_DIRS = ("/usr/lib/systemd/system", "/lib/systemd/system")
-ETC_UNITS = "/etc/systemd/system"
-
-
-def find_unit(t: Target, name: str) -> str | None:
-    """Where the tree's packages installed unit ``name`` (path in the instance).
-
-    With merged /usr both directories reach the file; the one not reached
-    through the /lib symlink is preferred.
-    """
-    found = [d + "/" + name for d in UNIT_DIRS if os.path.isfile(t.path(f"{d}/{name}"))]
-    for inner in found:
-        if t.path(inner) == os.path.join(t.root, inner.lstrip("/")):
-            return inner
-    return found[0] if found else None
-
-
-def install_section(text: str) -> dict[str, list[str]]:
-    """The [Install] settings of a unit file: key -> every word given."""
-    out: dict[str, list[str]] = {}
-    section = ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("[") and line.endswith("]"):
-            section = line[1:-1]
-            continue
-        if section != "Install" or "=" not in line:
-            continue
-        key, value = (p.strip() for p in line.split("=", 1))
-        if value == "":
-            out[key] = []  # an empty assignment resets the list
-        else:
-            out.setdefault(key, []).extend(value.split())
-    return out
-
-
-def _symlink(t: Target, link: str, unit: str) -> None:
-    directory = os.path.dirname(link)
-    if not os.path.isdir(t.path(directory)):
-        # Ganeti's umask 077 would make a 0700 directory systemd cannot share.
-        saved = os.umask(0o022)
-        try:
-            os.makedirs(t.path(directory), mode=0o755, exist_ok=True)
-        finally:
-            os.umask(saved)
-    dest = t.path_nofollow(link)
-    if os.path.lexists(dest):
-        os.unlink(dest)
-    os.symlink(unit, dest)
-
-
-def enable_unit(t: Target, name: str, _seen: set[str] | None = None) -> list[str]:
-    """Make the links ``systemctl enable NAME`` would; return them ([] if no unit).
-
-    WantedBy=/RequiredBy=/UpheldBy= become .wants/.requires/.upholds links,
-    Alias= a link in /etc/systemd/system, and Also= units are enabled too.
-    Template units without an instance and specifiers (%) are skipped.
-    """
-    seen = set() if _seen is None else _seen
-    if name in seen:
-        return []
-    seen.add(name)
-    unit = find_unit(t, name)
-    if unit is None:
-        return []
-    install = install_section(t.read_text(unit))
-    links = []
-    template = "@." in name  # foo@.service: enabled per instance only
-    for key, suffix in (("WantedBy", "wants"), ("RequiredBy", "requires"),
-                        ("UpheldBy", "upholds")):
-        for target in install.get(key, []):
-            if "%" in target or template:
-                continue
-            links.append(f"{ETC_UNITS}/{target}.{suffix}/{name}")
-    for alias in install.get("Alias", []):
-        if "%" not in alias and "/" not in alias:
-            links.append(f"{ETC_UNITS}/{alias}")
-    for link in links:
-        _symlink(t, link, unit)
-    for also in install.get("Also", []):
-        if "/" not in also:
-            links += enable_unit(t, also, seen)
-    return links
 
 
 # --- putting it together ----------------------------------------------------------

@@ -20,9 +20,6 @@ from .names import line_break_problem
 from .network import IPV6_MODES, NETWORK_MODES
 from .settings import BOOTLOADERS
 
-KNOWN_CHECKS = ("parameters",)
-
-
 @dataclass(frozen=True)
 class Parameter:
     """One declared OS parameter with its accepted values.

@@ -23,8 +23,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from . import blockdev, filesystems, mounts, runner
+from . import blockdev, filesystems, runner
 from .errors import CommandError, DiskError
+from .log import released
 from .settings import PartitionStyle
 
 log = logging.getLogger(__name__)
@@ -394,17 +395,12 @@ def _kpartx_mapping(dev: str, read_only: bool) -> Iterator[str]:
     sep = ["-p", KPARTX_SEPARATOR]
     name = _kpartx_name(dev, runner.output(["kpartx", "-l", *sep, dev]))
     add = ["kpartx", "-a", "-s", *(["-r"] if read_only else []), *sep, dev]
-    try:
-        # Inside the try: kpartx can fail after creating some mappings.
+    # The add inside: kpartx can fail after creating some mappings.
+    with released(f"removing the partition mappings of {dev}", lambda: _kpartx_delete(dev)):
         runner.run(add)
         part = os.path.join(MAPPER_DIR, name)
         _wait_for_node(part)
         yield part
-    except BaseException:
-        with mounts.failure_logged(f"removing the partition mappings of {dev}"):
-            _kpartx_delete(dev)
-        raise
-    _kpartx_delete(dev)
 
 
 def _wait_for_node(path: str) -> None:

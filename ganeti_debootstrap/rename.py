@@ -112,11 +112,9 @@ def run(request: Request, paths: Paths) -> None:
     with contextlib.ExitStack() as stack:
         with log.phase("open disk"):
             _, root_dev, fstype = instance_disk.open_root(stack, request.disk_path)
-            target_dir = stack.enter_context(mounts.temporary_mountpoint())
-            stack.enter_context(mounts.mounted(root_dev, target_dir, fstype,
-                                               mounts.UNTRUSTED_OPTIONS))
-            stack.enter_context(mounts.write_errors_reported(
-                target_dir, f"the instance's root filesystem on {request.disk_path}"))
+            # The instance is the tenant's (see mounts.UNTRUSTED_OPTIONS).
+            target_dir = stack.enter_context(mounts.instance_root(
+                root_dev, fstype, request.disk_path, mounts.UNTRUSTED_OPTIONS))
         with log.phase("rename"):
             changed = apply(Target(target_dir), old, new)
     logger.info("Renamed %s to %s (%s)", old, new, ", ".join(changed))

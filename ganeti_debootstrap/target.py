@@ -21,6 +21,7 @@ import stat
 import tempfile
 from dataclasses import dataclass
 
+from . import fsutil
 from .errors import DefinitionError
 
 # More symlink hops than this inside one path means a loop.
@@ -253,18 +254,24 @@ class Target:
 
     def _make_directory(self, directory: str, inner: str, advice: str) -> None:
         """Make ``directory`` (a node path under the root) and its parents, 0755."""
-        # Ganeti runs us with umask 077, which would make them 0700.
-        saved_umask = os.umask(0o022)
         try:
-            os.makedirs(directory, mode=0o755, exist_ok=True)
+            _make_directories(directory)
         except OSError as exc:
             # A regular file, FIFO... where a directory of the path belongs.
             raise UnsafeFileError(
                 inner, f"cannot be written: its directory "
                 f"{self.inner_of(directory)} cannot be made ({exc.strerror}; "
                 f"something that is not a directory is in the way)", advice) from None
-        finally:
-            os.umask(saved_umask)
+
+    def make_directories(self, inner: str) -> str:
+        """Make directory ``inner`` (and its parents) in the instance; its node path.
+
+        Made 0755, as a package would make them, whatever our umask.
+        """
+        path = self.path(inner)
+        if not os.path.isdir(path):
+            _make_directories(path)
+        return path
 
     def remove(self, inner: str) -> bool:
         """Remove a file (or symlink) inside the instance; True if it existed."""
@@ -277,3 +284,9 @@ class Target:
             return False
         os.unlink(dest)
         return True
+
+
+def _make_directories(path: str) -> None:
+    """``os.makedirs`` with mode 0755: Ganeti's umask 077 would make them 0700."""
+    with fsutil.umask(fsutil.PACKAGE_UMASK):
+        os.makedirs(path, mode=0o755, exist_ok=True)

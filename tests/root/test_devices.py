@@ -17,7 +17,7 @@ import threading
 
 import pytest
 
-from ganeti_debootstrap import blockdev, filesystems, instance_disk, mounts, partitions
+from ganeti_debootstrap import blockdev, filesystems, instance_disk, mounts, partitions, procs
 from ganeti_debootstrap.environment import Request
 from ganeti_debootstrap.errors import CommandError, DiskError
 from ganeti_debootstrap.settings import PartitionStyle, Settings
@@ -331,7 +331,7 @@ def test_busy_mount_names_the_process_and_is_released_once_it_ends(tmp_path, mon
                 mounted.__exit__(None, None, None)
             assert f"sleep (pid {sleeper.pid})" in str(err.value)
             assert mounts.is_mounted(target)
-            assert (sleeper.pid, "sleep") in mounts.processes_using(target)
+            assert (sleeper.pid, "sleep") in procs.processes_using(target)
         finally:
             sleeper.kill()
             sleeper.wait()

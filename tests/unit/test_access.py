@@ -13,7 +13,8 @@ import pytest
 from ganeti_debootstrap import access, instance_files, osparams
 from ganeti_debootstrap.access import Access, AccessError
 from ganeti_debootstrap.errors import ConfigError
-from ganeti_debootstrap.instance_files import FsEntry, Instance
+from ganeti_debootstrap.filesystems import FsEntry
+from ganeti_debootstrap.instance_files import Instance
 from tests.systemtree import ROOT_UUID, make_tree, read, write
 
 SHA512 = ("$6$ISGdkDqz4Qk3DK7K$h8vI5YJgW8E2IGrkDZikdBXrYuGmhShI71hygmn9EAjHYmEXA31Ner"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ganeti_debootstrap import apt_sources, instance_files, osparams
+from ganeti_debootstrap import apt_sources, filesystems, instance_files, osparams
 from ganeti_debootstrap.apt_sources import Release, SourcesPlan
 from ganeti_debootstrap.errors import ConfigError
 from ganeti_debootstrap.settings import Settings
@@ -316,7 +316,7 @@ def test_instance_files_configure_writes_the_sources(tmp_path):
                                     resolved_upstream=str(tmp_path / "none2"))
     instance = instance_files.Instance("a.example.org",
                                        apt=SourcesPlan(suite="bookworm"))
-    done = instance_files.configure(t, instance, root=instance_files.FsEntry(
+    done = instance_files.configure(t, instance, root=filesystems.FsEntry(
         "0a1b2c3d-1111-2222-3333-444455556666", "ext4"), node_files=node)
     assert "/etc/apt/sources.list.d/debian.sources" in done.apt_sources
     assert "Suites: bookworm bookworm-updates\n" in read(

@@ -11,7 +11,7 @@ import pytest
 from ganeti_debootstrap import bootloader, instance_files, osparams, partitions, settings
 from ganeti_debootstrap.environment import Request
 from ganeti_debootstrap.errors import ConfigError
-from ganeti_debootstrap.instance_files import FsEntry
+from ganeti_debootstrap.filesystems import FsEntry
 from ganeti_debootstrap.settings import Settings
 from ganeti_debootstrap.target import Target
 

@@ -14,7 +14,8 @@ import yaml  # type: ignore[import]  # python3-yaml ships no annotations
 from ganeti_debootstrap import cloudinit, environment, instance_files, osparams
 from ganeti_debootstrap.cloudinit import CloudInitError
 from ganeti_debootstrap.errors import ConfigError
-from ganeti_debootstrap.instance_files import FsEntry, Instance, NodeFiles
+from ganeti_debootstrap.filesystems import FsEntry
+from ganeti_debootstrap.instance_files import Instance, NodeFiles
 from tests.systemtree import ROOT_UUID, make_tree, read, write
 
 UUID = "5f3c8e1a-7b2d-4c9e-8f10-2a3b4c5d6e7f"

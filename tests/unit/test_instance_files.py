@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from ganeti_debootstrap import environment, instance_files, runner
-from ganeti_debootstrap.instance_files import FsEntry, Instance, NodeFiles
+from ganeti_debootstrap.filesystems import FsEntry
+from ganeti_debootstrap.instance_files import Instance, NodeFiles
 from ganeti_debootstrap.target import Target
 from tests.systemtree import ROOT_UUID, SHADOW, make_tree, read, status_paragraph, write
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from ganeti_debootstrap import mounts
+from ganeti_debootstrap import mounts, procs
 from ganeti_debootstrap.errors import DiskError
 
 SAMPLE = r"""22 27 0:21 / /proc rw,relatime - proc proc rw
@@ -76,7 +76,7 @@ def sleeps(monkeypatch) -> list[float]:
 def no_processes(tmp_path, monkeypatch) -> str:
     proc = tmp_path / "proc"
     proc.mkdir()
-    monkeypatch.setattr(mounts, "PROC", str(proc))
+    monkeypatch.setattr(procs, "PROC", str(proc))
     return str(proc)
 
 
@@ -150,27 +150,6 @@ def test_unmount_that_stays_busy_names_the_processes(fake_runner, table, sleeps,
     assert "umount -R /t" in message
     assert len(fake_runner.calls) == len(mounts.UNMOUNT_DELAYS) + 1
     assert "-l" not in {arg for call in fake_runner.calls for arg in call}
-
-
-def test_processes_are_found_by_root_cwd_exe_fd_and_maps(no_processes):
-    def process(pid: int, comm: str, links: dict[str, str], maps: str = "") -> None:
-        base = os.path.join(no_processes, str(pid))
-        os.makedirs(os.path.join(base, "fd"))
-        with open(os.path.join(base, "comm"), "w") as f:
-            f.write(comm + "\n")
-        with open(os.path.join(base, "maps"), "w") as f:
-            f.write(maps)
-        for name, dest in links.items():
-            os.symlink(dest, os.path.join(base, name))
-
-    process(10, "chrooted", {"root": "/t"})
-    process(11, "inside", {"cwd": "/t/home"})
-    process(12, "binary", {"exe": "/t/usr/bin/daemon (deleted)"})
-    process(13, "writer", {"fd/3": "/t/var/log/x"})
-    process(14, "mapper", {}, "7f00-7f10 r-xp 00000000 07:01 12 /t/usr/lib/libx.so\n")
-    process(15, "outside", {"cwd": "/tmp", "fd/1": "/tx/file"}, "7f00-7f10 r-xp 0 0:0 0 [heap]\n")
-    assert mounts.processes_using("/t") == [
-        (10, "chrooted"), (11, "inside"), (12, "binary"), (13, "writer"), (14, "mapper")]
 
 
 def test_mounted_passes_type_and_options_and_unmounts_on_exit(fake_runner, table):
@@ -300,3 +279,27 @@ def test_private_root_is_made_in_the_directory_asked(tmp_path):
     assert os.path.dirname(os.path.dirname(root)) == str(tmp_path)
     assert stat.S_IMODE(os.stat(os.path.dirname(root)).st_mode) == 0o700
     assert os.listdir(root) == []
+
+
+@pytest.mark.parametrize("options,mount_options", [
+    ((), ""), (mounts.UNTRUSTED_OPTIONS, "-o nosuid,nodev ")])
+def test_instance_root_is_mounted_on_a_private_point_and_removed(fake_runner, table,
+                                                                 options, mount_options):
+    fake_runner.expect("mount", action=table.mount)
+    fake_runner.expect("umount", action=table.umount)
+    with mounts.instance_root("/dev/loop1", "ext4", "/disk", options) as root:
+        assert stat.S_IMODE(os.stat(os.path.dirname(root)).st_mode) == 0o700
+        assert fake_runner.commands() == [f"mount -t ext4 {mount_options}/dev/loop1 {root}"]
+    assert fake_runner.commands()[1:] == [f"umount {root}"]
+    assert not os.path.exists(os.path.dirname(root))
+
+
+def test_instance_root_is_released_after_a_failure_inside(fake_runner, table):
+    fake_runner.expect("mount", action=table.mount)
+    fake_runner.expect("umount", action=table.umount)
+    with pytest.raises(RuntimeError, match="restore failed"):
+        with mounts.instance_root("/dev/loop1", "ext4", "/disk") as root:
+            raise RuntimeError("restore failed")
+    assert fake_runner.commands()[1:] == [f"umount {root}"]
+    assert mounts.current_mounts() == []
+    assert not os.path.exists(os.path.dirname(root))

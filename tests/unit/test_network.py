@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from ganeti_debootstrap import environment, instance_files, network, osparams
+from ganeti_debootstrap import environment, instance_files, network, osparams, systemd_units
 from ganeti_debootstrap.environment import Nic
 from ganeti_debootstrap.errors import ConfigError
-from ganeti_debootstrap.instance_files import FsEntry, Instance
+from ganeti_debootstrap.filesystems import FsEntry
+from ganeti_debootstrap.instance_files import Instance
 from ganeti_debootstrap.network import NetworkPlan
 from ganeti_debootstrap.target import Target
 from tests.systemtree import make_tree, write
@@ -312,14 +313,14 @@ def test_networkd_slaac_accepts_router_advertisements():
 def test_install_section_collects_repeated_keys_and_ignores_other_sections():
     text = ("[Unit]\nWantedBy=nothing.target\n[Install]\nWantedBy=a.target b.target\n"
             "; comment\nAlso=x.service\nAlso=y.service\nAlias=z.service\n")
-    assert network.install_section(text) == {
+    assert systemd_units.install_section(text) == {
         "WantedBy": ["a.target", "b.target"], "Also": ["x.service", "y.service"],
         "Alias": ["z.service"]}
 
 
 def test_enabling_networkd_makes_the_links_systemctl_would(tmp_path):
     t = networkd_tree(tmp_path / "root")
-    links = network.enable_unit(t, "systemd-networkd.service")
+    links = systemd_units.enable_unit(t, "systemd-networkd.service")
     unit = "/usr/lib/systemd/system/"
     expected = {
         "etc/systemd/system/multi-user.target.wants/systemd-networkd.service":
@@ -342,20 +343,20 @@ def test_enabling_networkd_makes_the_links_systemctl_would(tmp_path):
 
 def test_enabling_a_missing_unit_does_nothing(tmp_path):
     t = make_tree(tmp_path / "root")
-    assert network.enable_unit(t, "systemd-networkd.service") == []
+    assert systemd_units.enable_unit(t, "systemd-networkd.service") == []
 
 
 def test_a_template_unit_gets_no_wants_link(tmp_path):
     t = make_tree(tmp_path / "root")
     write(Path(t.root, "usr/lib/systemd/system/foo@.service"),
           "[Install]\nWantedBy=multi-user.target\n")
-    assert network.enable_unit(t, "foo@.service") == []
+    assert systemd_units.enable_unit(t, "foo@.service") == []
 
 
 def test_units_on_a_split_usr_tree_are_found_under_lib(tmp_path):
     t = make_tree(tmp_path / "root", release="split")
     write(Path(t.root, "lib/systemd/system/x.service"), "[Install]\nWantedBy=a.target\n")
-    assert network.find_unit(t, "x.service") == "/lib/systemd/system/x.service"
+    assert systemd_units.find_unit(t, "x.service") == "/lib/systemd/system/x.service"
 
 
 # --- writing into the tree ------------------------------------------------------------

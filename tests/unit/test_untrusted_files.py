@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from ganeti_debootstrap import bootloader, instance_files, rename
-from ganeti_debootstrap.instance_files import FsEntry
+from ganeti_debootstrap.filesystems import FsEntry
 from ganeti_debootstrap.target import MAX_READ_BYTES, Target, UnsafeFileError
 
 # Every read below must end at once; a hang (a FIFO opened for reading
