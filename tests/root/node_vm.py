@@ -84,8 +84,8 @@ KERNEL_DEATH = re.compile(r"Kernel panic|Oops:|BUG: |soft lockup|rcu_preempt sel
 # command's (the scenario run is one command).
 # Measured boot to power-off: 4.6-5.3 min (login prompt after 51-89 s),
 # 9.7 min with the measurement under a load average of 9.6 on 2 cores; with
-# the grub round trip and one vCPU, 5.5-6.7 min with the measurements (about
-# 2 min of it).
+# the grub round trip and one vCPU, 3.5 min (login prompt after 36 s), 5.5-6.7
+# min with the measurements (about 2 min of it).
 BOOT_TIMEOUT = 1200.0
 STEP_TIMEOUT = 1080.0
 # Set to 1 to run the measurements too (see node_vm_scenarios.MEASUREMENTS).
