@@ -461,18 +461,47 @@ def mkimage_argv(grub: NodeGrub, style: str, config: str, output: str) -> list[s
             *core_modules(style)]
 
 
-def bios_setup_argv(grub: NodeGrub, platform_dir: str, disk_device: str) -> list[str]:
+# The GRUB drive the disk is named as to grub-bios-setup, through our device map.
+DEVICE_MAP_DRIVE = "(hd0)"
+
+
+def device_map_text(disk_device: str) -> str:
+    """A device.map naming ``disk_device`` GRUB's drive (hd0), a plain disk.
+
+    Given an OS device, grub-bios-setup looks through it: an LVM logical
+    volume (the disks of Ganeti's plain template) becomes GRUB's own LVM device
+    ("lvm/vg-lv"), which it cannot write ("diskfilter writes are not
+    supported"; found on a node VM). A drive of the device map is opened
+    as the block device it names, whatever is below it. The path as the
+    kernel names it (GRUB reads it up to the first blank).
+    """
+    return f"{DEVICE_MAP_DRIVE}\t{os.path.realpath(disk_device)}\n"
+
+
+def bios_setup_argv(grub: NodeGrub, platform_dir: str, device_map: str) -> list[str]:
     """grub-bios-setup writing boot.img and core.img (read from ``platform_dir``).
 
+    The disk is the drive of ``device_map`` (:func:`device_map_text`); the
+    node's own device.map (its own disks) has nothing to say about it.
     It also takes "the root device" from the filesystem ``platform_dir`` is
     on, which must be one GRUB can open: the instance's (not a temporary
     directory of the node, whose root may be LVM, md or a whole disk).
     Without --force it refuses to fall back to block lists (which would
     write into core.img there): core.img is embedded in the gap after the
-    MBR or in the BIOS boot partition. The node's own device.map (its own
-    disks) has nothing to say about this disk: an empty one.
+    MBR or in the BIOS boot partition.
     """
-    return [grub.bios_setup, "--device-map=", f"--directory={platform_dir}", disk_device]
+    return [grub.bios_setup, f"--device-map={device_map}", f"--directory={platform_dir}",
+            DEVICE_MAP_DRIVE]
+
+
+@contextlib.contextmanager
+def _device_map(disk_device: str) -> Iterator[str]:
+    """The device map of :func:`device_map_text`, in a private directory of the node."""
+    with tempfile.TemporaryDirectory(prefix="gidb-grub-map-") as work:
+        path = os.path.join(work, "device.map")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(device_map_text(disk_device))
+        yield path
 
 
 class _GrubSkipped(Exception):
@@ -706,10 +735,11 @@ def install_from_node(t: Target, request: Request, conf: Settings, *, disk_devic
                            "a boot loader; boot it with Ganeti's kernel_path, or fix "
                            "that path in the instance, export and import it again.", why)
             return False
-        runner.run(bios_setup_argv(grub, platform_dir, disk_device),
-                   hint=f"Installing the node's GRUB on {disk_device} failed; import "
-                        f"with bootloader=none and boot the instance with Ganeti's "
-                        f"kernel_path instead.")
+        with _device_map(disk_device) as device_map:
+            runner.run(bios_setup_argv(grub, platform_dir, device_map),
+                       hint=f"Installing the node's GRUB on {disk_device} failed; "
+                            f"import with bootloader=none and boot the instance with "
+                            f"Ganeti's kernel_path instead.")
         inside = instance_disk_name(request)
         record_install_devices(t, inside)
         logger.info("GRUB (the node's) installed on %s (%s in the instance), "

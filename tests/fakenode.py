@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from ganeti_debootstrap import blockdev, mounts, settings
+from ganeti_debootstrap import blockdev, mounts, procs, settings
 from tests.fakes import FakeRunner
 
 # The size of the instance disk the composition tests use (conftest's disk0).
@@ -75,7 +75,7 @@ class FakeNode:
         monkeypatch.setattr(blockdev, "PROC_SWAPS", str(self.base / "swaps"))
         monkeypatch.setattr(blockdev, "_sleep", lambda seconds: None)
         monkeypatch.setattr(mounts, "MOUNTINFO", str(self.mountinfo))
-        monkeypatch.setattr(mounts, "PROC", str(self.base / "proc"))
+        monkeypatch.setattr(procs, "PROC", str(self.base / "proc"))
         monkeypatch.setattr(mounts, "_sleep", lambda seconds: None)
         f = self.fake
         # The settings files are shell, read by the shell (settings.load):

@@ -41,7 +41,11 @@ def cache_dir(localstatedir: str) -> str:
 
 def ensure_default_cache(localstatedir: str) -> CacheEntry:
     """The default settings' cache entry under ``localstatedir``, built if missing."""
-    settings = Settings()
+    return ensure_cache(localstatedir, Settings())
+
+
+def ensure_cache(localstatedir: str, settings: Settings) -> CacheEntry:
+    """The cache entry create uses for ``settings`` under ``localstatedir``, built if missing."""
     tool = bootstrap.choose_tool(settings.bootstrap_tool)
     key = CacheKey.from_settings(settings, tool)
     store = Cache(cache_dir(localstatedir), clean_days=None)

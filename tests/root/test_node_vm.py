@@ -30,9 +30,12 @@ EXPECTED_PATH = {
     "refuse_foreign_kpartx_mapping": "refused",
     "sigterm_during_create_on_lv": "kpartx",
     "sigkill_during_create_on_lv": "kpartx",
+    "create_grub_on_lv": "kpartx",
     "export_import_rename_on_lvs": "kpartx/kpartx/kpartx",
     "create_msdos_on_lv_without_kpartx": "offset loop device",
     "export_on_lv_without_kpartx": "offset loop device",
+    "export_on_lv_loop_direct_io": "offset loop device",
+    "compare_create_paths_on_lv": "kpartx/offset loop device/offset loop device",
 }
 
 

@@ -446,16 +446,18 @@ def test_import_puts_the_node_grub_on_the_disk_and_runs_nothing_of_the_instance(
     assert import_install(t, style, serial_console="True")
     platform = f"{t.root}/boot/grub/i386-pc"
     workdir = os.path.dirname(fake_runner.calls[0][3].partition("=")[2])
+    mapdir = os.path.dirname(fake_runner.calls[1][1].partition("=")[2])
     assert fake_runner.commands() == [
         f"{node_grub.mkimage} --format=i386-pc --directory={node_grub.modules} "
         f"--config={workdir}/load.cfg --prefix=/boot/grub --output={workdir}/core.img "
         f"biosdisk {module} ext2 search_fs_uuid",
-        f"{node_grub.bios_setup} --device-map= --directory={platform} /dev/loop3",
+        f"{node_grub.bios_setup} --device-map={mapdir}/device.map --directory={platform} "
+        f"(hd0)",
     ]
-    # Node programs only, fed nothing; the private work directory is gone.
+    # Node programs only, fed nothing; the private work directories are gone.
     assert not any("chroot" in c or c.startswith(t.root) for c in fake_runner.commands())
     assert fake_runner.stdins == [None, None]
-    assert not os.path.exists(workdir)
+    assert not os.path.exists(workdir) and not os.path.exists(mapdir)
     assert mkimage.config == f"search.fs_uuid {UUID} root\nset prefix=($root)/boot/grub\n"
     # The modules and core.img, as grub-install would leave them.
     assert sorted(os.listdir(platform)) == sorted(NODE_COPIED + ("core.img",))
@@ -520,7 +522,7 @@ def test_import_with_grub_directories_linked_at_the_node_writes_inside_the_insta
     assert import_install(t)
     assert tree_listing(node_dir) == before
     assert (grub_dir / "grub.cfg").is_file() and (platform / "core.img").is_file()
-    assert fake_runner.calls[-1][-2:] == (f"--directory={platform}", "/dev/loop3")
+    assert fake_runner.calls[-1][-2:] == (f"--directory={platform}", "(hd0)")
 
 
 def test_import_where_grub_directory_is_a_file_goes_on_without_grub(
@@ -563,6 +565,31 @@ def test_imported_system_without_its_own_grub_gets_the_node_one(
     t = make_tree(tmp_path / "root", grub=False)
     expect_node_grub(fake_runner, node_grub)
     assert import_install(t)
+
+
+def test_import_names_the_disk_to_grub_bios_setup_as_a_plain_drive_of_its_device_map(
+        fake_runner, node_grub, tmp_path):
+    # Given /dev/VG/LV itself, grub-bios-setup sees GRUB's LVM device and
+    # refuses to write it ("diskfilter writes are not supported", on a node
+    # VM): the disk is (hd0) of a device map naming the kernel's device.
+    dm = tmp_path / "dev" / "dm-3"
+    dm.parent.mkdir()
+    dm.write_text("")
+    lv = tmp_path / "dev" / "vg" / "instance-disk0"
+    lv.parent.mkdir()
+    lv.symlink_to("../dm-3")
+    seen = []
+
+    def bios_setup(argv):
+        options = dict(a[2:].split("=", 1) for a in argv if a.startswith("--"))
+        seen.append((argv[-1], Path(options["device-map"]).read_text()))
+
+    expect_node_grub(fake_runner, node_grub)
+    fake_runner.expect(node_grub.bios_setup, action=bios_setup)
+    t = make_tree(tmp_path / "root")
+    assert bootloader.install_from_node(t, request(), grub_settings("msdos"),
+                                        disk_device=str(lv), root_uuid=UUID)
+    assert seen == [("(hd0)", f"(hd0)\t{dm}\n")]
 
 
 def test_failed_grub_bios_setup_fails_the_import_with_its_output(
