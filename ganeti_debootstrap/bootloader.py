@@ -22,6 +22,7 @@ settings are also left in /etc/default/grub.d for it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import logging
@@ -29,7 +30,7 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from . import fsutil, log, mounts, partitions, runner
