@@ -78,6 +78,13 @@ _INPUTS = re.compile(r"^(?P<stem>%s)%s$" % (_STEM, re.escape(INPUTS_SUFFIX)))
 _OURS = re.compile(r"^%s%s$" % (_STEM, re.escape(ARCHIVE_SUFFIX)))
 # Images and their records, by any cache- name: pruned once their archive is gone.
 _IMAGE_FILE = re.compile(r"^(?P<stem>cache-.+)%s$" % _IMAGE)
+# An image itself (not its record), with its filesystem type.
+_IMAGE_ONLY = re.compile(r"^(?P<stem>cache-.+)\.(?P<fstype>ext[234])%s$"
+                         % re.escape(IMAGE_SUFFIX))
+
+# The record's field holding when the archive's packages were last brought
+# up to date without a new bootstrap (a refresh); absent: never.
+REFRESHED_FIELD = "refreshed"
 
 # Paths every usable Debian tree has; an archive without them is damaged.
 ESSENTIALS = ("etc/os-release", "etc/debian_version", "usr/bin/dpkg")
@@ -136,6 +143,20 @@ class CacheKey:
                    mirror=settings.mirror, components=tuple(settings.components),
                    extra_pkgs=packages(settings), tool=tool)
 
+    @classmethod
+    def from_inputs(cls, data: object) -> CacheKey | None:
+        """The key an inputs file records (``inputs()``), or None if it is not one."""
+        if not isinstance(data, dict):
+            return None
+        values: dict[str, Any] = dict(data)
+        try:
+            values["components"] = tuple(values.get("components", ()))
+            values["extra_pkgs"] = tuple(values.get("extra_pkgs", ()))
+            key = cls(**values)
+        except TypeError:
+            return None
+        return key if key.inputs() == data else None
+
     def describe(self) -> str:
         """The inputs in one line, for log messages."""
         return (f"{self.suite}/{self.arch} with {self.tool} (mirror: "
@@ -169,6 +190,50 @@ class CacheEntry:
     key: CacheKey
     path: str  # the archive
     inputs_file: str
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """A filesystem image file of an archive, as found in the directory."""
+
+    fstype: str
+    path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class StoredArchive:
+    """An archive in the cache directory as it is, for the administrator's view.
+
+    ``key`` is what its inputs file records (None: the shell edition's
+    name, or no readable record); ``kept``: its owner-write bit is removed,
+    so expiry never drops it.
+    """
+
+    path: str
+    stem: str
+    key: CacheKey | None
+    record: dict[str, Any] | None
+    size: int
+    mtime: float
+    kept: bool
+    images: tuple[StoredImage, ...]
+    legacy: bool = False  # the shell edition's cache-SUITE-ARCH.tar, never used
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    @property
+    def refreshed(self) -> str | None:
+        """When its packages were last refreshed (the record says), or None."""
+        value = (self.record or {}).get(REFRESHED_FIELD)
+        return value if isinstance(value, str) else None
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of the archive and its images."""
+        return self.size + sum(i.size for i in self.images)
 
 
 def image_name(stem: str, fstype: str) -> str:
@@ -520,6 +585,74 @@ class Cache:
         self._prune_images()
         return removed
 
+    def archives(self) -> list[StoredArchive]:
+        """Every archive in the directory (ours and the shell edition's), by name.
+
+        Reads without locking: what it reports may change under it (an
+        archive expired or stored meanwhile is simply missing or new).
+        """
+        if not os.path.isdir(self.directory):
+            return []
+        names = sorted(os.listdir(self.directory))
+        images: dict[str, list[StoredImage]] = {}
+        for name in names:
+            match = _IMAGE_ONLY.match(name)
+            if match:
+                with contextlib.suppress(FileNotFoundError):
+                    path = os.path.join(self.directory, name)
+                    images.setdefault(match.group("stem"), []).append(
+                        StoredImage(match.group("fstype"), path, os.lstat(path).st_size))
+        found = []
+        for name in names:
+            if not (name.startswith("cache-") and name.endswith(ARCHIVE_SUFFIX)):
+                continue
+            path = os.path.join(self.directory, name)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            stem = name[:-len(ARCHIVE_SUFFIX)]
+            record = (_read_record(os.path.join(self.directory, stem + INPUTS_SUFFIX),
+                                   quiet=True) if _OURS.match(name) else None)
+            key = CacheKey.from_inputs(record["key"]) if record else None
+            if key is not None and key.stem != stem:
+                key = None  # recorded for other inputs: lookup removes it
+            found.append(StoredArchive(path, stem, key, record, st.st_size, st.st_mtime,
+                                       _kept(st), tuple(images.get(stem, ())),
+                                       legacy=not _OURS.match(name)))
+        return found
+
+    def expired(self, now: float | None = None) -> list[str]:
+        """The archives ``expire`` would drop now (in use or not); changes nothing."""
+        now = time.time() if now is None else now
+        return [a.path for a in self.archives()
+                if self._too_old(os.lstat(a.path), now) and not a.kept]
+
+    def remove(self, path: str, why: str) -> bool:
+        """Remove the archive at ``path`` with its record and images, unless kept or in use.
+
+        Under the key's exclusive lock, not waiting: an archive in use is
+        left (False), like expiry does; so is a kept one. ``why`` is logged.
+        """
+        name = os.path.basename(path)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if _kept(st):
+            log.info("Keeping %s: its owner-write bit is removed", path)
+            return False
+        removed = self._remove_archive(name, why)
+        if removed:
+            self._prune_images()
+        return removed
+
+    def _too_old(self, st: os.stat_result, now: float) -> bool:
+        return (stat.S_ISREG(st.st_mode) and self.clean_days is not None
+                and now - st.st_mtime > self.clean_days * SECONDS_PER_DAY)
+
     def _prune_images(self) -> None:
         """Remove images whose archive is gone (expired or removed)."""
         names = set(os.listdir(self.directory))
@@ -534,17 +667,20 @@ class Cache:
             st = os.lstat(path)
         except FileNotFoundError:
             return False
-        if not stat.S_ISREG(st.st_mode) or self.clean_days is None:
+        if not self._too_old(st, now):
             return False
-        if now - st.st_mtime <= self.clean_days * SECONDS_PER_DAY:
-            return False
-        if not st.st_mode & stat.S_IWUSR:
+        if _kept(st):
             log.debug("Keeping %s: its owner-write bit is removed", path)
             return False
+        return self._remove_archive(name, f"older than {self.clean_days} days "
+                                          f"(CLEAN_CACHE)")
+
+    def _remove_archive(self, name: str, why: str) -> bool:
+        """Remove the archive ``name`` and its record under its lock; False if in use."""
+        path = os.path.join(self.directory, name)
         if not _OURS.match(name):
             # The shell edition's name: no lock or inputs file of ours.
-            log.info("Removing the cache %s: older than %d days (CLEAN_CACHE)",
-                     path, self.clean_days)
+            log.info("Removing the cache %s: %s", path, why)
             os.unlink(path)
             return True
         stem = name[:-len(ARCHIVE_SUFFIX)]
@@ -553,8 +689,7 @@ class Cache:
                 log.info("Not removing the old cache %s now: another run is "
                          "using it", path)
                 return False
-            log.info("Removing the cache %s: older than %d days (CLEAN_CACHE)",
-                     path, self.clean_days)
+            log.info("Removing the cache %s: %s", path, why)
             os.unlink(path)
             _remove_if_exists(os.path.join(self.directory, stem + INPUTS_SUFFIX))
             self._forget_lock(stem)
@@ -715,6 +850,11 @@ def _read_record(path: str, quiet: bool = False) -> dict[str, Any] | None:
 def _vouches(record: dict[str, Any], st: os.stat_result) -> bool:
     """Whether ``record`` describes the archive with status ``st`` as it is now."""
     return record.get("size") == st.st_size and record.get("mtime_ns") == st.st_mtime_ns
+
+
+def _kept(st: os.stat_result) -> bool:
+    """Whether an archive is kept forever: its owner-write bit was removed."""
+    return not st.st_mode & stat.S_IWUSR
 
 
 def _same_file(fd: int, path: str) -> bool:
