@@ -61,3 +61,14 @@ def from_common(common: object, script_file: str) -> Paths:
     return Paths(sysconfdir=str(getattr(common, "SYSCONFDIR")),
                  localstatedir=str(getattr(common, "LOCALSTATEDIR")),
                  os_dir=os.path.dirname(os.path.abspath(script_file)))
+
+
+def from_installed(common: object) -> Paths:
+    """Paths of the installed OS definition, for a command outside its directory.
+
+    ganeti-debootstrap-cache lives in sbindir: the OS directory is the one
+    configure recorded (``OS_DIR``), where its variants.list is.
+    """
+    return Paths(sysconfdir=str(getattr(common, "SYSCONFDIR")),
+                 localstatedir=str(getattr(common, "LOCALSTATEDIR")),
+                 os_dir=str(getattr(common, "OS_DIR")))

@@ -1,0 +1,558 @@
+"""``ganeti-debootstrap-cache``: the administrator's command for the bootstrap cache.
+
+It works on the cache and settings create uses, through the same code: the
+variants' settings are read by plan.prepare as create reads them, each
+variant's cache key is CacheKey.from_settings of those, entries are made by
+cache.open_source + bootstrap + cache.store_tree, and listed, expired and
+removed by cache_store (names, records, locks, expiry and "kept" are
+defined there, nowhere else).
+
+Subcommands (each one entry of :data:`COMMANDS`: its name, help, arguments
+and function; adding one is one entry and its function):
+
+- ``list``: every entry with its inputs, the variants that map to it, age,
+  last refresh, size, images, whether it is kept; entries no variant uses
+  are orphans;
+- ``build [VARIANT...|--all]``: make the variants' entries now, so the
+  first create is warm; a complete entry is reported and left alone;
+- ``prune [--dry-run]``: remove expired (CLEAN_CACHE) and orphaned
+  entries, kept ones excepted.
+
+Every subcommand takes ``--json`` (the result as JSON on stdout, for
+monitoring). The log goes to stderr; on a terminal, long work shows a
+status line (progress.py). Exit status: 0 done, 1 an error (explained in
+the last paragraph of stderr, as the scripts' cli.py does), 2 a usage
+error, 128+N stopped by signal N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from . import bootstrap, cache, log, progress, signals
+from .cache_store import Cache, CacheKey, StoredArchive
+from .environment import Request
+from .errors import CacheError, ConfigError, DefinitionError, Interrupted, UsageError
+from .paths import Paths, from_installed
+from .plan import Prepared, prepare
+from .settings import BOOTLOADERS, read_variants_list
+
+PROGRAM = "ganeti-debootstrap-cache"
+# create's settings are read as for Ganeti's current OS API.
+API_VERSION = 20
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+logger = logging.getLogger(__name__)
+
+
+# --- the variants and their keys ----------------------------------------------------
+
+@dataclass(frozen=True)
+class VariantKey:
+    """A cache key one variant's creates use.
+
+    ``bootloader`` is the OS parameter it holds for ("": not given, the
+    variant's BOOTLOADER setting decides): with grub or grub-efi, the boot
+    loader's packages join EXTRA_PKGS and so the key.
+    """
+
+    variant: str  # "" when no variant is published: the defaults alone
+    bootloader: str
+    key: CacheKey
+    prepared: Prepared
+
+    @property
+    def label(self) -> str:
+        name = self.variant or "(defaults)"
+        return f"{name} (bootloader={self.bootloader})" if self.bootloader else name
+
+
+def published_variants(paths: Paths) -> list[str]:
+    """The variants create accepts from Ganeti; [""] (the defaults) when none are."""
+    return read_variants_list(paths.variants_list) or [""]
+
+
+def variant_request(variant: str, os_params: dict[str, str] | None = None) -> Request:
+    """The part of a create request the settings, parameters and key depend on."""
+    return Request(script="create", api_version=API_VERSION, os_variant=variant,
+                   os_params=dict(os_params or {}))
+
+
+def key_of(prepared: Prepared) -> CacheKey:
+    """The key create computes for these prepared settings."""
+    return CacheKey.from_settings(prepared.settings, prepared.tool, prepared.arch)
+
+
+def variant_keys(paths: Paths, variant: str) -> list[VariantKey]:
+    """Every key ``variant``'s creates can use: as configured, and per boot loader.
+
+    Empty with GENERATE_CACHE=no (its creates never use the cache). A
+    setting error of the variant is raised; a boot loader the variant
+    cannot use (grub-efi without gpt) just adds no key.
+    """
+    first = prepare(variant_request(variant), paths, bootstraps=True)
+    if not first.settings.generate_cache:
+        return []
+    found = [VariantKey(variant, "", key_of(first), first)]
+    for loader in BOOTLOADERS:
+        try:
+            other = prepare(variant_request(variant, {"bootloader": loader}), paths,
+                            bootstraps=True)
+        except DefinitionError:
+            continue
+        key = key_of(other)
+        if all(k.key != key for k in found):
+            found.append(VariantKey(variant, loader, key, other))
+    return found
+
+
+def all_variant_keys(paths: Paths) -> list[VariantKey]:
+    return [k for v in published_variants(paths) for k in variant_keys(paths, v)]
+
+
+def clean_days(paths: Paths) -> int | None:
+    """The shortest CLEAN_CACHE of the variants (None: none expires).
+
+    Any create expires every entry older than its variant's CLEAN_CACHE,
+    so the shortest is what the next creates would do anyway.
+    """
+    days = [prepare(variant_request(v), paths).settings.clean_cache_days
+            for v in published_variants(paths)]
+    known = [d for d in days if d is not None]
+    return min(known) if known else None
+
+
+# --- what list reports -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EntryView:
+    """One archive with what the administrator wants to know of it."""
+
+    archive: StoredArchive
+    variants: tuple[str, ...]
+    expired: bool
+    now: float
+
+    @property
+    def orphan(self) -> bool:
+        return not self.variants
+
+    @property
+    def age(self) -> float:
+        return max(0.0, self.now - self.archive.mtime)
+
+    def as_json(self) -> dict[str, Any]:
+        a = self.archive
+        return {
+            "name": a.stem,
+            "archive": a.path,
+            "inputs": a.key.inputs() if a.key else None,
+            "variants": list(self.variants),
+            "orphan": self.orphan,
+            "age_seconds": int(self.age),
+            "created": (a.record or {}).get("created"),
+            "refreshed": a.refreshed,
+            "size_bytes": a.total_size,
+            "archive_bytes": a.size,
+            "images": [{"fstype": i.fstype, "path": i.path, "bytes": i.size}
+                       for i in a.images],
+            "kept": a.kept,
+            "expired": self.expired,
+        }
+
+
+def entry_views(store: Cache, keys: list[VariantKey], now: float) -> list[EntryView]:
+    expired = set(store.expired(now))
+    return [EntryView(a, tuple(k.label for k in keys if k.key == a.key),
+                      a.path in expired, now)
+            for a in store.archives()]
+
+
+def human_age(seconds: float) -> str:
+    """A short age: 40s, 5m, 3h12m, 2d4h."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600}h"
+
+
+def human_size(size: int) -> str:
+    if size >= 2**30:
+        return f"{size / 2**30:.1f} GiB"
+    return f"{size / 2**20:.0f} MiB"
+
+
+def inputs_line(a: StoredArchive) -> str:
+    if a.key is not None:
+        return a.key.describe()
+    if a.legacy:
+        return "the shell edition's cache: records no inputs, not used"
+    return "no readable record of its inputs (create checks it when used)"
+
+
+def render_table(views: list[EntryView], missing: list[VariantKey], out: IO[str]) -> None:
+    if not views:
+        out.write("No cache entries.\n")
+    else:
+        rows = [("ENTRY", "VARIANTS", "AGE", "REFRESHED", "SIZE", "IMAGES", "KEPT")]
+        for v in views:
+            a = v.archive
+            rows.append((a.stem, ", ".join(v.variants) or "- (orphan)",
+                         human_age(v.age) + (" (expired)" if v.expired else ""),
+                         a.refreshed or "never", human_size(a.total_size),
+                         ",".join(i.fstype for i in a.images) or "-",
+                         "yes" if a.kept else "no"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for n, row in enumerate(rows):
+            out.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+            if n:
+                out.write(f"    {inputs_line(views[n - 1].archive)}\n")
+    orphans = sum(v.orphan for v in views)
+    if orphans:
+        out.write(f"{orphans} orphan(s): no variant uses them ({PROGRAM} prune "
+                  f"removes them unless kept).\n")
+    shown = [k for k in missing if not k.bootloader]
+    if shown:
+        out.write("Variants without a cache: "
+                  + ", ".join(k.label for k in shown)
+                  + f" ({PROGRAM} build makes them).\n")
+
+
+# --- the subcommands -----------------------------------------------------------------
+
+@dataclass
+class Context:
+    """What every subcommand gets besides its arguments."""
+
+    paths: Paths
+    out: IO[str]
+    terminal: progress.Terminal | None = None
+    now: Callable[[], float] = time.time
+
+    def emit_json(self, data: object) -> None:
+        json.dump(data, self.out, indent=2)
+        self.out.write("\n")
+
+
+def run_list(args: argparse.Namespace, ctx: Context) -> int:
+    keys = all_variant_keys(ctx.paths)
+    store = Cache(ctx.paths.cache_dir, clean_days=clean_days(ctx.paths))
+    views = entry_views(store, keys, ctx.now())
+    if args.json:
+        ctx.emit_json([v.as_json() for v in views])
+    else:
+        present = {v.archive.key for v in views}
+        render_table(views, [k for k in keys if k.key not in present], ctx.out)
+    return 0
+
+
+def parse_os_params(text: str) -> dict[str, str]:
+    """``name=value,name=value`` as gnt-instance add -O takes them."""
+    params = {}
+    for item in filter(None, text.split(",")):
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"-O {text!r}: write OS parameters as NAME=VALUE[,NAME=VALUE] "
+                             f"(e.g. -O bootloader=grub,filesystem=ext3).")
+        params[name.strip()] = value.strip()
+    return params
+
+
+def chosen_variants(args: argparse.Namespace, paths: Paths) -> list[str]:
+    """The variants named (or all with --all), refusing unknown ones by name."""
+    published = published_variants(paths)
+    names = ", ".join(v for v in published if v) or "none published: use --all"
+    if args.all == bool(args.variants):
+        raise UsageError(f"Name the variants to build or give --all (variants: "
+                         f"{names}).")
+    if args.all:
+        return published
+    unknown = [v for v in args.variants if v not in published]
+    if unknown:
+        raise ConfigError(
+            f"Unknown variant(s) {', '.join(unknown)}: the variants listed in "
+            f"{paths.variants_list} are {names}.")
+    return list(dict.fromkeys(args.variants))
+
+
+@dataclass
+class BuildResult:
+    variant: str
+    entry: str = ""
+    status: str = ""  # built, present, image made, failed
+    seconds: float = 0.0
+    error: str = ""
+    images: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"variant": self.variant, "entry": self.entry, "status": self.status,
+                "seconds": round(self.seconds, 1), "images": self.images,
+                "error": self.error or None}
+
+
+def build_one(prepared: Prepared, paths: Paths, result: BuildResult) -> None:
+    """Make (or find) the entry create would use for ``prepared``, as create would."""
+    conf = prepared.settings
+    if not conf.generate_cache:
+        raise ConfigError(
+            f"The variant {result.variant or '(defaults)'} has GENERATE_CACHE=no "
+            f"(set in {' or '.join(conf.sources)}): its creates never use the "
+            f"cache, so there is nothing to build.")
+    key = key_of(prepared)
+    fstype = prepared.params.filesystem
+    result.entry = key.stem
+    before = {i.fstype for a in Cache(paths.cache_dir).archives()
+              if a.stem == key.stem for i in a.images}
+    with contextlib.ExitStack() as hold:
+        source = cache.open_source(hold, conf, prepared.tool, prepared.arch, fstype,
+                                   paths.cache_dir)
+        if source.entry is not None:
+            made = source.image is not None and fstype not in before
+            result.status = "image made" if made else "present"
+        else:
+            logger.info("No cache for %s: bootstrapping it", key.describe())
+            with source.store.staging_dir(key) as root:
+                bootstrap.run(conf, prepared.tool, root)
+                bootstrap.clean_tree(root)
+                cache.store_tree(source, root, fstype, conf.cache_image)
+            if source.store.peek(key) is None:
+                raise CacheError(f"The cache of {key.describe()} could not be stored "
+                                 f"in {paths.cache_dir} (the log above says why).")
+            result.status = "built"
+    result.images = sorted({i.fstype for a in Cache(paths.cache_dir).archives()
+                            if a.stem == key.stem for i in a.images})
+
+
+def run_build(args: argparse.Namespace, ctx: Context) -> int:
+    variants = chosen_variants(args, ctx.paths)
+    params = parse_os_params(args.os_parameters or "")
+    # Every variant's settings are checked before anything is bootstrapped.
+    prepared = [(v, prepare(variant_request(v, params), ctx.paths, bootstraps=True))
+                for v in variants]
+    results = []
+    for n, (variant, prep) in enumerate(prepared, 1):
+        result = BuildResult(variant)
+        results.append(result)
+        label = f"[{n}/{len(prepared)}] {variant or '(defaults)'}"
+        start = time.monotonic()
+        try:
+            with progress.status(ctx.terminal, f"{label}: building the cache"):
+                build_one(prep, ctx.paths, result)
+        except DefinitionError as exc:
+            result.status, result.error = "failed", str(exc)
+            logger.error("%s: %s", label, exc)
+        result.seconds = time.monotonic() - start
+        logger.info("%s: %s %s in %.0f s", label, result.entry or "cache",
+                    result.status, result.seconds)
+    if args.json:
+        ctx.emit_json([r.as_json() for r in results])
+    else:
+        for r in results:
+            ctx.out.write(f"{r.variant or '(defaults)'}: {r.status} {r.entry}"
+                          f"{' (' + ','.join(r.images) + ' image)' if r.images else ''}\n")
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        raise CacheError("Building failed for "
+                         + "; ".join(f"{r.variant or '(defaults)'}: "
+                                     f"{r.error.splitlines()[0]}" for r in failed)
+                         + " (details above).")
+    return 0
+
+
+@dataclass(frozen=True)
+class PruneItem:
+    """An entry prune is about: expired or orphaned, and what became of it."""
+
+    archive: StoredArchive
+    reason: str  # expired, orphan
+    removed: bool
+
+    def as_json(self) -> dict[str, Any]:
+        a = self.archive
+        return {"name": a.stem, "archive": a.path, "reason": self.reason,
+                "kept": a.kept, "removed": self.removed, "would_remove": not a.kept,
+                "bytes": a.total_size}
+
+    def line(self, dry_run: bool) -> str:
+        if self.archive.kept:
+            what = "kept (read-only)"
+        elif dry_run:
+            what = "would remove"
+        else:
+            what = "removed" if self.removed else "in use, left"
+        return (f"{what}: {self.archive.stem} ({self.reason}, "
+                f"{human_size(self.archive.total_size)})")
+
+
+def prune(store: Cache, views: list[EntryView], now: float,
+          dry_run: bool) -> list[PruneItem]:
+    """Remove expired and orphaned entries but kept ones (nothing with ``dry_run``).
+
+    Expired ones go through Cache.expire, as create's expiry; orphans
+    through Cache.remove: both under the key's lock, leaving one in use.
+    """
+    doomed = [v for v in views if v.expired or v.orphan]
+    expired_now = [] if dry_run else store.expire(now)
+    items = []
+    for view in doomed:
+        a = view.archive
+        if view.expired:
+            reason, removed = "expired", a.path in expired_now
+        else:
+            reason = "orphan"
+            removed = not (dry_run or a.kept) and store.remove(
+                a.path, "no variant uses it (orphan)")
+        items.append(PruneItem(a, reason, removed))
+    return items
+
+
+def run_prune(args: argparse.Namespace, ctx: Context) -> int:
+    # A variant whose settings cannot be read raises here: without its keys,
+    # its entries would look orphaned.
+    keys = all_variant_keys(ctx.paths)
+    store = Cache(ctx.paths.cache_dir, clean_days=clean_days(ctx.paths))
+    now = ctx.now()
+    items = prune(store, entry_views(store, keys, now), now, args.dry_run)
+    if args.json:
+        ctx.emit_json([i.as_json() for i in items])
+    else:
+        for item in items:
+            ctx.out.write(item.line(args.dry_run) + "\n")
+        if not items:
+            ctx.out.write("Nothing to prune.\n")
+    return 0
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    name: str
+    help: str
+    description: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, Context], int]
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _build_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("variants", nargs="*", metavar="VARIANT",
+                        help="variants to build (as listed in variants.list)")
+    parser.add_argument("--all", action="store_true", help="every published variant")
+    parser.add_argument("-O", "--os-parameters", metavar="NAME=VALUE[,...]",
+                        help="OS parameters the instances will have, as for "
+                             "gnt-instance add -O (bootloader changes the "
+                             "entry; filesystem the image's type)")
+
+
+def _prune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-n", "--dry-run", action="store_true",
+                        help="say what would be removed, remove nothing")
+
+
+COMMANDS: tuple[Subcommand, ...] = (
+    Subcommand("list", "show every cache entry",
+               "Show every cache entry: its inputs, the variants whose creates "
+               "use it, age, last refresh, size, filesystem images and whether "
+               "it is kept (its archive read-only); entries no variant uses "
+               "are orphans.", _no_arguments, run_list),
+    Subcommand("build", "make the cache of variants now",
+               "Make the cache entry (and, with CACHE_IMAGE=yes, its filesystem "
+               "image) of each named variant now, as create would, so that the "
+               "first create is warm. A complete entry is reported and left "
+               "alone.", _build_arguments, run_build),
+    Subcommand("prune", "remove expired and orphaned entries",
+               "Remove entries older than CLEAN_CACHE (the shortest of the "
+               "variants') and entries no variant uses, except kept ones "
+               "(archive without owner write permission: chmod u-w) and ones "
+               "in use.", _prune_arguments, run_prune),
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true",
+                        help="print the result as JSON on stdout")
+    common.add_argument("-d", "--debug", action="store_true",
+                        help="log every command run")
+    top = argparse.ArgumentParser(
+        prog=PROGRAM, description="The bootstrap cache of the Ganeti OS definition "
+                                  "debootstrap, on this node.")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description,
+                           parents=[common])
+        cmd.arguments(p)
+        p.set_defaults(handler=cmd.run)
+    return top
+
+
+def refuse_early(paths: Paths, euid: int) -> None:
+    """Refuse a user other than root and a cache directory others can change."""
+    if euid != 0:
+        raise UsageError(f"{PROGRAM} must run as root: the cache, the settings and "
+                         f"the bootstrap are root's (run it with sudo).")
+    cache.check_trusted(paths.cache_dir)
+
+
+def main(common: object, argv: Sequence[str] | None = None, *,
+         paths: Paths | None = None, euid: int | None = None,
+         out: IO[str] | None = None) -> int:
+    """Run the command; return the exit status.
+
+    ``common`` is the installation's generated module; ``paths``, ``euid``
+    and ``out`` replace what it and the process give (tests).
+    """
+    args = parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    log.setup(args.debug)
+    signals.install()
+    paths = paths if paths is not None else from_installed(common)
+    try:
+        refuse_early(paths, os.geteuid() if euid is None else euid)
+        with progress.terminal_stderr() as term:
+            ctx = Context(paths, out if out is not None else sys.stdout, term)
+            return int(args.handler(args, ctx))
+    except BrokenPipeError:
+        # The reader of stdout went away (| head): nothing more to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+    except UsageError as exc:
+        _final_message(args.command, str(exc))
+        return EXIT_USAGE
+    except DefinitionError as exc:
+        if args.debug:
+            traceback.print_exc()
+        _final_message(args.command, str(exc))
+        return exc.exit_status
+    except Interrupted as exc:
+        _final_message(args.command, f"Stopped: {exc}. What it had started was "
+                                     f"released; run it again when ready.")
+        return 128 + exc.signum
+    except Exception:
+        traceback.print_exc()
+        _final_message(args.command, "Internal error (the traceback above). Please "
+                                     "report it.")
+        return 70
+
+
+def _final_message(command: str, message: str) -> None:
+    """The error, as the last paragraph of stderr."""
+    sys.stderr.flush()
+    print(f"ERROR: {PROGRAM} {command} failed: {message}", file=sys.stderr)
+    sys.stderr.flush()
