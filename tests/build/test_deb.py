@@ -129,6 +129,8 @@ def test_package_holds_the_installed_layout_without_byte_code(
         f"{DOC_DIR}/README.md.gz", f"{DOC_DIR}/changelog.gz", f"{DOC_DIR}/copyright",
         "usr/share/man/man7/ganeti-os-debootstrap.7.gz",
         "usr/share/man/man5/ganeti-instance-debootstrap.5.gz",
+        "usr/share/man/man8/ganeti-debootstrap-cache.8.gz",
+        "usr/sbin/ganeti-debootstrap-cache",
         f"usr/share/python3/runtime.d/{PACKAGE}.rtupdate",
     }
     assert sorted(files ^ expected) == []
@@ -138,6 +140,7 @@ def test_package_holds_the_installed_layout_without_byte_code(
     assert listing["var/cache/ganeti-instance-debootstrap"].startswith("d")
     assert listing["etc/ganeti/instance-debootstrap/hooks"].startswith("d")
     assert listing[f"{OS_DIR}/create"] == "f -rwxr-xr-x"
+    assert listing["usr/sbin/ganeti-debootstrap-cache"] == "f -rwxr-xr-x"
 
 
 def test_debian_clean_leaves_the_tree_as_it_was(built_package: BuiltPackage) -> None:

@@ -22,7 +22,11 @@ DOC_HOOKS = "usr/share/doc/ganeti-instance-debootstrap/examples/hooks"
 MAN_PAGES = {"usr/share/man/man7/ganeti-os-debootstrap.7":
              "ganeti-os-debootstrap - Ganeti OS definition",
              "usr/share/man/man5/ganeti-instance-debootstrap.5":
-             "ganeti-instance-debootstrap - settings and variants"}
+             "ganeti-instance-debootstrap - settings and variants",
+             "usr/share/man/man8/ganeti-debootstrap-cache.8":
+             "ganeti-debootstrap-cache - list, build and prune the bootstrap cache"}
+# The administrator's command, in sbindir.
+CACHE_COMMAND = "usr/sbin/ganeti-debootstrap-cache"
 
 
 def tree(destdir: Path) -> dict[str, tuple[str, object]]:
@@ -88,6 +92,7 @@ def expected_tree(build: Build) -> dict[str, tuple[str, object]]:
     for hook in example_hooks():
         files[f"{DOC_HOOKS}/{hook}"] = ("file", 0o755)
     files.update({page: ("file", 0o644) for page in MAN_PAGES})
+    files[CACHE_COMMAND] = ("file", 0o755)
     dirs = {f"{CONF_DIR}/hooks"}
     for path in list(files) + list(dirs):
         parent = os.path.dirname(path)
@@ -176,6 +181,26 @@ def test_installed_verify_rejects_xfs_naming_the_choices_last(build: Build) -> N
     assert proc.returncode != 0
     last = (proc.stdout + proc.stderr).rstrip().splitlines()[-1]
     assert "xfs" in last and "ext4" in last, last
+
+
+def test_installed_cache_command_finds_the_os_dir_configure_recorded(
+        build: Build, tmp_path: Path) -> None:
+    text = (build.destdir / CACHE_COMMAND).read_text()
+    assert text.splitlines()[0] == "#!/usr/bin/python3 -I"
+    line = 'sys.path.insert(0, "/usr/share/ganeti/os/debootstrap")'
+    assert line in text.splitlines()
+    # Run as installed, with that directory being the DESTDIR's copy.
+    moved = tmp_path / "ganeti-debootstrap-cache"
+    moved.write_text(text.replace(line, f'sys.path.insert(0, "{build.os_dir}")'))
+    moved.chmod(0o755)
+    for argv in (["--help"], ["list", "--help"], ["build", "--help"], ["prune", "--help"]):
+        proc = subprocess.run(["env", "-i", f"PATH={GANETI_PATH}", str(moved), *argv],
+                              cwd=tmp_path, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith(
+            "usage: ganeti-debootstrap-cache" + (f" {argv[0]}" if len(argv) > 1 else "")), \
+            proc.stdout
+        assert "--json" in proc.stdout or argv == ["--help"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
