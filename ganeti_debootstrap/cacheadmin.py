@@ -121,14 +121,14 @@ def all_variant_keys(paths: Paths) -> list[VariantKey]:
     return [k for v in published_variants(paths) for k in variant_keys(paths, v)]
 
 
-def clean_days(paths: Paths) -> int | None:
-    """The shortest CLEAN_CACHE of the variants (None: none expires).
+def clean_days(keys: list[VariantKey]) -> int | None:
+    """The shortest CLEAN_CACHE of the variants using the cache (None: none expires).
 
-    Any create expires every entry older than its variant's CLEAN_CACHE,
-    so the shortest is what the next creates would do anyway.
+    Every create of a variant with GENERATE_CACHE=yes expires each entry
+    older than its CLEAN_CACHE, so the shortest is what the next creates
+    would do anyway; variants without the cache expire nothing.
     """
-    days = [prepare(variant_request(v), paths).settings.clean_cache_days
-            for v in published_variants(paths)]
+    days = [k.prepared.settings.clean_cache_days for k in keys]
     known = [d for d in days if d is not None]
     return min(known) if known else None
 
@@ -251,7 +251,7 @@ class Context:
 
 def run_list(args: argparse.Namespace, ctx: Context) -> int:
     keys = all_variant_keys(ctx.paths)
-    store = Cache(ctx.paths.cache_dir, clean_days=clean_days(ctx.paths))
+    store = Cache(ctx.paths.cache_dir, clean_days=clean_days(keys))
     views = entry_views(store, keys, ctx.now())
     if args.json:
         ctx.emit_json([v.as_json() for v in views])
@@ -425,7 +425,7 @@ def run_prune(args: argparse.Namespace, ctx: Context) -> int:
     # A variant whose settings cannot be read raises here: without its keys,
     # its entries would look orphaned.
     keys = all_variant_keys(ctx.paths)
-    store = Cache(ctx.paths.cache_dir, clean_days=clean_days(ctx.paths))
+    store = Cache(ctx.paths.cache_dir, clean_days=clean_days(keys))
     now = ctx.now()
     items = prune(store, entry_views(store, keys, now), now, args.dry_run)
     if args.json:

@@ -587,3 +587,81 @@ def test_archive_in_use_is_not_expired(store):
 def test_expiry_of_a_missing_directory_does_nothing(tmp_path):
     assert Cache(str(tmp_path / "none"), clean_days=1).expire() == []
     assert not os.path.exists(tmp_path / "none")
+
+
+# -- the administrator's view (ganeti-debootstrap-cache) ---------------------------
+
+def test_recorded_inputs_give_back_the_key():
+    assert CacheKey.from_inputs(OTHER.inputs()) == OTHER
+    assert CacheKey.from_inputs({**KEY.inputs(), "colour": "blue"}) is None
+    assert CacheKey.from_inputs({"suite": "trixie"}) is None
+    assert CacheKey.from_inputs(["not", "a", "record"]) is None
+
+
+def test_archives_lists_each_archive_with_its_key_images_and_age(store):
+    entry = stored(store)
+    image = os.path.join(store.directory, cache_store.image_name(KEY.stem, "ext4"))
+    with open(image, "wb") as f:
+        f.write(b"\0" * 4096)
+    open(os.path.join(store.directory, "cache-trixie-amd64.tar"), "w").close()
+    open(os.path.join(store.directory, "notes.txt"), "w").close()
+    ours, legacy = sorted(store.archives(), key=lambda a: a.legacy)
+    assert (ours.path, ours.key, ours.kept, ours.legacy) == (entry.path, KEY, False, False)
+    assert [(i.fstype, i.path, i.size) for i in ours.images] == [("ext4", image, 4096)]
+    assert ours.total_size == os.path.getsize(entry.path) + 4096
+    assert ours.mtime == os.stat(entry.path).st_mtime
+    assert ours.refreshed is None and ours.record["created"]
+    assert (legacy.stem, legacy.key, legacy.legacy) == ("cache-trixie-amd64", None, True)
+
+
+def test_archives_reports_a_refresh_the_record_holds(store):
+    entry = stored(store)
+    with open(entry.inputs_file) as f:
+        record = json.load(f)
+    record[cache_store.REFRESHED_FIELD] = "2026-12-01T03:00:00Z"
+    with open(entry.inputs_file, "w") as f:
+        json.dump(record, f)
+    [archive] = store.archives()
+    assert archive.refreshed == "2026-12-01T03:00:00Z"
+
+
+def test_archive_recorded_for_other_inputs_lists_without_a_key(store):
+    entry = stored(store)
+    with open(entry.inputs_file) as f:
+        record = json.load(f)
+    record["key"] = OTHER.inputs()
+    with open(entry.inputs_file, "w") as f:
+        json.dump(record, f)
+    [archive] = store.archives()
+    assert archive.key is None
+
+
+def test_expired_says_what_expire_would_drop_and_changes_nothing(store):
+    old, kept = stored(store), stored(store, OTHER)
+    now = time.time()
+    age(old.path, 15, now)
+    age(kept.path, 15, now)
+    os.chmod(kept.path, 0o400)
+    before = sorted(os.listdir(store.directory))
+    assert store.expired(now) == [old.path]
+    assert sorted(os.listdir(store.directory)) == before
+    assert store.expire(now) == [old.path]
+
+
+def test_remove_drops_the_archive_its_record_images_and_lock(store):
+    entry = stored(store)
+    image = os.path.join(store.directory, cache_store.image_name(KEY.stem, "ext4"))
+    open(image, "w").close()
+    open(image + ".json", "w").close()
+    assert store.remove(entry.path, "no variant uses it") is True
+    assert os.listdir(store.directory) == []
+
+
+def test_remove_leaves_a_kept_archive_and_one_in_use(store):
+    kept, busy = stored(store), stored(store, OTHER)
+    os.chmod(kept.path, 0o400)
+    assert store.remove(kept.path, "test") is False
+    with Cache(store.directory).using(OTHER, lambda: None):
+        assert store.remove(busy.path, "test") is False
+    assert os.path.exists(kept.path) and os.path.exists(busy.path)
+    assert store.remove(os.path.join(store.directory, "cache-gone.tar"), "test") is False
