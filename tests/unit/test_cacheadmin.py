@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -426,3 +427,21 @@ def test_status_shows_nothing_when_stderr_is_not_a_terminal(capsys):
 
 def test_elapsed_time_reads_as_minutes_and_hours():
     assert [progress.elapsed(s) for s in (5, 65, 3725)] == ["0:05", "1:05", "1:02:05"]
+
+
+def test_on_a_terminal_the_log_and_forwarded_output_clear_the_status_line(monkeypatch):
+    tty = FakeTty()
+    monkeypatch.setattr("sys.stderr", tty)
+    handler = logging.StreamHandler(tty)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("ganeti_debootstrap")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    with progress.terminal_stderr() as term:
+        assert term is not None and handler.stream is term
+        assert sys.stderr is term
+        term.show("[1/1] default: building the cache (0:01)")
+        logger.info("Stored the cache")
+    assert handler.stream is tty
+    assert tty.getvalue() == ("[1/1] default: building the cache (0:01)"
+                              "\r\033[KStored the cache\n")
