@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -222,6 +223,9 @@ def test_upgrade_keeps_the_sites_conffiles_without_asking(
     assert (doc / "examples" / "hooks" / "ssh-authorized-keys").is_file()
     assert not (doc / "examples" / "grub").exists()
     assert debian_root.file("/usr/share/man/man7/ganeti-os-debootstrap.7.gz").is_file()
+    # The administrator's cache command and its page.
+    assert debian_root.file("/usr/sbin/ganeti-debootstrap-cache").is_file()
+    assert debian_root.file("/usr/share/man/man8/ganeti-debootstrap-cache.8.gz").is_file()
     # dh_python3's postinst byte-compiled the package.
     assert list((os_dir / "ganeti_debootstrap" / "__pycache__").glob("create.*.pyc"))
     verify = debian_root.run(["./verify", "parameters"], cwd=OS_DIR, env={
@@ -260,6 +264,14 @@ def test_installed_create_honours_the_sites_settings_and_variant(
     assert any(n.startswith(f"cache-{DEBIAN_SUITE}-") and n.endswith(".tar")
                for n in cached), cached
     disk.unlink()
+    # The installed cache command finds the settings, the variants and the
+    # entry create made: the site variant's (EXTRA_PKGS less and psmisc).
+    listed = debian_root.run(["ganeti-debootstrap-cache", "list", "--json"],
+                             env={"PATH": GANETI_PATH})
+    entries = json.loads(listed.stdout)
+    [site] = [e for e in entries if e["variants"] == [SITE_VARIANT]]
+    assert (site["inputs"]["suite"], site["inputs"]["extra_pkgs"]) == \
+        (DEBIAN_SUITE, ["less", "psmisc"])
     scenario.passed.add("create")
 
 
