@@ -478,8 +478,8 @@ COMMANDS: tuple[Subcommand, ...] = (
                "first create is warm. A complete entry is reported and left "
                "alone.", _build_arguments, run_build),
     Subcommand("prune", "remove expired and orphaned entries",
-               "Remove entries older than CLEAN_CACHE (the shortest of the "
-               "variants') and entries no variant uses, except kept ones "
+               "Remove entries older than CLEAN_CACHE (the shortest among the "
+               "variants using the cache) and entries no variant uses, except kept ones "
                "(archive without owner write permission: chmod u-w) and ones "
                "in use.", _prune_arguments, run_prune),
 )
