@@ -627,8 +627,15 @@ class Cache:
     def expired(self, now: float | None = None) -> list[str]:
         """The archives ``expire`` would drop now (in use or not); changes nothing."""
         now = time.time() if now is None else now
-        return [a.path for a in self.archives()
-                if self._too_old(os.lstat(a.path), now) and not a.kept]
+        found = []
+        for archive in self.archives():
+            try:
+                st = os.lstat(archive.path)
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            if self._too_old(st, now) and not _kept(st):
+                found.append(archive.path)
+        return found
 
     def remove(self, path: str, why: str) -> bool:
         """Remove the archive at ``path`` with its record and images, unless kept or in use.
