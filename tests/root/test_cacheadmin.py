@@ -103,25 +103,3 @@ def test_prune_removes_an_expired_entry_and_an_orphan_and_keeps_a_kept_one(tmp_p
     assert not [n for n in left if n.startswith((default_key().stem, orphan.stem))]
     assert json.loads(cache_command(tree, "prune", "--json").stdout) == [
         {**[i for i in report if i["name"] == kept.stem][0]}]
-
-
-def test_build_bootstraps_a_cold_cache_and_the_first_create_is_warm(tmp_path, disk):
-    # The one real bootstrap of this module (45-75 s here, the mirror decides): the session's
-    # inputs, into a cache of its own, as an administrator would before the
-    # first create of a new variant.
-    tree = scripts.make_os_tree(str(tmp_path / "os"), str(tmp_path / "var"))
-    start = time.monotonic()
-    [result] = json.loads(cache_command(tree, "build", "default", "--json").stdout)
-    print(f"\nbuild of a cold cache: {time.monotonic() - start:.1f} s")
-    assert (result["entry"], result["status"], result["images"]) == \
-        (default_key().stem, "built", ["ext4"])
-    stem = default_key().stem
-    assert sorted(os.listdir(tree.cache_dir)) == sorted(
-        f"{stem}{suffix}" for suffix in (".tar", ".inputs.json", ".lock", ".ext4.img",
-                                         ".ext4.img.json"))
-    created = scripts.run_script(tree, "create", scripts.create_env("warm1", disk))
-    log = created.stderr.decode()
-    assert "Bootstrapping" not in log
-    assert "The system comes from the cache image" in log
-    [again] = json.loads(cache_command(tree, "build", "default", "--json").stdout)
-    assert again["status"] == "present"
