@@ -274,12 +274,15 @@ def parse_os_params(text: str) -> dict[str, str]:
 
 
 def chosen_variants(args: argparse.Namespace, paths: Paths) -> list[str]:
-    """The variants named (or all with --all), refusing unknown ones by name."""
+    """The variants named (or all with --all), refusing unknown ones by name.
+
+    For every subcommand taking ``VARIANT... | --all`` (build; refresh too).
+    """
     published = published_variants(paths)
     names = ", ".join(v for v in published if v) or "none published: use --all"
     if args.all == bool(args.variants):
-        raise UsageError(f"Name the variants to build or give --all (variants: "
-                         f"{names}).")
+        raise UsageError(f"Name the variants to {args.command} or give --all "
+                         f"(variants: {names}).")
     if args.all:
         return published
     unknown = [v for v in args.variants if v not in published]
