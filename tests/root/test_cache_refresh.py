@@ -11,6 +11,7 @@ import contextlib
 import functools
 import hashlib
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -23,7 +24,8 @@ from ganeti_debootstrap import cache_images, cache_refresh, cache_store
 from ganeti_debootstrap.cache_store import Cache
 from ganeti_debootstrap.errors import DefinitionError
 from ganeti_debootstrap.settings import Settings
-from tests.root import bootstrap_fixture
+from tests.root import bootstrap_fixture, scripts
+from tests.root.scripts import create_env, mounted_root, run_script
 
 PACKAGE = "nano"
 BUMP = "+gidbtest1"
@@ -116,7 +118,8 @@ def copied(bootstrapped_localstatedir, tmp_path_factory):
     """A cache directory holding a copy of the session's default entry and its image."""
     key = bootstrap_fixture.default_key()
     shared = Cache(bootstrap_fixture.cache_dir(bootstrapped_localstatedir))
-    directory = str(tmp_path_factory.mktemp("refresh") / "cache")
+    localstatedir = str(tmp_path_factory.mktemp("refresh"))
+    directory = bootstrap_fixture.cache_dir(localstatedir)
     os.makedirs(directory, mode=0o755)
     store = Cache(directory, clean_days=None)
     with shared.using(key, lambda: None):
@@ -184,6 +187,33 @@ def test_refreshed_tree_is_clean_and_keeps_its_own_sources(first_refresh, copied
     assert not [n for n in names if n.startswith("./var/cache/apt/") and n.endswith(".bin")]
     assert "./etc/resolv.conf" not in names
     assert "./usr/sbin/policy-rc.d" not in names
+
+
+def test_next_create_has_the_new_version_and_records_the_refresh(first_refresh, copied,
+                                                                 tmp_path):
+    store, key = copied
+    report, old = first_refresh
+    localstatedir = os.path.dirname(os.path.dirname(store.directory))
+    tree = scripts.make_os_tree(str(tmp_path / "os"), localstatedir)
+    disk = scripts.sparse_disk(str(tmp_path), 1024)
+    log = run_script(tree, "create", create_env("fresh1", disk)).stderr.decode()
+    with open(store.inputs_path(key)) as f:
+        record = json.load(f)
+    assert (f"its system from the cache image {key.stem} (made {record['created']}, "
+            f"last refreshed {record['refreshed']})") in log
+    with mounted_root(disk) as root:
+        status = subprocess.run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "--show",
+                                 "--showformat=${Version}", PACKAGE], check=True,
+                                capture_output=True, text=True).stdout
+        origin_file = os.path.join(root, "etc/ganeti-instance-debootstrap/origin")
+        mode = os.stat(origin_file).st_mode & 0o7777
+        with open(origin_file) as f:
+            origin = json.load(f)
+    assert status == old + BUMP
+    assert mode == 0o644
+    assert origin == {**origin, "source": "cache image", "entry": key.stem,
+                      "suite": key.suite, "arch": key.arch, "tool": key.tool,
+                      "created": record["created"], "refreshed": record["refreshed"]}
 
 
 def test_refresh_is_recorded_and_creation_time_kept(first_refresh, copied):
