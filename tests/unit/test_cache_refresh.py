@@ -7,9 +7,13 @@ import json
 import os
 import time
 
+import pytest
+
 from ganeti_debootstrap import cache_refresh, cache_store
 from ganeti_debootstrap.cache_refresh import PackageChange, RefreshReport
 from ganeti_debootstrap.cache_store import Cache
+from ganeti_debootstrap.errors import CacheError, CommandError
+from ganeti_debootstrap.settings import Settings
 from ganeti_debootstrap.target import Target
 from tests.unit.test_cache import DAY, KEY, age, fake_tar_create, stored, tar_bytes
 
@@ -169,3 +173,39 @@ def test_record_times_parse_ours_only():
     assert cache_store.record_time({"created": "yesterday"}, "created") is None
     assert cache_store.record_time({"created": 5}, "created") is None
     assert cache_store.record_time({}, "refreshed") is None
+
+
+# -- the apt runs ------------------------------------------------------------------
+
+APT = ("chroot /r apt-get -o Dir::Etc::SourceList=/run/ganeti-debootstrap-refresh/empty.list "
+       "-o Dir::Etc::SourceParts=/run/ganeti-debootstrap-refresh/sources.list.d")
+
+
+def test_apt_runs_noninteractive_through_the_nodes_proxy(fake_runner):
+    fake_runner.expect("chroot", "/r", "apt-get")
+    cache_refresh.upgrade("/r", Settings(proxy="http://proxy.example:3128"))
+    assert fake_runner.commands() == [
+        f"{APT} --error-on=any update",
+        f"{APT} -y -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "
+        f"--no-install-recommends dist-upgrade",
+        "chroot /r apt-get clean"]
+    for env in fake_runner.envs:
+        assert env is not None
+        assert env["DEBIAN_FRONTEND"] == "noninteractive"
+        assert env["http_proxy"] == env["https_proxy"] == "http://proxy.example:3128"
+
+
+def test_a_failed_update_stops_before_the_upgrade(fake_runner):
+    fake_runner.expect("chroot", "/r", "apt-get").fail_at(0)
+    with pytest.raises(CommandError, match="reaches the mirror"):
+        cache_refresh.upgrade("/r", Settings())
+    assert len(fake_runner.calls) == 1
+
+
+def test_dpkg_audit_must_say_nothing(fake_runner):
+    fake_runner.expect("chroot", "/r", "dpkg", "--audit")
+    cache_refresh.check_tree("/r")
+    fake_runner.expect("chroot", "/r", "dpkg", "--audit",
+                       stdout="The following packages are only half configured\n")
+    with pytest.raises(CacheError, match="half configured"):
+        cache_refresh.check_tree("/r")
