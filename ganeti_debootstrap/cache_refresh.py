@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -230,6 +231,15 @@ def check_tree(root: str) -> None:
                          "refreshed tree; the cache is left as it was: " + said[-500:])
 
 
+def keep_forever(archive: str) -> None:
+    """Remove the owner-write bit again: the administrator kept the old archive.
+
+    An archive without it never expires (cache_store); a refresh keeps it so.
+    Its mtime, which the record vouches for, does not change.
+    """
+    os.chmod(archive, stat.S_IMODE(os.stat(archive).st_mode) & ~0o222)
+
+
 def existing_images(store: Cache, entry: CacheEntry) -> tuple[str, ...]:
     """The filesystem types ``entry`` has images of."""
     return tuple(fstype for fstype in IMAGE_TYPES
@@ -270,8 +280,11 @@ def refresh(store: Cache, key: CacheKey, conf: Settings, *,
                 return RefreshReport(entry.path, (), time.monotonic() - start)
             bootstrap.clean_tree(root)
             fstypes = existing_images(store, entry)
+            kept = not os.stat(entry.path).st_mode & stat.S_IWUSR
             with log.phase("refresh: store"):
                 entry = store.store(key, root, refreshed=True)
+            if kept:
+                keep_forever(entry.path)
             for fstype in fstypes:
                 with log.phase(f"refresh: {fstype} image"):
                     cache_images.build(store, entry, fstype, tree=root)

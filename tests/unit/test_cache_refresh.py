@@ -209,3 +209,11 @@ def test_dpkg_audit_must_say_nothing(fake_runner):
                        stdout="The following packages are only half configured\n")
     with pytest.raises(CacheError, match="half configured"):
         cache_refresh.check_tree("/r")
+
+
+def test_a_kept_archive_stays_kept_and_valid(store):
+    entry = stored(store)
+    cache_refresh.keep_forever(entry.path)
+    assert os.stat(entry.path).st_mode & 0o777 == 0o400
+    with store.using(KEY, lambda: None):
+        assert store.lookup(KEY) == entry
