@@ -22,6 +22,7 @@ capabilities; Python's tarfile loses the last three, so it is not used.
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import errno
 import fcntl
@@ -108,6 +109,8 @@ TAR_EXTRACT_OPTIONS = ("--preserve-permissions", "--same-owner",
 
 TAR_BLOCK = 512
 SECONDS_PER_DAY = 86400
+# Times in records ("created", "refreshed"): UTC, to the second.
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 # Failed attempts to convert a shared lock to an exclusive one without
 # waiting before a create waits for the conversion instead.
@@ -493,14 +496,18 @@ class Cache:
             raise
         _remove_path(parent)
 
-    def store(self, key: CacheKey, tree: str) -> CacheEntry:
+    def store(self, key: CacheKey, tree: str, *, refreshed: bool = False) -> CacheEntry:
         """Archive ``tree`` as ``key``'s cache; never half-written.
 
         The archive (0600: it holds the image's /etc/shadow) is written under
         a temporary name, synced and renamed into place after its inputs file.
+        Readers that opened the old archive keep reading it. ``refreshed``:
+        the tree is the old entry upgraded (cache_refresh.py): its record
+        keeps the creation time and records the refresh.
         """
         self._require_lock(key)
         archive, inputs_file = self.archive_path(key), self.inputs_path(key)
+        previous = _read_record(inputs_file) if refreshed else None
         with temporary_file(self.directory, key.stem + ARCHIVE_SUFFIX + TMP_TAG) as tmp:
             runner.run(["tar", "--create", "--file", tmp, "--directory", tree,
                         *TAR_CREATE_OPTIONS, "."],
@@ -510,22 +517,37 @@ class Cache:
             fsync_path(tmp)
             # The inputs go first: a crash between the renames leaves inputs
             # without an archive, which lookup ignores.
-            self._record(key, tmp, inputs_file, None)
+            self._record(key, tmp, inputs_file, previous, refreshed)
             os.replace(tmp, archive)
             fsync_path(self.directory)
         size = os.path.getsize(archive)
         log.info("Stored the cache %s (%.0f MiB)", archive, size / 2**20)
         return CacheEntry(key, archive, inputs_file)
 
+    def mark_refreshed(self, key: CacheKey) -> None:
+        """Record that ``key``'s archive was found up to date now (a refresh).
+
+        The archive is left as it is; expiry counts its age from now on.
+        """
+        self._require_lock(key)
+        archive, inputs_file = self.archive_path(key), self.inputs_path(key)
+        self._record(key, archive, inputs_file, _read_record(inputs_file),
+                     refreshed=True)
+
+    def record(self, entry: CacheEntry) -> dict[str, Any] | None:
+        """The parsed inputs file of ``entry`` (created, refreshed, ...), or None."""
+        return _read_record(entry.inputs_file, quiet=True)
+
     def _record(self, key: CacheKey, archive: str, inputs_file: str,
-                previous: dict[str, Any] | None) -> None:
+                previous: dict[str, Any] | None, refreshed: bool = False) -> None:
         """Write the inputs file describing ``archive`` atomically.
 
-        ``previous`` is the record being replaced (its creation time is
-        kept); None when the archive is new or its record was lost.
+        ``previous`` is the record being replaced (its creation and refresh
+        times are kept); None when the archive is new or its record was
+        lost. ``refreshed``: record now as the time of the last refresh.
         """
         st = os.stat(archive)
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        now = time.strftime(TIME_FORMAT, time.gmtime())
         record: dict[str, Any] = {
             "comment": "Inputs of the bootstrap cache beside this file, "
                        "written by ganeti-instance-debootstrap.",
@@ -535,7 +557,11 @@ class Cache:
             "mtime_ns": st.st_mtime_ns,
             "created": now if previous is None else previous.get("created", now),
         }
-        if archive == self.archive_path(key):
+        if refreshed:
+            record[REFRESHED_FIELD] = now
+        elif previous is not None and REFRESHED_FIELD in previous:
+            record[REFRESHED_FIELD] = previous[REFRESHED_FIELD]
+        if archive == self.archive_path(key) and not refreshed:
             # Recorded for an archive already in place: changed or re-found.
             record["recorded_again"] = now
         atomic_write(inputs_file, json.dumps(record, indent=2) + "\n",
@@ -557,7 +583,9 @@ class Cache:
     def expire(self, now: float | None = None) -> list[str]:
         """Remove archives older than CLEAN_CACHE days; returns their paths.
 
-        Ages are the archives' mtimes. An archive whose owner-write bit was
+        Ages count from the archives' mtimes, or from the last refresh
+        their record names when that is later (a refresh that found
+        nothing to upgrade leaves the archive as it was). An archive whose owner-write bit was
         removed is kept forever; one in use (its lock held) is left for a
         later run. Leftovers of killed runs whose lock is free are removed,
         and so are images whose archive is gone.
@@ -633,7 +661,7 @@ class Cache:
                 st = os.lstat(archive.path)
             except FileNotFoundError:
                 continue  # removed meanwhile
-            if self._too_old(st, now) and not _kept(st):
+            if self._too_old(os.path.basename(archive.path), st, now) and not _kept(st):
                 found.append(archive.path)
         return found
 
@@ -656,9 +684,16 @@ class Cache:
             self._prune_images()
         return removed
 
-    def _too_old(self, st: os.stat_result, now: float) -> bool:
-        return (stat.S_ISREG(st.st_mode) and self.clean_days is not None
-                and now - st.st_mtime > self.clean_days * SECONDS_PER_DAY)
+    def _too_old(self, name: str, st: os.stat_result, now: float) -> bool:
+        """Whether the archive ``name`` is past CLEAN_CACHE: made (its mtime)
+        and last refreshed (its record) longer ago than that."""
+        if not stat.S_ISREG(st.st_mode) or self.clean_days is None:
+            return False
+        limit = self.clean_days * SECONDS_PER_DAY
+        if now - st.st_mtime <= limit:
+            return False
+        refreshed = self._refreshed_at(name)
+        return refreshed is None or now - refreshed > limit
 
     def _prune_images(self) -> None:
         """Remove images whose archive is gone (expired or removed)."""
@@ -674,7 +709,7 @@ class Cache:
             st = os.lstat(path)
         except FileNotFoundError:
             return False
-        if not self._too_old(st, now):
+        if not self._too_old(name, st, now):
             return False
         if _kept(st):
             log.debug("Keeping %s: its owner-write bit is removed", path)
@@ -701,6 +736,14 @@ class Cache:
             _remove_if_exists(os.path.join(self.directory, stem + INPUTS_SUFFIX))
             self._forget_lock(stem)
         return True
+
+    def _refreshed_at(self, archive_name: str) -> float | None:
+        """When the archive ``archive_name`` was last refreshed (its record), or None."""
+        if not _OURS.match(archive_name):
+            return None
+        record = _read_record(os.path.join(
+            self.directory, archive_name[:-len(ARCHIVE_SUFFIX)] + INPUTS_SUFFIX), quiet=True)
+        return record_time(record, REFRESHED_FIELD) if record else None
 
     def _remove_stale(self, name: str) -> None:
         match = _TEMPORARY.match(name)
@@ -852,6 +895,20 @@ def _read_record(path: str, quiet: bool = False) -> dict[str, Any] | None:
         warn("Ignoring the cache record %s: it records no key", path)
         return None
     return data
+
+
+def record_time(record: dict[str, Any], field: str) -> float | None:
+    """The time ``field`` ("created", "refreshed") of a record, in seconds since the epoch.
+
+    None when the record has no such field or it is not a time of ours.
+    """
+    value = record.get(field)
+    if not isinstance(value, str):
+        return None
+    try:
+        return float(calendar.timegm(time.strptime(value, TIME_FORMAT)))
+    except ValueError:
+        return None
 
 
 def _vouches(record: dict[str, Any], st: os.stat_result) -> bool:

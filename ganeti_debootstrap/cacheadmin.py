@@ -15,6 +15,10 @@ and function; adding one is one entry and its function):
   are orphans;
 - ``build [VARIANT...|--all]``: make the variants' entries now, so the
   first create is warm; a complete entry is reported and left alone;
+- ``refresh [VARIANT...|--all]``: bring the variants' entries up to date
+  from the mirror without a new bootstrap (cache_refresh.py); a variant
+  without an entry is skipped with --all (the timer's call) and refused
+  when named;
 - ``prune [--dry-run]``: remove expired (CLEAN_CACHE) and orphaned
   entries, kept ones excepted.
 
@@ -39,7 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from . import bootstrap, cache, log, progress, signals
+from . import bootstrap, cache, cache_refresh, log, progress, signals
 from .cache_store import Cache, CacheKey, StoredArchive
 from .environment import Request
 from .errors import CacheError, ConfigError, DefinitionError, Interrupted, UsageError
@@ -377,6 +381,74 @@ def run_build(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+@dataclass
+class RefreshResult:
+    """One entry refresh was asked about, and what became of it."""
+
+    label: str  # the variant (and boot loader) it was refreshed for
+    entry: str  # the entry's name (key stem)
+    status: str = ""  # upgraded, up to date, no entry, failed
+    report: cache_refresh.RefreshReport | None = None
+    error: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"variant": self.label, "name": self.entry,
+                                "status": self.status, "error": self.error or None}
+        if self.report is not None:
+            data.update(self.report.to_json())
+        return data
+
+    def line(self) -> str:
+        if self.report is not None:
+            return f"{self.label}: {self.report.summary()}"
+        return f"{self.label}: {self.status} {self.entry}" + (
+            f" ({self.error.splitlines()[0]})" if self.error else "")
+
+
+def run_refresh(args: argparse.Namespace, ctx: Context) -> int:
+    variants = chosen_variants(args, ctx.paths)
+    # Every variant's settings are checked before anything is refreshed.
+    keys = [k for v in variants for k in variant_keys(ctx.paths, v)]
+    results: list[RefreshResult] = []
+    seen: set[CacheKey] = set()
+    present = {a.stem for a in Cache(ctx.paths.cache_dir).archives()}
+    for k in keys:
+        if k.key in seen:
+            continue  # two variants (or boot loaders) with the same entry
+        seen.add(k.key)
+        if k.key.stem not in present and k.bootloader:
+            continue  # no instance was made with that boot loader: nothing to say
+        conf = k.prepared.settings
+        store = Cache(ctx.paths.cache_dir, clean_days=conf.clean_cache_days)
+        result = RefreshResult(k.label, k.key.stem)
+        results.append(result)
+        if k.key.stem not in present:
+            result.status = "no entry"
+            if not args.all:
+                result.status, result.error = "failed", (
+                    f"there is no cache entry for {k.label} to refresh: make it "
+                    f"with '{PROGRAM} build {k.variant}' (or a create)")
+            continue
+        try:
+            with progress.status(ctx.terminal, f"{k.label}: refreshing the cache"):
+                result.report = cache_refresh.refresh(store, k.key, conf)
+            result.status = "upgraded" if result.report.changed else "up to date"
+        except DefinitionError as exc:
+            result.status, result.error = "failed", str(exc)
+            logger.error("%s: %s (the entry is left as it was)", k.label, exc)
+    if args.json:
+        ctx.emit_json([r.as_json() for r in results])
+    else:
+        for r in results:
+            ctx.out.write(r.line() + "\n")
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        raise CacheError("Refreshing failed for "
+                         + "; ".join(f"{r.label}: {r.error.splitlines()[0]}" for r in failed)
+                         + " (details above; each failed entry is left as it was).")
+    return 0
+
+
 @dataclass(frozen=True)
 class PruneItem:
     """An entry prune is about: expired or orphaned, and what became of it."""
@@ -464,6 +536,15 @@ def _build_arguments(parser: argparse.ArgumentParser) -> None:
                              "entry; filesystem the image's type)")
 
 
+def _refresh_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("variants", nargs="*", metavar="VARIANT",
+                        help="variants whose entries to refresh (as listed in "
+                             "variants.list)")
+    parser.add_argument("--all", action="store_true",
+                        help="every published variant; those without an entry "
+                             "are skipped")
+
+
 def _prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--dry-run", action="store_true",
                         help="say what would be removed, remove nothing")
@@ -480,6 +561,14 @@ COMMANDS: tuple[Subcommand, ...] = (
                "image) of each named variant now, as create would, so that the "
                "first create is warm. A complete entry is reported and left "
                "alone.", _build_arguments, run_build),
+    Subcommand("refresh", "bring entries' packages up to date from the mirror",
+               "Upgrade the packages of each named variant's cache entries "
+               "(every boot loader's) from the mirror, security and updates "
+               "archives included, without a new bootstrap: a copy is upgraded, "
+               "checked and stored in place of the old archive, its images "
+               "made again; a failed refresh leaves the entry as it was. A "
+               "refreshed entry counts as new for CLEAN_CACHE.",
+               _refresh_arguments, run_refresh),
     Subcommand("prune", "remove expired and orphaned entries",
                "Remove entries older than CLEAN_CACHE (the shortest among the "
                "variants using the cache) and entries no variant uses, except kept ones "

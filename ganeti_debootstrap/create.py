@@ -3,9 +3,9 @@
 The phases, each logged with its duration: check and attach the disk, write
 the partition table, make the filesystem(s), mount, install the system
 (from the cache, or with debootstrap and then store the cache), write the
-instance's own files, run the site's hooks, unmount and release. Every
-resource is released in reverse order on success, on failure and on
-SIGTERM (see signals.py).
+instance's own files (and where its system came from: origin.py), run the
+site's hooks, unmount and release. Every resource is released in reverse
+order on success, on failure and on SIGTERM (see signals.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 
 from . import (blockdev, bootloader, bootstrap, cache, hooks, instance_disk,
-               instance_files, log, mounts, network, osparams)
+               instance_files, log, mounts, network, origin, osparams)
 from .environment import Request
 from .paths import Paths
 from .plan import prepare
@@ -112,12 +112,15 @@ def run(request: Request, paths: Paths) -> None:
             else:
                 with log.phase("install system"):
                     install_system(p, source, target_dir)
+            # Read while the cache's lock is held: a refresh may follow.
+            came_from = origin.of_source(source, stored=conf.generate_cache)
         # The cache's lock is released: hooks may take long, and other
         # creates need not wait for them.
         target = Target(target_dir)
         with log.phase("configure instance"):
             instance_files.configure(target, p.instance, root=disk.root, swap=disk.swap,
                                      esp=disk.esp)
+            origin.write(target, came_from)
         bootloader.install(target, request, conf, disk_device=disk.device,
                            root_uuid=disk.root.uuid, esp_device=disk.esp_device)
         hook_list = hooks.list_hooks(conf.customize_dir)
@@ -135,4 +138,5 @@ def run(request: Request, paths: Paths) -> None:
         # so that its time is logged like every other step's.
         with log.phase("unmount and release"):
             stack.close()
-    logger.info("Instance %s created on %s", request.instance_name, request.disk_path)
+    logger.info("Instance %s created on %s, its system %s", request.instance_name,
+                request.disk_path, came_from.describe())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -73,6 +74,14 @@ def test_configure_reports_the_optional_programs(build: Build) -> None:
     assert "checking for kpartx..." in build.configure_output
     assert "kpartx (optional):" in build.configure_output
     assert "mmdebstrap (optional):" in build.configure_output
+
+
+def test_configure_finds_a_systemd_unit_directory_or_installs_none(
+        build: Build, tmp_path: Path) -> None:
+    assert re.search(r"systemd units: +/\S*lib/systemd/system\n", build.configure_output)
+    status, output = configure(build.srcdir, tmp_path, "--without-systemdsystemunitdir")
+    assert status == 0, output
+    assert re.search(r"systemd units: +not installed\n", output)
 
 
 def test_configure_refuses_a_relative_os_dir(build: Build, tmp_path: Path) -> None:

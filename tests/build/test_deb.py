@@ -22,6 +22,8 @@ pytestmark = pytest.mark.autotools
 
 OS_DIR = "usr/share/ganeti/os/debootstrap"
 DOC_DIR = f"usr/share/doc/{PACKAGE}"
+REFRESH_UNITS = ("ganeti-debootstrap-cache-refresh.service",
+                 "ganeti-debootstrap-cache-refresh.timer")
 SHELL_EDITION = "0.16-8"
 CONFFILES = ["/etc/default/ganeti-instance-debootstrap",
              "/etc/ganeti/instance-debootstrap/variants.list",
@@ -132,6 +134,7 @@ def test_package_holds_the_installed_layout_without_byte_code(
         "usr/share/man/man8/ganeti-debootstrap-cache.8.gz",
         "usr/sbin/ganeti-debootstrap-cache",
         f"usr/share/python3/runtime.d/{PACKAGE}.rtupdate",
+        *(f"lib/systemd/system/{unit}" for unit in REFRESH_UNITS),
     }
     assert sorted(files ^ expected) == []
     assert listing[f"{OS_DIR}/variants.list"] == \
@@ -150,3 +153,17 @@ def test_debian_clean_leaves_the_tree_as_it_was(built_package: BuiltPackage) -> 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     left = sorted(str(p.relative_to(src)) for p in src.rglob("*") if not p.is_dir())
     assert left == source_files(ROOT)
+
+
+def test_refresh_timer_is_shipped_but_neither_enabled_nor_started(
+        built_package: BuiltPackage, tmp_path: Path) -> None:
+    subprocess.run(["dpkg-deb", "--control", str(built_package.deb), str(tmp_path / "c")],
+                   check=True)
+    scripts = "".join(p.read_text() for p in (tmp_path / "c").iterdir()
+                      if p.name in ("postinst", "prerm", "postrm"))
+    # --no-enable: the timer is enabled again on upgrade only where the
+    # administrator had enabled it (was-enabled), never on installation.
+    assert scripts.count("deb-systemd-helper enable") == \
+        scripts.count("deb-systemd-helper --quiet was-enabled")
+    assert "deb-systemd-invoke start" not in scripts
+    assert "deb-systemd-invoke restart" not in scripts

@@ -29,6 +29,17 @@ MAN_PAGES = {"usr/share/man/man7/ganeti-os-debootstrap.7":
 CACHE_COMMAND = "usr/sbin/ganeti-debootstrap-cache"
 
 
+UNITS = ("ganeti-debootstrap-cache-refresh.service", "ganeti-debootstrap-cache-refresh.timer")
+
+
+def unit_dir(build: Build) -> str:
+    """The systemd unit directory configure chose (its summary), without the leading /."""
+    for line in build.configure_output.splitlines():
+        if line.strip().startswith("systemd units:"):
+            return line.split(":", 1)[1].strip().lstrip("/")
+    raise AssertionError("configure's summary names no systemd unit directory")
+
+
 def tree(destdir: Path) -> dict[str, tuple[str, object]]:
     """Every path under ``destdir``: ("dir"|"file", mode) or ("symlink", target)."""
     found: dict[str, tuple[str, object]] = {}
@@ -93,6 +104,7 @@ def expected_tree(build: Build) -> dict[str, tuple[str, object]]:
         files[f"{DOC_HOOKS}/{hook}"] = ("file", 0o755)
     files.update({page: ("file", 0o644) for page in MAN_PAGES})
     files[CACHE_COMMAND] = ("file", 0o755)
+    files.update({f"{unit_dir(build)}/{unit}": ("file", 0o644) for unit in UNITS})
     dirs = {f"{CONF_DIR}/hooks"}
     for path in list(files) + list(dirs):
         parent = os.path.dirname(path)
@@ -318,3 +330,14 @@ def test_installed_man_page_renders_without_warnings(build: Build, page: str) ->
                           capture_output=True, text=True)
     assert (proc.returncode, proc.stderr) == (0, "")
     assert MAN_PAGES[page] in " ".join(proc.stdout.split())
+
+
+def test_refresh_units_run_the_cache_command_daily(build: Build) -> None:
+    units = build.destdir / unit_dir(build)
+    service = (units / UNITS[0]).read_text()
+    assert "\nExecStart=/usr/sbin/ganeti-debootstrap-cache refresh --all\n" in service
+    assert "\nType=oneshot\n" in service and "@" not in service.replace("man:", "")
+    timer = (units / UNITS[1]).read_text()
+    for line in ("OnCalendar=daily", "RandomizedDelaySec=4h", "Persistent=true",
+                 "WantedBy=timers.target"):
+        assert f"\n{line}\n" in timer

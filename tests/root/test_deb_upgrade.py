@@ -40,6 +40,7 @@ OS_DIR = "/usr/share/ganeti/os/debootstrap"
 DEFAULTS = "/etc/default/ganeti-instance-debootstrap"
 CONF_DIR = "/etc/ganeti/instance-debootstrap"
 CACHE_DIR = "/var/cache/ganeti-instance-debootstrap"
+DSH_STATE = "/var/lib/systemd/deb-systemd-helper-enabled"
 # What the site adds to the settings file and the variant it publishes:
 # each extra package shows in the instance that the setting was honoured.
 SITE_SETTINGS = '\n# site settings\nSUITE="bookworm"\nEXTRA_PKGS="less"\n'
@@ -289,6 +290,9 @@ def test_remove_keeps_only_the_conffiles_the_sites_files_and_the_cache(
         CACHE_DIR, *cache,
         # dpkg keeps the postrm of a package in state config-files.
         f"/var/lib/dpkg/info/{PACKAGE}.list", f"/var/lib/dpkg/info/{PACKAGE}.postrm",
+        # deb-systemd-helper's record of the (not enabled) refresh timer,
+        # removed on purge.
+        f"{DSH_STATE}/ganeti-debootstrap-cache-refresh.timer.dsh-also",
     }
     assert sorted(debian_root.ours() ^ expected) == []
     if "create" in scenario.passed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,7 +20,11 @@ from tests.treecompare import differences
 WRITTEN_BY_CREATE = ("etc", "etc/network", "etc/hostname", "etc/hosts", "etc/mailname",
                      "etc/machine-id", "etc/network/interfaces", "etc/resolv.conf",
                      "etc/shadow", "etc/apt", "etc/apt/sources.list",
-                     "etc/apt/sources.list.d", "etc/apt/sources.list.d/debian.sources")
+                     "etc/apt/sources.list.d", "etc/apt/sources.list.d/debian.sources",
+                     "etc/ganeti-instance-debootstrap")
+# Where the system came from (origin.py): it names the path taken, so it
+# differs by design; its content is checked on its own.
+ORIGIN = "etc/ganeti-instance-debootstrap/origin"
 
 
 def copy_out(disk: str, dest: str) -> None:
@@ -66,10 +71,13 @@ def test_image_path_gives_the_same_tree_as_the_archive(tree, tmp_path, fstype, s
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     copy_out(via_tar, a)
     copy_out(via_image, b)
-    diffs = differences(a, b, ignore=("lost+found", "etc/fstab"),
+    diffs = differences(a, b, ignore=("lost+found", "etc/fstab", ORIGIN),
                         ignore_mtime=WRITTEN_BY_CREATE)
     print("\n".join(diffs))
     assert diffs == []
+    origins = [json.loads(open(os.path.join(t, ORIGIN)).read()) for t in (a, b)]
+    assert [o["source"] for o in origins] == ["cache archive", "cache image"]
+    assert origins[0] == {**origins[1], "source": "cache archive"}
     with root_device(via_image) as dev:
         size = int(subprocess.run(["blockdev", "--getsize64", dev], capture_output=True,
                                   text=True).stdout)

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from ganeti_debootstrap import cacheadmin, progress, runner, settings, signals
+from ganeti_debootstrap import cache_refresh, cacheadmin, progress, runner, settings, signals
 from ganeti_debootstrap.cache_store import (INPUTS_SUFFIX, REFRESHED_FIELD, Cache, CacheKey,
                                             image_name)
+from ganeti_debootstrap.errors import CacheError
 from ganeti_debootstrap.paths import Paths
 from tests.fakes import FakeRunner
 from tests.scratch import make_paths
@@ -445,3 +446,87 @@ def test_on_a_terminal_the_log_and_forwarded_output_clear_the_status_line(monkey
     assert handler.stream is tty
     assert tty.getvalue() == ("[1/1] default: building the cache (0:01)"
                               "\r\033[KStored the cache\n")
+
+
+# -- refresh ---------------------------------------------------------------------
+# The refresh itself (apt in a staging copy, the swap, the images) is
+# cache_refresh's, tested as root against a loopback archive
+# (tests/root/test_cache_refresh.py); here, what the command asks of it.
+
+class RecordedRefresh:
+    """Stands in for cache_refresh.refresh: records each call, answers a report."""
+
+    def __init__(self, fail: dict[CacheKey, str] | None = None) -> None:
+        self.calls: list[tuple[str, CacheKey, str]] = []
+        self.fail = fail or {}
+
+    def __call__(self, store, key, conf, *, sources=None):
+        self.calls.append((store.directory, key, conf.suite))
+        if key in self.fail:
+            raise CacheError(self.fail[key])
+        change = cache_refresh.PackageChange("nano", "8.4-1", "8.4-1+deb13u1")
+        return cache_refresh.RefreshReport(store.archive_path(key), (change,), 3.0)
+
+
+@pytest.fixture
+def refreshed(monkeypatch) -> RecordedRefresh:
+    recorded = RecordedRefresh()
+    monkeypatch.setattr(cache_refresh, "refresh", recorded)
+    return recorded
+
+
+def test_refresh_all_refreshes_each_entry_once_and_skips_variants_without_one(
+        node, install, cache, refreshed):
+    stored(cache, DEFAULT)
+    stored(cache, GRUB)
+    results = run_json(install, "refresh", "--all")
+    assert [(r["variant"], r["name"], r["status"]) for r in results] == [
+        ("default", DEFAULT.stem, "upgraded"),
+        ("default (bootloader=grub)", GRUB.stem, "upgraded"),
+        ("big", BIG.stem, "no entry")]
+    assert [(d, k) for d, k, _ in refreshed.calls] == [
+        (install.cache_dir, DEFAULT), (install.cache_dir, GRUB)]
+    assert results[0]["upgraded"] == [
+        {"package": "nano", "old": "8.4-1", "new": "8.4-1+deb13u1"}]
+
+
+def test_refresh_prints_one_line_per_entry(node, install, cache, refreshed):
+    stored(cache, BIG)
+    status, out = run(install, "refresh", "big")
+    assert status == 0
+    assert out == (f"big: {BIG.stem}.tar: 1 package(s) upgraded in 3 s: "
+                   f"nano 8.4-1 -> 8.4-1+deb13u1\n")
+
+
+def test_refresh_of_a_named_variant_without_an_entry_says_how_to_make_it(
+        node, install, cache, refreshed, capsys):
+    status, _ = run(install, "refresh", "big")
+    assert status == 1
+    assert refreshed.calls == []
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("ERROR: ganeti-debootstrap-cache refresh failed: Refreshing "
+                           "failed for big: there is no cache entry for big")
+    assert "ganeti-debootstrap-cache build big" in last
+
+
+def test_a_failed_refresh_is_named_last_after_the_others_ran(node, install, cache,
+                                                            monkeypatch, capsys):
+    stored(cache, DEFAULT)
+    path = stored(cache, BIG)
+    before = Path(path).read_bytes()
+    recorded = RecordedRefresh(fail={DEFAULT: "apt-get update failed"})
+    monkeypatch.setattr(cache_refresh, "refresh", recorded)
+    status, out = run(install, "refresh", "--all", "--json")
+    assert status == 1
+    assert [(r["variant"], r["status"]) for r in json.loads(out)][:2] == [
+        ("default", "failed"), ("big", "upgraded")]
+    assert Path(path).read_bytes() == before
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        "ERROR: ganeti-debootstrap-cache refresh failed: Refreshing failed for "
+        "default: apt-get update failed")
+
+
+def test_refresh_needs_variants_or_all(node, install, refreshed, capsys):
+    status, _ = run(install, "refresh")
+    assert status == 2
+    assert "Name the variants to refresh or give --all" in capsys.readouterr().err

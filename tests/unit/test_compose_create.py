@@ -9,9 +9,11 @@ with a small system tree (tests/systemtree.py).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -157,6 +159,47 @@ def test_a_fresh_bootstrap_is_stored_as_the_cache_then_unpacked_by_the_next_crea
     root = fake_node.root_files(disk, MIB)
     assert (root / "etc/hostname").read_text() == "web1.example.org\n"
     assert (root / "usr/lib/systemd/systemd").exists(), "the archive was not unpacked"
+
+
+def origin_of(fake_node: FakeNode, disk: str) -> dict:
+    path = fake_node.root_files(disk, MIB) / "etc/ganeti-instance-debootstrap/origin"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    return json.loads(path.read_text())
+
+
+def test_the_instance_records_the_cache_entry_it_came_from(
+        tmp_path, fake_node, disk, debootstrap, caplog):
+    paths = make_paths(tmp_path / "install", defaults=CACHE)
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    with caplog.at_level(logging.INFO):
+        run_create(paths, disk)
+    first = origin_of(fake_node, disk)
+    entry = [n for n in cache_files(paths) if n.endswith(".tar")][0][:-len(".tar")]
+    assert first["source"] == "bootstrap" and first["entry"] == entry
+    assert first["bootstrapped"] and first["created"] is None
+    assert f"its system bootstrapped {first['bootstrapped']}, kept as the cache {entry}" \
+        in caplog.text
+    with open(os.path.join(paths.cache_dir, entry + ".inputs.json")) as f:
+        record = json.load(f)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        run_create(paths, disk)
+    warm = origin_of(fake_node, disk)
+    assert warm == {**warm, "source": "cache archive", "entry": entry,
+                    "suite": "trixie", "arch": "amd64", "mirror": "", "components": [],
+                    "extra_pkgs": [], "tool": "debootstrap",
+                    "created": record["created"], "refreshed": None}
+    assert "bootstrapped" not in warm
+    assert (f"its system from the cache archive {entry} (made {record['created']}, "
+            f"last refreshed never)") in caplog.text
+
+
+def test_an_instance_bootstrapped_without_a_cache_says_so(fake_node, disk, paths):
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    run_create(paths, disk)
+    origin = origin_of(fake_node, disk)
+    assert origin["source"] == "bootstrap" and origin["entry"] is None
+    assert origin["bootstrapped"].endswith("Z") and origin["suite"] == "trixie"
 
 
 def test_a_cache_that_cannot_be_stored_leaves_nothing_and_the_create_completes(
