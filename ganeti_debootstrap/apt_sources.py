@@ -303,6 +303,19 @@ def remove_proxy(t: Target, proxy: str) -> list[str]:
 
 # --- putting it together --------------------------------------------------------------
 
+
+def tree_mirror(t: Target, mirror: str, release: Release) -> str:
+    """The mirror a tree's APT sources name: MIRROR, else the one the bootstrap
+    wrote into its sources.list, else Debian's default; "" when none is known."""
+    try:
+        existing = t.read_text(SOURCES_LIST)
+    except (FileNotFoundError, UnsafeFileError):
+        existing = ""
+    found = mirror or bootstrap_mirror(existing)
+    if not found and release.distribution == "debian":
+        found = DEBIAN_DEFAULT_MIRROR
+    return found
+
 def configure(t: Target, plan: SourcesPlan) -> list[str]:
     """Write the instance's APT sources as ``plan`` asks; return the files touched."""
     changed = remove_proxy(t, plan.proxy)
@@ -315,13 +328,7 @@ def configure(t: Target, plan: SourcesPlan) -> list[str]:
                     "neither Debian nor Ubuntu; its APT sources are left as the "
                     "bootstrap wrote them.", plan.suite, os_release.get("ID", ""))
         return changed
-    try:
-        existing = t.read_text(SOURCES_LIST)
-    except (FileNotFoundError, UnsafeFileError):
-        existing = ""
-    mirror = plan.mirror or bootstrap_mirror(existing)
-    if not mirror and release.distribution == "debian":
-        mirror = DEBIAN_DEFAULT_MIRROR
+    mirror = tree_mirror(t, plan.mirror, release)
     if not mirror:
         log.warning("No mirror is known for the instance's APT sources (MIRROR "
                     "is empty and the bootstrap left none); they are left as "

@@ -36,15 +36,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import bootstrap, cache_images, log, mounts, runner
-from .apt_sources import (DEBIAN_DEFAULT_MIRROR, SOURCES_LIST, bootstrap_mirror,
-                          deb822_text, keyring, one_line_text, read_os_release,
-                          resolve_release)
+from .apt_sources import (deb822_text, keyring, one_line_text, read_os_release,
+                          resolve_release, tree_mirror)
 from .apt_sources import sources as release_sources
 from .cache_store import Cache, CacheEntry, CacheKey, image_name
 from .errors import CacheError
 from .hooks import daemons_prevented
 from .settings import Settings
-from .target import Target, UnsafeFileError
+from .target import Target
 
 logger = logging.getLogger(__name__)
 
@@ -149,13 +148,7 @@ def instance_sources(t: Target, key: CacheKey) -> tuple[str, str]:
     if release is None:
         raise CacheError(f"The cache for {key.describe()} holds neither Debian nor "
                          f"Ubuntu: refresh knows no APT sources for it.")
-    try:
-        existing = t.read_text(SOURCES_LIST)
-    except (FileNotFoundError, UnsafeFileError):
-        existing = ""
-    mirror = key.mirror or bootstrap_mirror(existing)
-    if not mirror and release.distribution == "debian":
-        mirror = DEBIAN_DEFAULT_MIRROR
+    mirror = tree_mirror(t, key.mirror, release)
     if not mirror:
         raise CacheError(f"No mirror is known for the cache of {key.describe()} "
                          f"(MIRROR is empty and the bootstrap left none).")

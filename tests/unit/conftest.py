@@ -10,14 +10,16 @@ one; a test that must run a real program says so with
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ganeti_debootstrap import runner
+from ganeti_debootstrap import runner, signals
 from ganeti_debootstrap.instance_files import NodeFiles
 from ganeti_debootstrap.paths import Paths
 from tests.fakenode import DISK0_MIB, FakeNode
@@ -93,3 +95,16 @@ def node(tmp_path: Path) -> NodeFiles:
                  "search example.org\nnameserver 192.0.2.53\n")
     return NodeFiles(resolv_conf=str(conf),
                      resolved_upstream=str(tmp_path / "node/run/resolv.conf"))
+
+
+@pytest.fixture
+def process_state() -> Iterator[None]:
+    """For tests calling a main(): it installs signal handlers and logging;
+    ours are put back afterwards."""
+    handlers = {s: signal.getsignal(s) for s in signals.HANDLED}
+    logger = logging.getLogger("ganeti_debootstrap")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    for s, h in handlers.items():
+        signal.signal(s, h)
+    logger.handlers[:], logger.level, logger.propagate = saved

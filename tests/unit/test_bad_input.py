@@ -17,12 +17,9 @@ parsers and the path helper.
 
 from __future__ import annotations
 
-import logging
 import os
-import signal
 import string
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +29,7 @@ from hypothesis import HealthCheck, assume, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from ganeti_debootstrap import cli, environment, names, rename, settings, signals
+from ganeti_debootstrap import cli, environment, names, rename, settings
 from ganeti_debootstrap.errors import ConfigError, UsageError
 from ganeti_debootstrap.paths import Paths
 from ganeti_debootstrap.target import Target, TargetPathError
@@ -100,16 +97,6 @@ def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Node:
                 (tmpdir, Path(paths.os_dir), disks, tmp_path))
 
 
-@pytest.fixture
-def script_process_state() -> Iterator[None]:
-    """cli.main installs signal handlers and logging: put ours back afterwards."""
-    handlers = {s: signal.getsignal(s) for s in signals.HANDLED}
-    logger = logging.getLogger("ganeti_debootstrap")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    for s, h in handlers.items():
-        signal.signal(s, h)
-    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 @dataclass
@@ -123,7 +110,7 @@ class Outcome:
 
 
 @pytest.fixture
-def call(node: Node, fake_runner, capsys, script_process_state):
+def call(node: Node, fake_runner, capsys, process_state):
     """Run a script as its entry point would; check that it changed nothing."""
     fake_runner.expect("dpkg", "--print-architecture", stdout="amd64")
     fake_runner.expect(*settings.SHELL_COMMAND, real=True)

@@ -7,15 +7,13 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ganeti_debootstrap import cache_refresh, cacheadmin, progress, runner, settings, signals
+from ganeti_debootstrap import cache_refresh, cacheadmin, progress, runner, settings
 from ganeti_debootstrap.cache_store import (INPUTS_SUFFIX, REFRESHED_FIELD, Cache, CacheKey,
                                             image_name)
 from ganeti_debootstrap.errors import CacheError
@@ -76,16 +74,8 @@ def stored(store: Cache, key: CacheKey, *, age_days: float = 0,
     return entry.path
 
 
-@pytest.fixture(autouse=True)
-def process_state() -> Iterator[None]:
-    """main installs signal handlers and logging: put ours back afterwards."""
-    handlers = {s: signal.getsignal(s) for s in signals.HANDLED}
-    logger = logging.getLogger("ganeti_debootstrap")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    for s, h in handlers.items():
-        signal.signal(s, h)
-    logger.handlers[:], logger.level, logger.propagate = saved
+# main installs signal handlers and logging (tests/unit/conftest.py puts ours back).
+pytestmark = pytest.mark.usefixtures("process_state")
 
 
 @pytest.fixture
