@@ -635,12 +635,9 @@ class Cache:
             if not (name.startswith("cache-") and name.endswith(ARCHIVE_SUFFIX)):
                 continue
             path = os.path.join(self.directory, name)
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                continue
+            st = _lstat(path)
+            if st is None or not stat.S_ISREG(st.st_mode):
+                continue  # removed meanwhile, or not a file
             stem = name[:-len(ARCHIVE_SUFFIX)]
             record = (_read_record(os.path.join(self.directory, stem + INPUTS_SUFFIX),
                                    quiet=True) if _OURS.match(name) else None)
@@ -657,11 +654,8 @@ class Cache:
         now = time.time() if now is None else now
         found = []
         for archive in self.archives():
-            try:
-                st = os.lstat(archive.path)
-            except FileNotFoundError:
-                continue  # removed meanwhile
-            if self._too_old(os.path.basename(archive.path), st, now) and not _kept(st):
+            st = _lstat(archive.path)  # None: removed meanwhile
+            if st and self._too_old(os.path.basename(archive.path), st, now) and not _kept(st):
                 found.append(archive.path)
         return found
 
@@ -672,9 +666,8 @@ class Cache:
         left (False), like expiry does; so is a kept one. ``why`` is logged.
         """
         name = os.path.basename(path)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
+        st = _lstat(path)
+        if st is None:
             return False
         if _kept(st):
             log.info("Keeping %s: its owner-write bit is removed", path)
@@ -705,11 +698,8 @@ class Cache:
 
     def _expire_archive(self, name: str, now: float) -> bool:
         path = os.path.join(self.directory, name)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return False
-        if not self._too_old(name, st, now):
+        st = _lstat(path)
+        if st is None or not self._too_old(name, st, now):
             return False
         if _kept(st):
             log.debug("Keeping %s: its owner-write bit is removed", path)
@@ -914,6 +904,14 @@ def record_time(record: dict[str, Any], field: str) -> float | None:
 def _vouches(record: dict[str, Any], st: os.stat_result) -> bool:
     """Whether ``record`` describes the archive with status ``st`` as it is now."""
     return record.get("size") == st.st_size and record.get("mtime_ns") == st.st_mtime_ns
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    """``path``'s own status, or None when it is gone (another process removed it)."""
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
 
 
 def _kept(st: os.stat_result) -> bool:

@@ -41,7 +41,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from . import bootstrap, cache, cache_refresh, log, progress, signals
 from .cache_store import Cache, CacheKey, StoredArchive
@@ -311,6 +311,42 @@ class BuildResult:
                 "seconds": round(self.seconds, 1), "images": self.images,
                 "error": self.error or None}
 
+    @property
+    def label(self) -> str:
+        return self.variant or "(defaults)"
+
+    def line(self) -> str:
+        images = f" ({','.join(self.images)} image)" if self.images else ""
+        return f"{self.label}: {self.status} {self.entry}{images}"
+
+
+class _Result(Protocol):
+    """What build and refresh report per variant (or entry)."""
+
+    @property
+    def label(self) -> str: ...
+    status: str
+    error: str
+
+    def as_json(self) -> dict[str, Any]: ...
+
+    def line(self) -> str: ...
+
+
+def report(args: argparse.Namespace, ctx: Context, results: Sequence[_Result],
+           doing: str, note: str) -> None:
+    """Print the results (a line each, or JSON); raise naming the failed ones last."""
+    if args.json:
+        ctx.emit_json([r.as_json() for r in results])
+    else:
+        for r in results:
+            ctx.out.write(r.line() + "\n")
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        raise CacheError(f"{doing} failed for "
+                         + "; ".join(f"{r.label}: {r.error.splitlines()[0]}" for r in failed)
+                         + f" ({note}).")
+
 
 def build_one(prepared: Prepared, paths: Paths, result: BuildResult) -> None:
     """Make (or find) the entry create would use for ``prepared``, as create would."""
@@ -366,18 +402,7 @@ def run_build(args: argparse.Namespace, ctx: Context) -> int:
         result.seconds = time.monotonic() - start
         logger.info("%s: %s %s in %.0f s", label, result.entry or "cache",
                     result.status, result.seconds)
-    if args.json:
-        ctx.emit_json([r.as_json() for r in results])
-    else:
-        for r in results:
-            ctx.out.write(f"{r.variant or '(defaults)'}: {r.status} {r.entry}"
-                          f"{' (' + ','.join(r.images) + ' image)' if r.images else ''}\n")
-    failed = [r for r in results if r.status == "failed"]
-    if failed:
-        raise CacheError("Building failed for "
-                         + "; ".join(f"{r.variant or '(defaults)'}: "
-                                     f"{r.error.splitlines()[0]}" for r in failed)
-                         + " (details above).")
+    report(args, ctx, results, "Building", "details above")
     return 0
 
 
@@ -436,16 +461,8 @@ def run_refresh(args: argparse.Namespace, ctx: Context) -> int:
         except DefinitionError as exc:
             result.status, result.error = "failed", str(exc)
             logger.error("%s: %s (the entry is left as it was)", k.label, exc)
-    if args.json:
-        ctx.emit_json([r.as_json() for r in results])
-    else:
-        for r in results:
-            ctx.out.write(r.line() + "\n")
-    failed = [r for r in results if r.status == "failed"]
-    if failed:
-        raise CacheError("Refreshing failed for "
-                         + "; ".join(f"{r.label}: {r.error.splitlines()[0]}" for r in failed)
-                         + " (details above; each failed entry is left as it was).")
+    report(args, ctx, results, "Refreshing",
+           "details above; each failed entry is left as it was")
     return 0
 
 
@@ -615,6 +632,7 @@ def main(common: object, argv: Sequence[str] | None = None, *,
     log.setup(args.debug)
     signals.install()
     paths = paths if paths is not None else from_installed(common)
+    what = f"{PROGRAM} {args.command}"
     try:
         refuse_early(paths, os.geteuid() if euid is None else euid)
         with progress.terminal_stderr() as term:
@@ -625,26 +643,18 @@ def main(common: object, argv: Sequence[str] | None = None, *,
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR
     except UsageError as exc:
-        _final_message(args.command, str(exc))
+        log.final_error(what, str(exc))
         return EXIT_USAGE
     except DefinitionError as exc:
         if args.debug:
             traceback.print_exc()
-        _final_message(args.command, str(exc))
+        log.final_error(what, str(exc))
         return exc.exit_status
     except Interrupted as exc:
-        _final_message(args.command, f"Stopped: {exc}. What it had started was "
-                                     f"released; run it again when ready.")
+        log.final_error(what, f"Stopped: {exc}. What it had started was released; "
+                              f"run it again when ready.")
         return 128 + exc.signum
     except Exception:
         traceback.print_exc()
-        _final_message(args.command, "Internal error (the traceback above). Please "
-                                     "report it.")
+        log.final_error(what, "Internal error (the traceback above). Please report it.")
         return 70
-
-
-def _final_message(command: str, message: str) -> None:
-    """The error, as the last paragraph of stderr."""
-    sys.stderr.flush()
-    print(f"ERROR: {PROGRAM} {command} failed: {message}", file=sys.stderr)
-    sys.stderr.flush()

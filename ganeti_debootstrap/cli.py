@@ -52,21 +52,14 @@ def main(script: str, common: object, script_file: str,
     except DefinitionError as exc:
         if debug:
             traceback.print_exc()
-        _final_message(script, str(exc))
+        log.final_error(script, str(exc))
         return exc.exit_status
     except Interrupted as exc:
-        _final_message(script, f"Stopped: {exc}. Everything it had set up was "
-                               f"released; run it again when ready.")
+        log.final_error(script, f"Stopped: {exc}. Everything it had set up was "
+                                f"released; run it again when ready.")
         return 128 + exc.signum
     except Exception:
         traceback.print_exc()
-        _final_message(script, "Internal error (the traceback above). Please "
-                               "report it with this log.")
+        log.final_error(script, "Internal error (the traceback above). Please "
+                                "report it with this log.")
         return 70
-
-
-def _final_message(script: str, message: str) -> None:
-    """The error, last in the log: Ganeti shows only the last 20 lines."""
-    sys.stderr.flush()
-    print(f"ERROR: {script} failed: {message}", file=sys.stderr)
-    sys.stderr.flush()

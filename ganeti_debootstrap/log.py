@@ -95,3 +95,14 @@ def _pause_if_asked(name: str) -> None:
     while True:
         # The handlers of signals.py raise Interrupted out of here.
         signal.pause()
+
+
+def final_error(what: str, message: str) -> None:
+    """The error as the last paragraph of stderr: ``ERROR: <what> failed: ...``.
+
+    Ganeti shows only the last 20 lines of a failed script's log; an
+    administrator's command ends the same way.
+    """
+    sys.stderr.flush()
+    print(f"ERROR: {what} failed: {message}", file=sys.stderr)
+    sys.stderr.flush()
