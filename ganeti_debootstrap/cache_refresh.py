@@ -39,7 +39,7 @@ from . import bootstrap, cache_images, log, mounts, runner
 from .apt_sources import (deb822_text, keyring, one_line_text, read_os_release,
                           resolve_release, tree_mirror)
 from .apt_sources import sources as release_sources
-from .cache_store import Cache, CacheEntry, CacheKey, image_name
+from .cache_store import Cache, CacheKey, image_name
 from .errors import CacheError
 from .hooks import daemons_prevented
 from .settings import Settings
@@ -63,9 +63,6 @@ APT_ENVIRONMENT = {"DEBIAN_FRONTEND": "noninteractive", "APT_LISTCHANGES_FRONTEN
 UPGRADE_OPTIONS = ("-o", "Dpkg::Options::=--force-confdef",
                    "-o", "Dpkg::Options::=--force-confold",
                    "--no-install-recommends")
-
-# The filesystem types an entry may have images for (cache_images).
-IMAGE_TYPES = ("ext2", "ext3", "ext4")
 
 
 @dataclass(frozen=True)
@@ -233,13 +230,6 @@ def keep_forever(archive: str) -> None:
     os.chmod(archive, stat.S_IMODE(os.stat(archive).st_mode) & ~0o222)
 
 
-def existing_images(store: Cache, entry: CacheEntry) -> tuple[str, ...]:
-    """The filesystem types ``entry`` has images of."""
-    return tuple(fstype for fstype in IMAGE_TYPES
-                 if os.path.exists(os.path.join(store.directory,
-                                                image_name(entry.key.stem, fstype))))
-
-
 def refresh(store: Cache, key: CacheKey, conf: Settings, *,
             sources: str | None = None) -> RefreshReport:
     """Bring ``key``'s cache entry up to date from its mirror; see the module docstring.
@@ -272,7 +262,7 @@ def refresh(store: Cache, key: CacheKey, conf: Settings, *,
                 logger.info("The cache %s is up to date", entry.path)
                 return RefreshReport(entry.path, (), time.monotonic() - start)
             bootstrap.clean_tree(root)
-            fstypes = existing_images(store, entry)
+            fstypes = store.image_types(key)
             kept = not os.stat(entry.path).st_mode & stat.S_IWUSR
             with log.phase("refresh: store"):
                 entry = store.store(key, root, refreshed=True)

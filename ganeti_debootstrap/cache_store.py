@@ -649,6 +649,11 @@ class Cache:
                                        legacy=not _OURS.match(name)))
         return found
 
+    def image_types(self, key: CacheKey) -> list[str]:
+        """The filesystem types ``key``'s entry has images of, sorted."""
+        return sorted({i.fstype for a in self.archives() if a.stem == key.stem
+                       for i in a.images})
+
     def expired(self, now: float | None = None) -> list[str]:
         """The archives ``expire`` would drop now (in use or not); changes nothing."""
         now = time.time() if now is None else now

@@ -359,8 +359,7 @@ def build_one(prepared: Prepared, paths: Paths, result: BuildResult) -> None:
     key = key_of(prepared)
     fstype = prepared.params.filesystem
     result.entry = key.stem
-    before = {i.fstype for a in Cache(paths.cache_dir).archives()
-              if a.stem == key.stem for i in a.images}
+    before = Cache(paths.cache_dir).image_types(key)
     with contextlib.ExitStack() as hold:
         source = cache.open_source(hold, conf, prepared.tool, prepared.arch, fstype,
                                    paths.cache_dir)
@@ -377,8 +376,7 @@ def build_one(prepared: Prepared, paths: Paths, result: BuildResult) -> None:
                 raise CacheError(f"The cache of {key.describe()} could not be stored "
                                  f"in {paths.cache_dir} (the log above says why).")
             result.status = "built"
-    result.images = sorted({i.fstype for a in Cache(paths.cache_dir).archives()
-                            if a.stem == key.stem for i in a.images})
+    result.images = Cache(paths.cache_dir).image_types(key)
 
 
 def run_build(args: argparse.Namespace, ctx: Context) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ganeti_debootstrap import runner, signals
+from ganeti_debootstrap import procs, runner, signals
 from ganeti_debootstrap.instance_files import NodeFiles
 from ganeti_debootstrap.paths import Paths
 from tests.fakenode import DISK0_MIB, FakeNode
@@ -108,3 +108,12 @@ def process_state() -> Iterator[None]:
     for s, h in handlers.items():
         signal.signal(s, h)
     logger.handlers[:], logger.level, logger.propagate = saved
+
+
+@pytest.fixture
+def proc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An empty scratch /proc the package scans instead of the node's (procs.PROC)."""
+    path = tmp_path / "proc"
+    path.mkdir()
+    monkeypatch.setattr(procs, "PROC", str(path))
+    return str(path)

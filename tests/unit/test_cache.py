@@ -17,6 +17,7 @@ from ganeti_debootstrap import cache_store
 from ganeti_debootstrap.cache_store import Cache, CacheKey
 from ganeti_debootstrap.errors import CommandError
 from ganeti_debootstrap.settings import Settings
+from tests.cachelocks import lock_held
 
 KEY = CacheKey(suite="trixie", arch="amd64", mirror="", components=(),
                extra_pkgs=(), tool="mmdebstrap")
@@ -404,14 +405,7 @@ def test_waiter_on_a_removed_lock_file_takes_the_new_one(store, monkeypatch):
 
 def other_holds(store, key=KEY, exclusive=True):
     """Whether another open file can NOT take ``key``'s lock (without waiting)."""
-    fd = os.open(store.lock_path(key), os.O_RDWR)
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    return lock_held(store.lock_path(key), exclusive)
 
 
 def test_a_complete_cache_is_read_under_a_shared_lock(store):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -12,6 +11,7 @@ import time
 from ganeti_debootstrap import cache, cache_images
 from ganeti_debootstrap.cache_store import FORMAT_VERSION, Cache, CacheEntry, CacheKey
 from ganeti_debootstrap.settings import Settings
+from tests.cachelocks import lock_held
 
 CONF = Settings(arch="amd64")
 TOOL = "mmdebstrap"
@@ -52,14 +52,7 @@ def imaged(entry: CacheEntry, fstype: str = "ext4") -> str:
 
 def lock_taken(directory: str, exclusive: bool) -> bool:
     """Whether another open file can NOT take KEY's lock that way now."""
-    fd = os.open(os.path.join(directory, KEY.stem + ".lock"), os.O_RDWR)
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    return lock_held(os.path.join(directory, KEY.stem + ".lock"), exclusive)
 
 
 def test_without_generate_cache_the_cache_is_not_touched(fake_runner, tmp_path):

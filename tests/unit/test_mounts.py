@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from ganeti_debootstrap import mounts, procs
+from ganeti_debootstrap import mounts
 from ganeti_debootstrap.errors import DiskError
 
 SAMPLE = r"""22 27 0:21 / /proc rw,relatime - proc proc rw
@@ -72,14 +72,6 @@ def sleeps(monkeypatch) -> list[float]:
     return slept
 
 
-@pytest.fixture
-def no_processes(tmp_path, monkeypatch) -> str:
-    proc = tmp_path / "proc"
-    proc.mkdir()
-    monkeypatch.setattr(procs, "PROC", str(proc))
-    return str(proc)
-
-
 def test_mountinfo_fields_are_parsed_and_unescaped():
     entries = mounts.parse_mountinfo(SAMPLE)
     assert len(entries) == 10
@@ -134,9 +126,9 @@ def test_busy_unmount_is_retried(fake_runner, table, sleeps):
 
 
 def test_unmount_that_stays_busy_names_the_processes(fake_runner, table, sleeps,
-                                                      no_processes):
+                                                      proc):
     table.add("/t")
-    pid = os.path.join(no_processes, "4242")
+    pid = os.path.join(proc, "4242")
     os.makedirs(os.path.join(pid, "fd"))
     os.symlink("/t/var/lib", os.path.join(pid, "cwd"))
     with open(os.path.join(pid, "comm"), "w") as f:
@@ -171,7 +163,7 @@ def test_failed_mount_unmounts_nothing(fake_runner, table):
 
 
 def test_unmount_failure_does_not_replace_the_original_error(fake_runner, table, sleeps,
-                                                              no_processes, caplog):
+                                                              proc, caplog):
     fake_runner.expect("mount", action=table.mount)
     fake_runner.expect("umount", returncode=32, stderr="target is busy")
     with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="hook failed"):
@@ -181,7 +173,7 @@ def test_unmount_failure_does_not_replace_the_original_error(fake_runner, table,
 
 
 def test_unmount_failure_without_other_error_is_raised(fake_runner, table, sleeps,
-                                                        no_processes):
+                                                        proc):
     fake_runner.expect("mount", action=table.mount)
     fake_runner.expect("umount", returncode=32, stderr="target is busy")
     with pytest.raises(DiskError, match="Cannot unmount /t"):

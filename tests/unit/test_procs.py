@@ -4,17 +4,8 @@ from __future__ import annotations
 
 import os
 
-import pytest
 
 from ganeti_debootstrap import procs
-
-
-@pytest.fixture
-def proc(tmp_path, monkeypatch) -> str:
-    path = tmp_path / "proc"
-    path.mkdir()
-    monkeypatch.setattr(procs, "PROC", str(path))
-    return str(path)
 
 
 def add_process(proc: str, pid: int, comm: str, environ: bytes = b"", state: str = "S",
