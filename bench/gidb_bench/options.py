@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 # In the order they run: parallel compares with the warm median
 # measured before it in the same invocation.
-SCENARIOS = ("warm", "cold", "startup", "parallel", "memory", "backup")
+SCENARIOS = ("warm", "cold", "startup", "parallel", "memory", "backup", "ganeti")
 # Scenarios that bootstrap from the mirror (minutes each): --quick skips them.
-COLD_SCENARIOS = ("cold", "parallel")
+COLD_SCENARIOS = ("cold", "parallel", "ganeti")
 
 DEFAULT_RUNS = 5
 QUICK_RUNS = 3

@@ -50,7 +50,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -314,14 +314,23 @@ class GanetiCluster:
     ``workdir`` receives the cluster's state, logs and instance disks; the
     disks and exports are deleted at teardown, the logs are kept.
     ``init_options`` are added to ``gnt-cluster init`` (later ones win).
+    ``extra_os`` maps further OS names to their directories (seen as
+    ``/srv/ganeti/os/<name>`` too), e.g. Debian's shell edition beside ours;
+    ``binds`` maps node paths to directories bound over them inside the
+    mount namespace only (a scratch ``/etc/default`` or ``/var/cache`` for
+    such a definition, whose paths are fixed).
     """
 
     def __init__(self, os_dir: str | os.PathLike[str], workdir: str | os.PathLike[str],
                  *, os_name: str = "debootstrap", init_options: Sequence[str] = (),
                  command_timeout: float = COMMAND_TIMEOUT,
                  package_root: str | os.PathLike[str] | None = None,
-                 cache_dir: str | os.PathLike[str] | None = None) -> None:
+                 cache_dir: str | os.PathLike[str] | None = None,
+                 extra_os: Mapping[str, str | os.PathLike[str]] | None = None,
+                 binds: Mapping[str, str | os.PathLike[str]] | None = None) -> None:
         self.os_dir = Path(os_dir).resolve()
+        self.extra_os = {name: Path(d).resolve() for name, d in (extra_os or {}).items()}
+        self.extra_binds = {target: Path(d).resolve() for target, d in (binds or {}).items()}
         self.os_name = os_name
         self.package_root = Path(package_root).resolve() if package_root else None
         self.cache_dir = Path(cache_dir).resolve() if cache_dir else None
@@ -511,6 +520,10 @@ class GanetiCluster:
         else:
             (self.workdir / "srv").mkdir()
             self._write_package_tree(etc_ganeti)
+        for name, directory in self.extra_os.items():
+            os_link = self.workdir / "srv" / "ganeti" / "os" / name
+            os_link.parent.mkdir(parents=True, exist_ok=True)
+            os_link.symlink_to(directory)
         self.hosts_file.write_text(
             "127.0.0.1 localhost\n"
             "::1 localhost ip6-localhost ip6-loopback\n"
@@ -580,6 +593,8 @@ class GanetiCluster:
             self._inside("mount", "--bind", str(source), target)
         if self.package_root is not None:
             self._mount_package_tree()
+        for target, source in self.extra_binds.items():
+            self._inside("mount", "--rbind", str(source), target)
         self._inside("hostname", NODE_NAME)
 
     def _set_up_network(self) -> None:
