@@ -12,7 +12,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-from . import blockdev, filesystems, image_copy, log, partitions
+from . import blockdev, filesystems, image_copy, image_share, log, partitions
 from .cache_images import FsImage
 from .environment import Request
 from .errors import DiskError
@@ -73,7 +73,10 @@ def format_disk(stack: contextlib.ExitStack, request: Request, conf: Settings,
     if use_image and is_file:
         assert image is not None
         with log.phase("copy filesystem image"):
-            image_copy.write(image, path, layout.offset_bytes, skip)
+            # From a copy on the disk file's filesystem where that lets the
+            # blocks be shared (image_share.py).
+            image_copy.write(image_share.beside(image, path), path, layout.offset_bytes,
+                             skip)
     dev = stack.enter_context(blockdev.attached(path))
     if is_file and layout.style != "none":
         # A file disk's partition is reached through a loop device over the

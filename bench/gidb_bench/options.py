@@ -27,7 +27,9 @@ image's data), warm creates on XFS and Btrfs sharing the image's blocks
 (<= 0.2 s), cold create vs debootstrap
 (<= 0.5), each script's start-up (< 0.1 s), four parallel creates on a
 cold node (<= cold + 3 warm), peak memory of a create (< 100 MiB, the same
-for 2 and 20 GiB disks). Runs as root; everything lives in a scratch
+for 2 and 20 GiB disks), export and import against dump and restore by
+hand, and gnt-instance add, gnt-backup export and import through a test
+Ganeti cluster against Debian's shell edition. Runs as root; everything lives in a scratch
 directory that is removed at the end, with every loop device and mount
 released, also on Ctrl-C."""
 
@@ -72,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help=f"fewer runs ({QUICK_RUNS}) and no scenario that "
-                        f"bootstraps from the mirror ({', '.join(COLD_SCENARIOS)}) "
+                        f"needs the mirror ({', '.join(COLD_SCENARIOS)}) "
                         f"unless --scenarios names it")
     p.add_argument("--runs", type=_positive, metavar="N",
                    help=f"runs of each side in warm, startup and memory "

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -126,6 +127,89 @@ def test_a_disk_file_on_another_filesystem_is_written_as_before(tree, tmp_path):
         disk = scripts.sparse_disk(fs, 2048, "instance.img")
         log = run_script(tree, "create", create_env("apart", disk)).stderr.decode()
         assert "The system comes from the cache image" in log
+        assert "(reflink)" not in log
+        with root_device(disk) as dev:
+            check = subprocess.run(["e2fsck", "-fn", dev], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout
+
+
+def ganeti_disk(storage: str, instance: str) -> str:
+    """A 2 GiB sparse disk file where Ganeti keeps one: <storage>/<instance>/<file>."""
+    directory = os.path.join(storage, instance)
+    os.makedirs(directory, mode=0o700)
+    return scripts.sparse_disk(directory, 2048, "a1b2.file.disk0")
+
+
+def test_file_storage_on_another_filesystem_shares_a_copy_kept_in_step_with_the_cache(
+        tree, tmp_path):
+    """The cache on the work dir's ext4, Ganeti's file storage on XFS: create
+    keeps a copy of the image beside the storage and shares its blocks."""
+    var = str(tmp_path / "var")
+    image = copy_cache(tree.localstatedir, var)
+    site = scripts.OSTree(tree.sysconfdir, var, tree.os_dir)
+    with mounted_fs(tmp_path, "xfs") as fs:
+        storage = os.path.join(fs, "file-storage")
+        os.makedirs(storage, mode=0o755)
+        copies = os.path.join(storage, ".ganeti-instance-debootstrap")
+        first = ganeti_disk(storage, "one")
+        log = run_script(site, "create", create_env("one", first)).stderr.decode()
+        assert "Copied the cache image to" in log, log
+        assert "(reflink)" in log, log
+        [copy] = os.listdir(copies)
+        st = os.stat(copies)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o700)
+        st = os.stat(os.path.join(copies, copy))
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)
+        assert copy.startswith(os.path.basename(image) + ".")
+        assert sha256(os.path.join(copies, copy)) == sha256(image)
+        shared = allocation(first)
+        assert shared.shared >= 150 * 2**20, shared
+        assert shared.written < 16 * 2**20, shared
+        copy_mtime = st.st_mtime_ns
+        # The next instance shares the same copy without making it again.
+        second = ganeti_disk(storage, "two")
+        log = run_script(site, "create", create_env("two", second)).stderr.decode()
+        assert "Copied the cache image" not in log and "(reflink)" in log, log
+        assert os.listdir(copies) == [copy]
+        assert os.stat(os.path.join(copies, copy)).st_mtime_ns == copy_mtime
+        # What an instance writes never reaches the copy.
+        before = sha256(os.path.join(copies, copy))
+        with mounted_root(first, read_only=False) as root:
+            with open(os.path.join(root, "usr/lib/x86_64-linux-gnu/libc.so.6"), "r+b") as f:
+                f.write(b"\xff" * 4096)
+        subprocess.run(["sync"], check=True)
+        assert sha256(os.path.join(copies, copy)) == before
+        with root_device(second) as dev:
+            check = subprocess.run(["e2fsck", "-fn", dev], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout
+        # The image is made again (as a refresh does): the next create
+        # replaces the copy and removes the old one.
+        shutil.copy2(image, image + ".remade")
+        os.replace(image + ".remade", image)
+        third = ganeti_disk(storage, "three")
+        log = run_script(site, "create", create_env("three", third)).stderr.decode()
+        assert "Copied the cache image to" in log, log
+        [new_copy] = os.listdir(copies)
+        assert new_copy != copy
+        with mounted_root(third) as root:
+            with open(os.path.join(root, "etc/hostname")) as f:
+                assert f.read().strip() == "three"
+
+
+def test_file_storage_others_can_write_gets_no_copy(tree, tmp_path):
+    """A copy goes into every instance: none is kept where others could change it."""
+    var = str(tmp_path / "var")
+    copy_cache(tree.localstatedir, var)
+    site = scripts.OSTree(tree.sysconfdir, var, tree.os_dir)
+    with mounted_fs(tmp_path, "xfs") as fs:
+        storage = os.path.join(fs, "file-storage")
+        os.makedirs(storage)
+        os.chmod(storage, 0o777)
+        disk = ganeti_disk(storage, "open")
+        log = run_script(site, "create", create_env("open", disk)).stderr.decode()
+        assert "Not keeping a copy of the cache image" in log, log
+        assert "writable" in log, log
+        assert not os.path.exists(os.path.join(storage, ".ganeti-instance-debootstrap"))
         assert "(reflink)" not in log
         with root_device(disk) as dev:
             check = subprocess.run(["e2fsck", "-fn", dev], capture_output=True, text=True)
