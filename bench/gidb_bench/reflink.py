@@ -35,7 +35,10 @@ def run(bench: Bench) -> None:
     runs = bench.options.runs
     bench.say(f"Warm creates with the cache on a filesystem that shares blocks, the "
               f"disk file beside it (shared) or on the work dir's filesystem "
-              f"(copied); 2 GiB sparse disks, {runs} of each, interleaved.")
+              f"(copied); and the cache on the work dir, the disk file in Ganeti's "
+              f"layout <storage>/<instance>/<file> on the sharing filesystem, cloned "
+              f"from the copy kept beside the storage (storage); 2 GiB sparse disks, "
+              f"{runs} of each, interleaved.")
     for fstype in MKFS:
         if shutil.which(MKFS[fstype][0]) is None:
             bench.say(f"  {fstype}: skipped, {MKFS[fstype][0]} is not installed")
