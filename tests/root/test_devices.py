@@ -376,3 +376,29 @@ def test_grub_efi_disk_gets_a_fat_esp_before_the_root_and_export_finds_the_root(
         _, root_dev, fstype = instance_disk.open_root(stack, path, read_only=True)
         assert fstype == "ext4" and filesystems.uuid_of(root_dev) == disk.root.uuid
     assert loops_of(path) == []
+
+
+@pytest.mark.parametrize("mode", ["rb", "r+b"])
+def test_a_disk_file_another_process_has_open_is_refused_naming_it(tmp_path, mode):
+    """The kernel's answer (a write lease) says the file is used; the /proc
+    scan then names who uses it."""
+    path = sparse_file(tmp_path, DISK_MIB)
+    with open(path, mode) as held:
+        sleeper = subprocess.Popen(["sleep", "60"], stdin=held)
+    try:
+        assert not blockdev.not_open_elsewhere(path)
+        with pytest.raises(DiskError) as err:
+            blockdev.check_disk_usable(path)
+        assert f"is open in sleep (pid {sleeper.pid})" in str(err.value)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert blockdev.not_open_elsewhere(path)
+    blockdev.check_disk_usable(path)
+
+
+def test_a_disk_file_behind_an_unmounted_loop_device_is_not_known_free(tmp_path):
+    path = sparse_file(tmp_path, DISK_MIB)
+    with blockdev.attached(path):
+        assert not blockdev.not_open_elsewhere(path)
+    assert blockdev.not_open_elsewhere(path)

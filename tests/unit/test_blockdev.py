@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import mmap
 import shutil
 
 import pytest
@@ -257,3 +258,24 @@ def test_disk_with_a_holder_is_refused_naming_it_and_the_cleanup(fake_system):
                        r"'kpartx -d -p -part /dev/xenvg/disk0'"):
         blockdev._check_no_holders("/dev/xenvg/disk0", (253, 2))
     blockdev._check_no_holders("/dev/xenvg/disk1", (253, 3))
+
+
+def test_a_disk_file_nobody_has_open_is_known_free_without_reading_proc(disk_file,
+                                                                         monkeypatch):
+    def no_scan(path):
+        raise AssertionError("the /proc scan ran although the kernel said the file is free")
+    monkeypatch.setattr(blockdev.procs, "processes_using", no_scan)
+    assert blockdev.not_open_elsewhere(disk_file)
+    blockdev.check_disk_usable(disk_file)
+
+
+@pytest.mark.parametrize("how", ["read", "write", "mapping"])
+def test_a_disk_file_open_elsewhere_is_not_known_free(disk_file, how):
+    with open(disk_file, "rb" if how != "write" else "r+b") as f:
+        if how == "mapping":
+            with mmap.mmap(f.fileno(), 4096, prot=mmap.PROT_READ) as _:
+                f.close()
+                assert not blockdev.not_open_elsewhere(disk_file)
+        else:
+            assert not blockdev.not_open_elsewhere(disk_file)
+    assert blockdev.not_open_elsewhere(disk_file)
