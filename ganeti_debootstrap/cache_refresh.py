@@ -277,11 +277,13 @@ def upgrade_copy(store: Cache, entry: CacheEntry, conf: Settings, sources: str |
     The copy is the entry's filesystem image when it has a current one
     (copied, grown for apt's downloads and mounted: no archive to
     unpack; shrunk again afterwards and kept as the new image), else the
-    archive unpacked into a staging tree. Every file made is registered
+    archive unpacked into a staging tree. Its mounts are made in a mount
+    namespace of this process's own (mounts.own_mount_namespace). Every file made is registered
     on ``scratch`` for removal (the swap renames the ones it keeps).
     """
     key = entry.key
     base = base_image(entry, fstypes)
+    mounts.own_mount_namespace()
     root = scratch.enter_context(store.staging_dir(key))
     copy = ""
     result = Upgraded()
@@ -327,6 +329,10 @@ def upgrade_copy(store: Cache, entry: CacheEntry, conf: Settings, sources: str |
                 cache_images.make(root, made, fstype, entry.path)
             result.images[fstype] = made
     if base is not None:
+        if blockdev.loops_backed_by(copy):
+            raise CacheError(f"The copy {copy} of the cache image is still attached to "
+                             f"a loop device after it was unmounted (see 'losetup -a'); "
+                             f"it is not used. Run the refresh again.")
         with log.phase(f"refresh: {base.fstype} image"):
             cache_images.finish(copy, entry.path)
         result.images[base.fstype] = copy
