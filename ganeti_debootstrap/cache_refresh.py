@@ -334,6 +334,9 @@ def upgrade_copy(store: Cache, entry: CacheEntry, conf: Settings, sources: str |
                              f"a loop device after it was unmounted (see 'losetup -a'); "
                              f"it is not used. Run the refresh again.")
         with log.phase(f"refresh: {base.fstype} image"):
+            # The kernel recorded where it was mounted (the cache's staging
+            # directory): no instance needs to see the node's paths.
+            runner.run(["tune2fs", "-M", "", copy])
             cache_images.finish(copy, entry.path)
         result.images[base.fstype] = copy
     return result

@@ -214,6 +214,10 @@ def test_refreshed_archive_and_image_hold_the_new_version(first_refresh, copied)
                             check=True, capture_output=True, text=True).stdout
     assert version_in(status, PACKAGE) == old + BUMP
     assert report.images == (image.path,)
+    header = subprocess.run(["dumpe2fs", "-h", image.path], check=True,
+                            capture_output=True, text=True).stdout
+    assert store.directory not in header  # where the refresh mounted it
+    subprocess.run(["e2fsck", "-fn", image.path], check=True, capture_output=True)
 
 
 def test_refreshed_tree_is_clean_and_keeps_its_own_sources(first_refresh, copied):
