@@ -115,45 +115,84 @@ def build(store: Cache, entry: CacheEntry, fstype: str,
     create that just bootstrapped and stored it): no unpacking then.
     Temporaries of killed runs were removed when the lock was taken.
     """
-    path, record = image_path(entry, fstype), record_path(entry, fstype)
     with contextlib.ExitStack() as stack:
         if tree is None:
             tree = stack.enter_context(store.staging_dir(entry.key))
             store.extract(entry, tree)
-        used, inodes = _tree_bytes(tree)
-        size = int(used * _HEADROOM) + _EXTRA_BYTES
-        size -= size % 4096
-        with temporary_file(store.directory,
-                            image_name(entry.key.stem, fstype) + TMP_TAG) as tmp:
-            os.truncate(tmp, size)
-            # Inodes as mke2fs would give the final filesystem (one per 16
-            # KiB), but never fewer than the tree needs with room to spare.
-            inode_count = max(size // 16384, inodes * 2)
-            runner.run(["mke2fs", *_COMMON_OPTIONS, *_FEATURES[fstype], "-t", fstype,
-                        "-N", str(inode_count), "-d", tree, tmp],
-                       hint="Making the cache's filesystem image failed; "
-                            "set CACHE_IMAGE=no to unpack the archive instead.")
-            # resize2fs insists on a freshly checked filesystem before it
-            # shrinks one to its minimum size.
-            runner.run(["e2fsck", "-f", "-y", tmp])
-            runner.run(["resize2fs", "-M", tmp])
-            blocks = filesystems.superblock_number(filesystems.superblock(tmp), tmp,
-                                                   "Block count")
-            os.truncate(tmp, blocks * 4096)
-            check = runner.run(["e2fsck", "-fn", tmp], check=False)
-            if check.returncode != 0:
-                raise CacheError(f"The filesystem image made from {entry.path} does "
-                                 f"not pass e2fsck; set CACHE_IMAGE=no and report "
-                                 f"this.")
-            os.chmod(tmp, 0o600)
-            fsync_path(tmp)
-            record_data: dict[str, object] = dict(_source_stamp(entry))
-            record_data.update(size=os.path.getsize(tmp), fstype=fstype)
-            atomic_write(record, json.dumps(record_data, indent=2) + "\n",
-                         tmp_prefix=os.path.basename(record) + TMP_TAG)
-            os.replace(tmp, path)
-    log.info("Made the filesystem image %s (%.0f MiB)", path, os.path.getsize(path) / 2**20)
-    return FsImage(path, fstype, os.path.getsize(path))
+        with temporary_file(store.directory, tmp_prefix(entry, fstype)) as tmp:
+            make(tree, tmp, fstype, entry.path)
+            image = install(entry, fstype, tmp)
+    return image
+
+
+def tmp_prefix(entry: CacheEntry, fstype: str) -> str:
+    """The name prefix of an image of ``entry`` being made."""
+    return image_name(entry.key.stem, fstype) + TMP_TAG
+
+
+def make(tree: str, path: str, fstype: str, what: str) -> None:
+    """Make the ``fstype`` image of ``tree`` in the (temporary) file ``path``.
+
+    ``what`` names the archive it stands for, in errors.
+    """
+    used, inodes = _tree_bytes(tree)
+    size = int(used * _HEADROOM) + _EXTRA_BYTES
+    size -= size % 4096
+    os.truncate(path, size)
+    # Inodes as mke2fs would give the final filesystem (one per 16
+    # KiB), but never fewer than the tree needs with room to spare.
+    inode_count = max(size // 16384, inodes * 2)
+    runner.run(["mke2fs", *_COMMON_OPTIONS, *_FEATURES[fstype], "-t", fstype,
+                "-N", str(inode_count), "-d", tree, path],
+               hint="Making the cache's filesystem image failed; "
+                    "set CACHE_IMAGE=no to unpack the archive instead.")
+    finish(path, what)
+
+
+def finish(path: str, what: str) -> None:
+    """Shrink the image file ``path`` to its minimum, check it, sync it (0600)."""
+    # resize2fs insists on a freshly checked filesystem before it
+    # shrinks one to its minimum size.
+    runner.run(["e2fsck", "-f", "-y", path])
+    runner.run(["resize2fs", "-M", path])
+    blocks = filesystems.superblock_number(filesystems.superblock(path), path,
+                                           "Block count")
+    os.truncate(path, blocks * 4096)
+    check = runner.run(["e2fsck", "-fn", path], check=False)
+    if check.returncode != 0:
+        raise CacheError(f"The filesystem image made from {what} does "
+                         f"not pass e2fsck; set CACHE_IMAGE=no and report "
+                         f"this.")
+    os.chmod(path, 0o600)
+    fsync_path(path)
+
+
+def working_copy(image: FsImage, path: str, room: int) -> None:
+    """Copy ``image`` into the file ``path`` grown by ``room`` bytes, to change it.
+
+    The copy shares the image's blocks where the filesystem can (reflink)
+    and keeps its holes; ``finish`` shrinks it again.
+    """
+    runner.run(["cp", "--reflink=auto", "--sparse=always", image.path, path])
+    os.truncate(path, image.size + room - room % 4096)
+    runner.run(["resize2fs", path])
+
+
+def install(entry: CacheEntry, fstype: str, path: str) -> FsImage:
+    """Rename the finished image ``path`` into place as ``entry``'s ``fstype`` image.
+
+    Its record, written first, names the archive as it is now: the
+    caller holds the key's lock exclusively.
+    """
+    final, record = image_path(entry, fstype), record_path(entry, fstype)
+    record_data: dict[str, object] = dict(_source_stamp(entry))
+    record_data.update(size=os.path.getsize(path), fstype=fstype)
+    atomic_write(record, json.dumps(record_data, indent=2) + "\n",
+                 tmp_prefix=os.path.basename(record) + TMP_TAG)
+    os.replace(path, final)
+    log.info("Made the filesystem image %s (%.0f MiB)", final,
+             os.path.getsize(final) / 2**20)
+    return FsImage(final, fstype, os.path.getsize(final))
 
 
 def ensure(store: Cache, entry: CacheEntry, fstype: str) -> FsImage:

@@ -1,16 +1,23 @@
 """Refreshing a cache entry: its packages brought up to date without a bootstrap.
 
-``refresh`` holds the key's lock exclusively, unpacks the entry into a
-staging tree, runs ``apt-get update`` and ``apt-get dist-upgrade`` in it
-(noninteractive, daemons kept from starting by policy-rc.d, /proc, /sys and
-/dev mounted, the node's PROXY in the environment as for a bootstrap),
-compares the installed versions before and after (dpkg-query), cleans the
-tree as a bootstrap's is cleaned, checks it (``dpkg --audit`` says nothing)
-and stores it in place of the old archive (Cache.store: a temporary renamed
-over it), then remakes the entry's filesystem images. When nothing was
-upgraded the archive is left as it is and only the refresh time is
-recorded. A failure anywhere leaves the old entry as it was, and no staging
-tree or mount behind.
+``refresh`` holds the key's refresh lock (one refresh of an entry at a
+time) and, like a create, its shared lock: creates keep reading the old
+entry meanwhile. It upgrades a copy: the entry's filesystem image copied
+(reflinked where the filesystem can), grown and mounted, or, for an entry
+without a current image, the archive unpacked into a staging tree. In it,
+``apt-get update`` and ``apt-get dist-upgrade`` run (noninteractive,
+daemons kept from starting by policy-rc.d, /proc, /sys and /dev mounted,
+the node's PROXY in the environment as for a bootstrap); the installed
+versions before and after are compared (dpkg-query). When nothing was
+upgraded, only the refresh time is recorded and the copy dropped. Else the
+tree is cleaned as a bootstrap's is, checked (``dpkg --audit`` says
+nothing), archived and made into the entry's other images under temporary
+names, the copied image shrunk again; then the lock is taken exclusively,
+which waits for the creates still copying the old files, and the new
+archive and images are renamed over the old ones (records first). A
+create that starts during the refresh uses the old entry; one that starts
+during the swap waits for it and uses the new one. A failure anywhere
+leaves the old entry as it was, and no copy, staging tree or mount behind.
 
 The sources apt upgrades from are the instance's (apt_sources.py: the
 release, its -updates suite and the security archive, from MIRROR or from
@@ -19,9 +26,6 @@ directory of their own in the staging tree and handed to apt by option,
 so the tree's own sources stay as the bootstrap left them. ``sources``
 replaces them with the administrator's (a site's staging mirror; the tests'
 local archive).
-
-Creates that start during a refresh wait for it (the key's lock), and then
-use the refreshed entry.
 """
 
 from __future__ import annotations
@@ -32,15 +36,17 @@ import os
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from . import bootstrap, cache_images, log, mounts, runner
+from . import blockdev, bootstrap, cache_images, log, mounts, runner
 from .apt_sources import (deb822_text, keyring, one_line_text, read_os_release,
                           resolve_release, tree_mirror)
 from .apt_sources import sources as release_sources
-from .cache_store import Cache, CacheKey, image_name
+from .cache_images import FsImage
+from .cache_store import Cache, CacheEntry, CacheKey
 from .errors import CacheError
+from .fsutil import temporary_file
 from .hooks import daemons_prevented
 from .settings import Settings
 from .target import Target
@@ -53,6 +59,11 @@ SOURCES_DIR = "/run/ganeti-debootstrap-refresh"
 EMPTY_LIST = f"{SOURCES_DIR}/empty.list"
 PARTS_DIR = f"{SOURCES_DIR}/sources.list.d"
 RESOLV_CONF = "/etc/resolv.conf"
+# An image's lost+found, left out of the archive made from the mounted image.
+LOST_FOUND = "./lost+found"
+# Room added to the copy of the image for apt's downloads and the upgrade;
+# the file stays sparse, and the image is shrunk to its minimum again.
+ROOM = 2 * 2**30
 
 # dpkg-query's format: one installed package a line.
 QUERY_FORMAT = "${binary:Package}\\t${Version}\\t${db:Status-Abbrev}\\n"
@@ -230,6 +241,107 @@ def keep_forever(archive: str) -> None:
     os.chmod(archive, stat.S_IMODE(os.stat(archive).st_mode) & ~0o222)
 
 
+@contextlib.contextmanager
+def scratch_file(directory: str, prefix: str) -> Iterator[str]:
+    """A temporary file in ``directory``, removed at the end unless renamed away."""
+    with temporary_file(directory, prefix) as path:
+        try:
+            yield path
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def base_image(entry: CacheEntry, fstypes: list[str]) -> FsImage | None:
+    """The entry's image the upgrade starts from: ext4's if current, else any."""
+    for fstype in sorted(fstypes, key=lambda f: f != "ext4"):
+        image = cache_images.lookup(entry, fstype)
+        if image is not None:
+            return image
+    return None
+
+
+@dataclass
+class Upgraded:
+    """What the staging work left for the swap: new files by name, or nothing."""
+
+    changes: tuple[PackageChange, ...] = ()
+    archive: str = ""  # the new archive (a temporary of the cache directory)
+    images: dict[str, str] = field(default_factory=dict)  # fstype -> new image
+
+
+def upgrade_copy(store: Cache, entry: CacheEntry, conf: Settings, sources: str | None,
+                 fstypes: list[str], scratch: contextlib.ExitStack) -> Upgraded:
+    """Upgrade a copy of ``entry``; write its new archive and images if anything changed.
+
+    The copy is the entry's filesystem image when it has a current one
+    (copied, grown for apt's downloads and mounted: no archive to
+    unpack; shrunk again afterwards and kept as the new image), else the
+    archive unpacked into a staging tree. Its mounts are made in a mount
+    namespace of this process's own (mounts.own_mount_namespace). Every file made is registered
+    on ``scratch`` for removal (the swap renames the ones it keeps).
+    """
+    key = entry.key
+    base = base_image(entry, fstypes)
+    mounts.own_mount_namespace()
+    root = scratch.enter_context(store.staging_dir(key))
+    copy = ""
+    result = Upgraded()
+    with contextlib.ExitStack() as tree:
+        if base is not None:
+            copy = scratch.enter_context(scratch_file(
+                store.directory, cache_images.tmp_prefix(entry, base.fstype)))
+            with log.phase("refresh: copy the image"):
+                cache_images.working_copy(base, copy, ROOM)
+                device = tree.enter_context(blockdev.loop_device(copy))
+                # The inode tables mke2fs left to be zeroed stay so: the
+                # kernel's zeroing would make them data create copies.
+                tree.enter_context(mounts.mounted(
+                    device, root, base.fstype,
+                    ("noinit_itable",) if base.fstype == "ext4" else ()))
+        else:
+            with log.phase("refresh: unpack"):
+                store.extract(entry, root)
+        t = Target(root)
+        name, text = (("refresh.list", sources) if sources is not None
+                      else instance_sources(t, key))
+        before = installed(root)
+        with refresh_sources(t, name, text):
+            with mounts.api_filesystems(root), daemons_prevented(t):
+                upgrade(root, conf)
+                check_tree(root)
+        result.changes = version_changes(before, installed(root))
+        if not result.changes:
+            return result
+        bootstrap.clean_tree(root)
+        result.archive = scratch.enter_context(scratch_file(
+            store.directory, store.archive_tmp_prefix(key)))
+        with log.phase("refresh: archive"):
+            # A filesystem image's lost+found is no part of the tree.
+            store.write_archive(root, result.archive,
+                                exclude=(LOST_FOUND,) if base is not None else ())
+        for fstype in fstypes:
+            if base is not None and fstype == base.fstype:
+                continue
+            made = scratch.enter_context(scratch_file(
+                store.directory, cache_images.tmp_prefix(entry, fstype)))
+            with log.phase(f"refresh: {fstype} image"):
+                cache_images.make(root, made, fstype, entry.path)
+            result.images[fstype] = made
+    if base is not None:
+        if blockdev.loops_backed_by(copy):
+            raise CacheError(f"The copy {copy} of the cache image is still attached to "
+                             f"a loop device after it was unmounted (see 'losetup -a'); "
+                             f"it is not used. Run the refresh again.")
+        with log.phase(f"refresh: {base.fstype} image"):
+            # The kernel recorded where it was mounted (the cache's staging
+            # directory): no instance needs to see the node's paths.
+            runner.run(["tune2fs", "-M", "", copy])
+            cache_images.finish(copy, entry.path)
+        result.images[base.fstype] = copy
+    return result
+
+
 def refresh(store: Cache, key: CacheKey, conf: Settings, *,
             sources: str | None = None) -> RefreshReport:
     """Bring ``key``'s cache entry up to date from its mirror; see the module docstring.
@@ -240,39 +352,34 @@ def refresh(store: Cache, key: CacheKey, conf: Settings, *,
     fails; the old entry is intact then.
     """
     start = time.monotonic()
-    with store.using(key, lambda: None):
-        entry = store.lookup(key)
+    with store.refreshing(key), store.using(key, lambda: store.peek(key)) as use:
+        entry = use.found if use.found is not None else store.lookup(key)
         if entry is None:
             raise CacheError(f"There is no cache for {key.describe()} in "
                              f"{store.directory} to refresh.")
-        with store.staging_dir(key) as root:
-            with log.phase("refresh: unpack"):
-                store.extract(entry, root)
-            t = Target(root)
-            name, text = (("refresh.list", sources) if sources is not None
-                          else instance_sources(t, key))
-            before = installed(root)
-            with refresh_sources(t, name, text):
-                with mounts.api_filesystems(root), daemons_prevented(t):
-                    upgrade(root, conf)
-                    check_tree(root)
-            changes = version_changes(before, installed(root))
-            if not changes:
+        # Creates read the old entry alongside the refresh.
+        use.share()
+        old = os.stat(entry.path)
+        fstypes = store.image_types(key)
+        with contextlib.ExitStack() as scratch:
+            done = upgrade_copy(store, entry, conf, sources, fstypes, scratch)
+            if not done.changes:
                 store.mark_refreshed(key)
                 logger.info("The cache %s is up to date", entry.path)
                 return RefreshReport(entry.path, (), time.monotonic() - start)
-            bootstrap.clean_tree(root)
-            fstypes = store.image_types(key)
-            kept = not os.stat(entry.path).st_mode & stat.S_IWUSR
-            with log.phase("refresh: store"):
-                entry = store.store(key, root, refreshed=True)
-            if kept:
-                keep_forever(entry.path)
-            for fstype in fstypes:
-                with log.phase(f"refresh: {fstype} image"):
-                    cache_images.build(store, entry, fstype, tree=root)
-    report = RefreshReport(entry.path, changes, time.monotonic() - start,
-                           tuple(os.path.join(store.directory, image_name(key.stem, f))
-                                 for f in fstypes))
+            with log.phase("refresh: swap"):
+                # Waits for the creates still copying the old entry; the
+                # ones starting now wait for the swap, then copy the new one.
+                use.take_exclusive()
+                entry = store.replace(key, done.archive, old)
+                if _kept(old):
+                    keep_forever(entry.path)
+                images = tuple(cache_images.install(entry, fstype, path).path
+                               for fstype, path in sorted(done.images.items()))
+    report = RefreshReport(entry.path, done.changes, time.monotonic() - start, images)
     logger.info("Refreshed %s", report.summary())
     return report
+
+
+def _kept(st: os.stat_result) -> bool:
+    return not st.st_mode & stat.S_IWUSR

@@ -6,7 +6,10 @@ tree), with ``<stem>.inputs.json`` beside it recording those inputs and the
 archive's size and mtime. Its filesystem images (cache_images.py) are
 ``<stem>.<fstype>.img`` with ``<stem>.<fstype>.img.json``. A per-key lock
 file coordinates concurrent creates on a node: one builds (exclusive), the
-others wait, then read the finished cache side by side (shared).
+others wait, then read the finished cache side by side (shared). A refresh
+(cache_refresh.py) reads the entry under the shared lock like a create,
+holds the key's second lock (``<stem>.refresh.lock``) against another
+refresh, and takes the key exclusively only to swap its new files in.
 
 Every name in the cache directory, temporaries included, is defined here
 once: the images' module imports them, and expiry, leftover removal and
@@ -56,6 +59,9 @@ DIGEST_LENGTH = 12
 ARCHIVE_SUFFIX = ".tar"
 INPUTS_SUFFIX = ".inputs.json"
 LOCK_SUFFIX = ".lock"
+# The second lock of a key: held by a refresh from start to end, so that
+# two refreshes of an entry never run at once (cache_refresh.py).
+REFRESH_LOCK_SUFFIX = ".refresh" + LOCK_SUFFIX
 IMAGE_SUFFIX = ".img"  # after the filesystem type: <stem>.ext4.img
 IMAGE_RECORD_SUFFIX = IMAGE_SUFFIX + ".json"
 TMP_TAG = ".tmp-"
@@ -257,6 +263,8 @@ class Cache:
         self.clean_days = clean_days
         # The keys whose lock we hold: True if exclusively.
         self._held: dict[str, bool] = {}
+        # The keys whose refresh lock we hold.
+        self._refreshing: set[str] = set()
 
     def exists(self) -> bool:
         """Whether the cache directory exists (nothing was ever cached if not)."""
@@ -273,6 +281,12 @@ class Cache:
 
     def _lock_file(self, stem: str) -> str:
         return os.path.join(self.directory, stem + LOCK_SUFFIX)
+
+    def refresh_lock_path(self, key: CacheKey) -> str:
+        return self._refresh_lock_file(key.stem)
+
+    def _refresh_lock_file(self, stem: str) -> str:
+        return os.path.join(self.directory, stem + REFRESH_LOCK_SUFFIX)
 
     # -- locking ---------------------------------------------------------
     #
@@ -333,6 +347,44 @@ class Cache:
             self._held.pop(stem, None)
             lock.release()
 
+    @contextlib.contextmanager
+    def refreshing(self, key: CacheKey) -> Iterator[None]:
+        """Hold ``key``'s refresh lock: one refresh of an entry at a time.
+
+        Taken before the key's own lock (``using``) and independent of it:
+        creates never look at it. A second refresh of the entry waits for
+        the first. While it is held, nobody removes the key's temporaries
+        (they may be the refresh's own staging tree and files).
+        """
+        self._make_directory()
+        lock = _KeyLock(self._refresh_lock_file(key.stem))
+        try:
+            if not lock.acquire(exclusive=True, wait=False):
+                log.info("Waiting for another refresh of the cache %s (lock %s)",
+                         key.stem, lock.path)
+                lock.acquire(exclusive=True, wait=True)
+            self._refreshing.add(key.stem)
+            yield
+        finally:
+            self._refreshing.discard(key.stem)
+            lock.release()
+
+    def _refresh_running(self, stem: str) -> bool:
+        """Whether a refresh of ``stem`` runs (ours, or another process's)."""
+        if stem in self._refreshing:
+            return True
+        try:
+            fd = os.open(self._refresh_lock_file(stem), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
     def _make_directory(self) -> None:
         try:
             os.makedirs(self.directory, mode=0o755, exist_ok=True)
@@ -386,8 +438,32 @@ class Cache:
         if exclusive and not held:
             raise RuntimeError(f"cache key {key.stem} changed under a shared lock")
 
+    def _require_refresh(self, key: CacheKey) -> None:
+        """The key's lock (shared is enough) and its refresh lock must be held.
+
+        A refresh writes its staging tree and the record's refresh time
+        under the shared lock: creates only read, and no other writer runs
+        (an exclusive one waits for our shared lock, another refresh for
+        the refresh lock).
+        """
+        self._require_lock(key, exclusive=False)
+        if key.stem not in self._refreshing:
+            raise RuntimeError(f"cache key {key.stem} refreshed without its refresh lock")
+
+    def _may_change(self, key: CacheKey) -> None:
+        """The key's exclusive lock, or a refresh's locks, must be held."""
+        if not self._held.get(key.stem):
+            self._require_refresh(key)
+
     def _remove_leftovers(self, stem: str) -> None:
-        """Remove temporaries of ``stem`` (we hold its lock: none is in use)."""
+        """Remove temporaries of ``stem`` (we hold its lock: none is in use).
+
+        Unless a refresh runs: its staging tree and files are temporaries
+        too, and a refresh turns its shared lock into an exclusive one
+        (not atomic with flock) to swap them in.
+        """
+        if self._refresh_running(stem):
+            return
         for name in sorted(os.listdir(self.directory)):
             match = _TEMPORARY.match(name)
             if match and match.group("stem") == stem:
@@ -479,9 +555,10 @@ class Cache:
 
         It sits in a private (0700) directory, so that nobody reaches the
         tree's setuid programs while it is built; the root itself is 0755,
-        as the instance's / must be.
+        as the instance's / must be. Under the key's exclusive lock, or a
+        refresh's (``refreshing``, the key shared).
         """
-        self._require_lock(key)
+        self._may_change(key)
         root = mounts.make_private_root(key.stem + STAGING_TAG, self.directory)
         parent = os.path.dirname(root)
         try:
@@ -506,20 +583,54 @@ class Cache:
         keeps the creation time and records the refresh.
         """
         self._require_lock(key)
+        with temporary_file(self.directory, self.archive_tmp_prefix(key)) as tmp:
+            self.write_archive(tree, tmp)
+            return self._install(key, tmp, refreshed)
+
+    def archive_tmp_prefix(self, key: CacheKey) -> str:
+        """The name prefix of ``key``'s archive being written."""
+        return key.stem + ARCHIVE_SUFFIX + TMP_TAG
+
+    def write_archive(self, tree: str, path: str, exclude: tuple[str, ...] = ()) -> None:
+        """Archive ``tree`` into the (temporary) file ``path``, synced, 0600.
+
+        ``exclude``: members (``./name``, anchored) left out, such as the
+        lost+found of a tree that is a mounted filesystem image.
+        """
+        excluded = ["--anchored", *(f"--exclude={e}" for e in exclude)] if exclude else []
+        runner.run(["tar", "--create", "--file", path, "--directory", tree,
+                    *TAR_CREATE_OPTIONS, *excluded, "."],
+                   hint=f"Writing the cache in {self.directory} failed: "
+                        f"check that its filesystem has room.")
+        os.chmod(path, 0o600)
+        fsync_path(path)
+
+    def replace(self, key: CacheKey, archive: str, expected: os.stat_result) -> CacheEntry:
+        """Put the written ``archive`` in place of ``key``'s as refreshed (exclusive lock).
+
+        ``expected`` is the old archive's status when the refresh read it:
+        an archive replaced or removed meanwhile (the refresh held no lock
+        for a moment while turning its shared lock into an exclusive one)
+        is not overwritten; CacheError says to run the refresh again.
+        """
+        self._require_lock(key)
+        now = _lstat(self.archive_path(key))
+        if now is None or (now.st_ino, now.st_size, now.st_mtime_ns) != (
+                expected.st_ino, expected.st_size, expected.st_mtime_ns):
+            raise CacheError(f"The cache {self.archive_path(key)} was replaced or "
+                             f"removed while it was being refreshed; the refreshed "
+                             f"copy is dropped. Run the refresh again.")
+        return self._install(key, archive, refreshed=True)
+
+    def _install(self, key: CacheKey, tmp: str, refreshed: bool) -> CacheEntry:
+        """Rename the written archive ``tmp`` into place after its record."""
         archive, inputs_file = self.archive_path(key), self.inputs_path(key)
         previous = _read_record(inputs_file) if refreshed else None
-        with temporary_file(self.directory, key.stem + ARCHIVE_SUFFIX + TMP_TAG) as tmp:
-            runner.run(["tar", "--create", "--file", tmp, "--directory", tree,
-                        *TAR_CREATE_OPTIONS, "."],
-                       hint=f"Writing the cache in {self.directory} failed: "
-                            f"check that its filesystem has room.")
-            os.chmod(tmp, 0o600)
-            fsync_path(tmp)
-            # The inputs go first: a crash between the renames leaves inputs
-            # without an archive, which lookup ignores.
-            self._record(key, tmp, inputs_file, previous, refreshed)
-            os.replace(tmp, archive)
-            fsync_path(self.directory)
+        # The inputs go first: a crash between the renames leaves inputs
+        # without an archive, which lookup ignores.
+        self._record(key, tmp, inputs_file, previous, refreshed)
+        os.replace(tmp, archive)
+        fsync_path(self.directory)
         size = os.path.getsize(archive)
         log.info("Stored the cache %s (%.0f MiB)", archive, size / 2**20)
         return CacheEntry(key, archive, inputs_file)
@@ -529,7 +640,7 @@ class Cache:
 
         The archive is left as it is; expiry counts its age from now on.
         """
-        self._require_lock(key)
+        self._may_change(key)
         archive, inputs_file = self.archive_path(key), self.inputs_path(key)
         self._record(key, archive, inputs_file, _read_record(inputs_file),
                      refreshed=True)
@@ -744,7 +855,7 @@ class Cache:
         match = _TEMPORARY.match(name)
         assert match is not None
         with self._flock(match.group("stem"), wait=False) as held:
-            if held:
+            if held and not self._refresh_running(match.group("stem")):
                 log.info("Removing %s, left by an interrupted run",
                          os.path.join(self.directory, name))
                 try:
@@ -765,6 +876,13 @@ class Cache:
         if any(_TEMPORARY.match(n) and n.startswith(stem + ".")
                for n in os.listdir(self.directory)):
             return
+        refresh_lock = _KeyLock(self._refresh_lock_file(stem))
+        try:
+            if os.path.lexists(refresh_lock.path) and refresh_lock.acquire(
+                    exclusive=True, wait=False):
+                _remove_if_exists(refresh_lock.path)
+        finally:
+            refresh_lock.release()
         _remove_if_exists(self._lock_file(stem))
 
 
@@ -790,6 +908,18 @@ class KeyUse(Generic[_Found]):
         if self._lock.exclusive:
             self._lock.acquire(exclusive=False, wait=True)
             self._store._mark_shared(self._stem)
+
+    def take_exclusive(self) -> None:
+        """Turn a shared lock into an exclusive one, waiting for the readers.
+
+        Not atomic (flock drops the shared lock first): another run may
+        take the key in between, so what was read under the shared lock
+        must be checked again (``Cache.replace`` does).
+        """
+        if not self._lock.exclusive:
+            self._store._held.pop(self._stem, None)
+            self._lock.acquire(exclusive=True, wait=True)
+            self._store._held[self._stem] = True
 
 
 class _KeyLock:

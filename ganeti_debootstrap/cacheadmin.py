@@ -428,7 +428,32 @@ class RefreshResult:
             f" ({self.error.splitlines()[0]})" if self.error else "")
 
 
+# The most of a --sources file read: a sources.list is a few lines.
+SOURCES_MAX_BYTES = 64 * 1024
+
+
+def read_sources(path: str) -> str:
+    """The administrator's APT sources for ``refresh --sources``, checked for size."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(SOURCES_MAX_BYTES + 1)
+    except OSError as err:
+        raise UsageError(f"--sources {path}: cannot read it ({err.strerror}); give "
+                         f"a file of APT sources in sources.list(5) one-line "
+                         f"format.") from err
+    if len(data) > SOURCES_MAX_BYTES:
+        raise UsageError(f"--sources {path} is larger than {SOURCES_MAX_BYTES} "
+                         f"bytes; give a sources.list(5) file of a few 'deb' lines.")
+    text = data.decode("utf-8", "replace")
+    if not any(line.split()[:1] == ["deb"] for line in text.splitlines()):
+        raise UsageError(f"--sources {path} has no 'deb' line; give APT sources in "
+                         f"sources.list(5) one-line format, e.g. 'deb URL SUITE "
+                         f"COMPONENT'.")
+    return text
+
+
 def run_refresh(args: argparse.Namespace, ctx: Context) -> int:
+    sources = read_sources(args.sources) if args.sources is not None else None
     variants = chosen_variants(args, ctx.paths)
     # Every variant's settings are checked before anything is refreshed.
     keys = [k for v in variants for k in variant_keys(ctx.paths, v)]
@@ -454,7 +479,8 @@ def run_refresh(args: argparse.Namespace, ctx: Context) -> int:
             continue
         try:
             with progress.status(ctx.terminal, f"{k.label}: refreshing the cache"):
-                result.report = cache_refresh.refresh(store, k.key, conf)
+                result.report = cache_refresh.refresh(store, k.key, conf,
+                                                      sources=sources)
             result.status = "upgraded" if result.report.changed else "up to date"
         except DefinitionError as exc:
             result.status, result.error = "failed", str(exc)
@@ -558,6 +584,10 @@ def _refresh_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all", action="store_true",
                         help="every published variant; those without an entry "
                              "are skipped")
+    parser.add_argument("--sources", metavar="FILE",
+                        help="upgrade from the APT sources in FILE (one-line "
+                             "sources.list(5) format: a site's staging mirror) "
+                             "instead of the instances' own")
 
 
 def _prune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -579,10 +609,11 @@ COMMANDS: tuple[Subcommand, ...] = (
     Subcommand("refresh", "bring entries' packages up to date from the mirror",
                "Upgrade the packages of each named variant's cache entries "
                "(every boot loader's) from the mirror, security and updates "
-               "archives included, without a new bootstrap: a copy is upgraded, "
-               "checked and stored in place of the old archive, its images "
-               "made again; a failed refresh leaves the entry as it was. A "
-               "refreshed entry counts as new for CLEAN_CACHE.",
+               "archives included (or from --sources), without a new bootstrap: a "
+               "copy is upgraded, checked and swapped in for the old archive "
+               "and images; creates running meanwhile use the old entry; a "
+               "failed refresh leaves the entry as it was. A refreshed entry "
+               "counts as new for CLEAN_CACHE.",
                _refresh_arguments, run_refresh),
     Subcommand("prune", "remove expired and orphaned entries",
                "Remove entries older than CLEAN_CACHE (the shortest among the "

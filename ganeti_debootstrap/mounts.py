@@ -227,6 +227,28 @@ def mounted(device: str, mount_point: str, fstype: str | None = None,
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
+# unshare(2)'s flag for a new mount namespace (confine.py has its own copy:
+# it runs by path, on the standard library alone).
+CLONE_NEWNS = 0x00020000
+
+
+def own_mount_namespace() -> None:
+    """Move this thread, and the commands it starts, into a mount namespace of its own.
+
+    Its mounts then exist nowhere else: a service or script that makes a
+    mount namespace of its own meanwhile (systemd's PrivateTmp, ip netns,
+    another unshare) copies the node's mounts, not ours, so nothing can
+    keep our filesystem mounted after we unmount it (which would leave a
+    loop device attached and its file changing after we checked it).
+    The node's mounts still reach ours (slave propagation); ours do not go
+    back. The namespace ends with the process.
+    """
+    if _libc.unshare(ctypes.c_int(CLONE_NEWNS)) != 0:
+        err = ctypes.get_errno()
+        raise DiskError(f"Cannot make a private mount namespace (unshare: "
+                        f"{os.strerror(err)}); this needs root (CAP_SYS_ADMIN).")
+    runner.run(["mount", "--make-rslave", "/"])
+
 
 @contextlib.contextmanager
 def write_errors_reported(mount_point: str, what: str) -> Iterator[None]:

@@ -25,6 +25,7 @@ from .procs import GANETI_PATH, BenchError
 PYTHON = "/usr/bin/python3"
 PACKAGE = "ganeti-instance-debootstrap"
 SCRIPTS = ("create", "import", "export", "rename", "verify")
+ADMIN_COMMAND = "ganeti-debootstrap-cache"
 
 # Build products of an in-tree build: copied, they would stop the scratch
 # out-of-tree configure ("source directory already configured").
@@ -41,6 +42,7 @@ class Installation:
     localstatedir: str
     os_dir: str
     launcher: str = ""  # tests/launch.py when running from the source tree
+    sbindir: str = ""  # where make install put the administrator's command
 
     @property
     def config_dir(self) -> str:
@@ -64,6 +66,13 @@ class Installation:
             return [PYTHON, self.launcher, self.sysconfdir, self.localstatedir,
                     self.os_dir, script, *args]
         return [os.path.join(self.os_dir, script), *args]
+
+    def admin_argv(self, *args: str) -> list[str]:
+        """The administrator's command (ganeti-debootstrap-cache) with ``args``."""
+        if self.launcher:
+            return [PYTHON, self.launcher, self.sysconfdir, self.localstatedir,
+                    self.os_dir, ADMIN_COMMAND, *args]
+        return [os.path.join(self.sbindir, ADMIN_COMMAND), *args]
 
     def add_variant(self, name: str, text: str) -> None:
         """A variant file, listed in variants.list (the one the OS dir reads)."""
@@ -164,7 +173,10 @@ def install(source_root: str, base: str, log_path: str) -> Installation:
     for script in SCRIPTS:
         if not os.access(os.path.join(os_dir, script), os.X_OK):
             raise BenchError(f"make install left no executable {script} in {os_dir}")
-    return Installation(sysconfdir, localstatedir, os_dir)
+    sbindir = os.path.join(prefix, "usr", "sbin")
+    if not os.access(os.path.join(sbindir, ADMIN_COMMAND), os.X_OK):
+        raise BenchError(f"make install left no executable {ADMIN_COMMAND} in {sbindir}")
+    return Installation(sysconfdir, localstatedir, os_dir, sbindir=sbindir)
 
 
 def source_tree(source_root: str, base: str) -> Installation:

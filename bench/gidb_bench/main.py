@@ -13,8 +13,8 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-from . import (backup, cold, devices, ganeti, install, machine, memory, parallel, procs, startup,
-               warm)
+from . import (backup, cold, devices, ganeti, install, machine, memory, parallel, procs,
+               refresh, startup, warm)
 from .context import GIB, Bench, archive_from_log, bootstrapped
 from .options import Options, parse_args
 from .procs import BenchError, Interrupted
@@ -99,6 +99,8 @@ def _scenario(bench: Bench, name: str) -> None:
         warm.run(bench)
     elif name == "cold":
         cold.run(bench, DEFAULT_SUITE)
+    elif name == "refresh":
+        refresh.run(bench)
     elif name == "startup":
         startup.run(bench)
     elif name == "parallel":

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 # In the order they run: parallel compares with the warm median
 # measured before it in the same invocation.
-SCENARIOS = ("warm", "cold", "startup", "parallel", "memory", "backup", "ganeti")
-# Scenarios that bootstrap from the mirror (minutes each): --quick skips them.
-COLD_SCENARIOS = ("cold", "parallel", "ganeti")
+SCENARIOS = ("warm", "cold", "refresh", "startup", "parallel", "memory", "backup", "ganeti")
+# Scenarios that need the mirror (minutes each): --quick skips them.
+# (refresh compares with the cold median, and makes its own without cold.)
+COLD_SCENARIOS = ("cold", "refresh", "parallel", "ganeti")
 
 DEFAULT_RUNS = 5
 QUICK_RUNS = 3
@@ -25,11 +26,13 @@ the same bytes directly; idle disk and busy with a concurrent writer),
 data a warm create writes on 2, 20 and 128 GiB disks (<= 1.1x the
 image's data), warm creates on XFS and Btrfs sharing the image's blocks
 (<= 0.2 s), cold create vs debootstrap
-(<= 0.5), each script's start-up (< 0.1 s), four parallel creates on a
-cold node (<= cold + 3 warm), peak memory of a create (< 100 MiB, the same
-for 2 and 20 GiB disks), export and import against dump and restore by
-hand, and gnt-instance add, gnt-backup export and import through a test
-Ganeti cluster against Debian's shell edition. Runs as root; everything lives in a scratch
+(<= 0.5), refreshing a cache entry from a loopback mirror with nothing and
+with one package to upgrade (each <= 0.3 of a cold create), each
+script's start-up (< 0.1 s), four parallel creates on a cold node
+(<= cold + 3 warm), peak memory of a create (< 100 MiB, the same for 2
+and 20 GiB disks), export and import against dump and restore by hand,
+and gnt-instance add, gnt-backup export and import through a test Ganeti
+cluster against Debian's shell edition. Runs as root; everything lives in a scratch
 directory that is removed at the end, with every loop device and mount
 released, also on Ctrl-C."""
 

@@ -18,6 +18,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import IO
 
 from tests.root.sparse import sparse_file
 
@@ -122,6 +123,17 @@ def run_script(tree: OSTree, script: str, env: Mapping[str, str],
                              + proc.stderr.decode(errors="replace")[-4000:])
     sys.stderr.write(proc.stderr.decode(errors="replace")[-2000:])
     return proc
+
+
+def start_script(tree: OSTree, script: str, env: Mapping[str, str],
+                 args: tuple[str, ...], stdout: IO[bytes],
+                 stderr: IO[bytes]) -> subprocess.Popen[bytes]:
+    """Start ``script`` as run_script does, without waiting for it."""
+    return subprocess.Popen(
+        [PYTHON, LAUNCHER, tree.sysconfdir, tree.localstatedir, tree.os_dir,
+         script, *args],
+        env=dict(env), cwd=tree.os_dir, stdin=subprocess.DEVNULL, stdout=stdout,
+        stderr=stderr, preexec_fn=lambda: os.umask(0o077))
 
 
 def sparse_disk(directory: str, mib: int, name: str = "disk0.img") -> str:

@@ -2,7 +2,10 @@
 
 A copy of the session's bootstrapped entry (never the shared one) is
 refreshed against a flat APT repository on 127.0.0.1 holding a newer
-version of one installed package (nano, a leaf nothing in the tree needs).
+version of one installed package (nano, a leaf nothing in the tree needs):
+through cache_refresh, and through the installed command with --sources,
+once with the repository stalling the package's download so that creates
+run while the refresh is held half-way.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -24,12 +29,16 @@ from ganeti_debootstrap import cache_images, cache_refresh, cache_store
 from ganeti_debootstrap.cache_store import Cache
 from ganeti_debootstrap.errors import DefinitionError
 from ganeti_debootstrap.settings import Settings
+from tests.cachelocks import lock_held
 from tests.root import bootstrap_fixture, scripts
-from tests.root.scripts import create_env, mounted_root, run_script
+from tests.root.scripts import create_env, ganeti_env, mounted_root, run_script, start_script
 
 PACKAGE = "nano"
 BUMP = "+gidbtest1"
 IMAGE_TYPE = "ext4"
+COMMAND = "ganeti-debootstrap-cache"
+# The longest a stalled download waits for the test to let it go.
+STALL_LIMIT = 300
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -37,10 +46,21 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+def stalling(gate: threading.Event, asked: threading.Event) -> type[_Quiet]:
+    """A handler that holds every .deb download until ``gate`` is set (``asked`` then)."""
+    class Stalling(_Quiet):
+        def do_GET(self) -> None:
+            if self.path.endswith(".deb"):
+                asked.set()
+                gate.wait(STALL_LIMIT)
+            super().do_GET()
+    return Stalling
+
+
 @contextlib.contextmanager
-def served(directory: str) -> Iterator[str]:
+def served(directory: str, kind: type[_Quiet] = _Quiet) -> Iterator[str]:
     """``directory`` over HTTP on 127.0.0.1; yields its URL."""
-    handler = functools.partial(_Quiet, directory=directory)
+    handler = functools.partial(kind, directory=directory)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -113,12 +133,11 @@ def leftovers(store: Cache) -> list[str]:
             if cache_store.STAGING_TAG in n or cache_store.TMP_TAG in n]
 
 
-@pytest.fixture(scope="module")
-def copied(bootstrapped_localstatedir, tmp_path_factory):
-    """A cache directory holding a copy of the session's default entry and its image."""
+def copy_entry(bootstrapped_localstatedir: str, localstatedir: str) -> Cache:
+    """A cache under ``localstatedir`` holding a copy of the session's default entry
+    and its image."""
     key = bootstrap_fixture.default_key()
     shared = Cache(bootstrap_fixture.cache_dir(bootstrapped_localstatedir))
-    localstatedir = str(tmp_path_factory.mktemp("refresh"))
     directory = bootstrap_fixture.cache_dir(localstatedir)
     os.makedirs(directory, mode=0o755)
     store = Cache(directory, clean_days=None)
@@ -127,11 +146,30 @@ def copied(bootstrapped_localstatedir, tmp_path_factory):
         assert entry is not None
         shutil.copy2(entry.path, store.archive_path(key))
         shutil.copy2(entry.inputs_file, store.inputs_path(key))
+        if cache_images.lookup(entry, IMAGE_TYPE) is not None:
+            for path in (cache_images.image_path(entry, IMAGE_TYPE),
+                         cache_images.record_path(entry, IMAGE_TYPE)):
+                shutil.copy2(path, os.path.join(directory, os.path.basename(path)))
     with store.using(key, lambda: None):
         entry = store.lookup(key)
         assert entry is not None
         cache_images.ensure(store, entry, IMAGE_TYPE)
-    return store, key
+    return store
+
+
+@pytest.fixture(scope="module")
+def copied(bootstrapped_localstatedir, tmp_path_factory):
+    """A cache directory holding a copy of the session's default entry and its image."""
+    localstatedir = str(tmp_path_factory.mktemp("refresh"))
+    return copy_entry(bootstrapped_localstatedir, localstatedir), bootstrap_fixture.default_key()
+
+
+@pytest.fixture
+def own_copy(bootstrapped_localstatedir, tmp_path):
+    """An OS installation whose cache holds its own copy of the default entry."""
+    localstatedir = str(tmp_path / "var")
+    store = copy_entry(bootstrapped_localstatedir, localstatedir)
+    return scripts.make_os_tree(str(tmp_path / "os"), localstatedir), store
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +214,10 @@ def test_refreshed_archive_and_image_hold_the_new_version(first_refresh, copied)
                             check=True, capture_output=True, text=True).stdout
     assert version_in(status, PACKAGE) == old + BUMP
     assert report.images == (image.path,)
+    header = subprocess.run(["dumpe2fs", "-h", image.path], check=True,
+                            capture_output=True, text=True).stdout
+    assert store.directory not in header  # where the refresh mounted it
+    subprocess.run(["e2fsck", "-fn", image.path], check=True, capture_output=True)
 
 
 def test_refreshed_tree_is_clean_and_keeps_its_own_sources(first_refresh, copied):
@@ -259,3 +301,112 @@ def test_failed_refresh_keeps_the_old_entry(first_refresh, copied, tmp_path, pat
     assert not leftovers(store)
     with open("/proc/self/mountinfo") as f:
         assert store.directory not in f.read()
+
+
+def instance_version(disk: str, package: str = PACKAGE) -> str:
+    with mounted_root(disk) as root:
+        return subprocess.run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "--show",
+                               "--showformat=${Version}", package], check=True,
+                              capture_output=True, text=True).stdout
+
+
+def newer_repository(store: Cache, directory: str) -> tuple[str, str]:
+    """A repository with nano newer than ``store``'s: (its directory, the old version)."""
+    old = version_in(archive_status(store.archive_path(bootstrap_fixture.default_key())),
+                     PACKAGE)
+    make_repository(directory, PACKAGE, old + BUMP)
+    return os.path.join(directory, "repo"), old
+
+
+def test_refresh_command_reports_the_upgrade_and_the_next_create_has_it(own_copy,
+                                                                       tmp_path):
+    tree, store = own_copy
+    key = bootstrap_fixture.default_key()
+    repo, old = newer_repository(store, str(tmp_path / "work"))
+    listing = tmp_path / "staging.list"
+    with served(repo) as url:
+        listing.write_text(sources(url))
+        start = time.monotonic()
+        proc = run_script(tree, COMMAND, ganeti_env(),
+                          args=("refresh", "default", "--sources", str(listing), "--json"))
+        took = time.monotonic() - start
+        [result] = json.loads(proc.stdout)
+        again = run_script(tree, COMMAND, ganeti_env(),
+                           args=("refresh", "default", "--sources", str(listing)))
+    print(f"\nrefresh command with one package to upgrade: {took:.1f} s")
+    assert (result["variant"], result["name"], result["status"], result["changed"]) == (
+        "default", key.stem, "upgraded", True)
+    assert result["upgraded"] == [{"package": PACKAGE, "old": old, "new": old + BUMP}]
+    assert result["images"] == [os.path.join(store.directory,
+                                             cache_store.image_name(key.stem, IMAGE_TYPE))]
+    assert re.fullmatch(rf"default: {key.stem}\.tar: up to date \(\d+ s\)\n",
+                        again.stdout.decode())
+    [listed] = json.loads(run_script(tree, COMMAND, ganeti_env(),
+                                     args=("list", "--json")).stdout)
+    assert listed["refreshed"] is not None
+    disk = scripts.sparse_disk(str(tmp_path), 1024)
+    run_script(tree, "create", create_env("after", disk))
+    assert instance_version(disk) == old + BUMP
+    assert not leftovers(store)
+
+
+def wait_for_text(path: str, text: str, limit: float) -> bool:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        with open(path, errors="replace") as f:
+            if text in f.read():
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def test_creates_during_a_refresh_use_the_old_entry_and_a_second_refresh_waits(
+        own_copy, tmp_path):
+    tree, store = own_copy
+    key = bootstrap_fixture.default_key()
+    repo, old = newer_repository(store, str(tmp_path / "work"))
+    listing = tmp_path / "staging.list"
+    gate, asked = threading.Event(), threading.Event()
+    outs = [str(tmp_path / f"refresh{i}.{s}") for i in (1, 2) for s in ("out", "err")]
+    args = ("refresh", "default", "--sources", str(listing), "--json")
+    procs: list[subprocess.Popen[bytes]] = []
+    during = scripts.sparse_disk(str(tmp_path), 1024, "during.img")
+    with served(repo, stalling(gate, asked)) as url, contextlib.ExitStack() as files:
+        listing.write_text(sources(url))
+        out1, err1, out2, err2 = (files.enter_context(open(p, "wb")) for p in outs)
+        try:
+            procs.append(start_script(tree, COMMAND, ganeti_env(), args, out1, err1))
+            # The refresh is held half-way: apt downloads the new package.
+            assert asked.wait(120), "the refresh never asked for the package"
+            assert lock_held(store.refresh_lock_path(key), exclusive=True)
+            procs.append(start_script(tree, COMMAND, ganeti_env(), args, out2, err2))
+            assert wait_for_text(outs[3], "Waiting for another refresh", 60)
+            start = time.monotonic()
+            create = run_script(tree, "create", create_env("during", during))
+            took = time.monotonic() - start
+            assert [p.poll() for p in procs] == [None, None], \
+                "a refresh ended before the stalled download was let go"
+        finally:
+            gate.set()
+            for proc in procs:
+                try:
+                    proc.wait(timeout=300)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    print(f"\ncreate during a refresh: {took:.1f} s")
+    assert b"Waiting for another run" not in create.stderr
+    assert took < 60
+    assert [p.returncode for p in procs] == [0, 0]
+    with open(outs[0]) as f:
+        [first] = json.load(f)
+    with open(outs[2]) as f:
+        [second] = json.load(f)
+    assert first["status"] == "upgraded" and first["upgraded"] == [
+        {"package": PACKAGE, "old": old, "new": old + BUMP}]
+    assert second["status"] == "up to date"
+    assert instance_version(during) == old
+    after = scripts.sparse_disk(str(tmp_path), 1024, "after.img")
+    run_script(tree, "create", create_env("after", after))
+    assert instance_version(after) == old + BUMP
+    assert not leftovers(store)

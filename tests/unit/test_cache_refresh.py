@@ -15,6 +15,7 @@ from ganeti_debootstrap.cache_store import Cache
 from ganeti_debootstrap.errors import CacheError, CommandError
 from ganeti_debootstrap.settings import Settings
 from ganeti_debootstrap.target import Target
+from tests.cachelocks import lock_held
 from tests.unit.test_cache import DAY, KEY, age, fake_tar_create, stored, tar_bytes
 
 LISTING = ("apt\t3.0.3\tii \n"
@@ -217,3 +218,86 @@ def test_a_kept_archive_stays_kept_and_valid(store):
     assert os.stat(entry.path).st_mode & 0o777 == 0o400
     with store.using(KEY, lambda: None):
         assert store.lookup(KEY) == entry
+
+
+# -- the refresh lock and the swap ------------------------------------------------
+
+def test_a_refresh_lock_keeps_a_second_refresh_out_but_not_readers(store):
+    stored(store)
+    with store.refreshing(KEY):
+        assert lock_held(store.refresh_lock_path(KEY), exclusive=True)
+        # Creates (shared) read alongside the refresh.
+        assert not lock_held(store.lock_path(KEY), exclusive=False)
+    assert not lock_held(store.refresh_lock_path(KEY), exclusive=True)
+
+
+def test_a_refresh_may_stage_and_record_under_the_shared_lock_only_with_its_lock(store):
+    entry = stored(store)
+    with store.using(KEY, lambda: store.peek(KEY)) as use:
+        assert not use.exclusive
+        with pytest.raises(RuntimeError, match="refresh lock"):
+            store.mark_refreshed(KEY)
+    with store.refreshing(KEY), store.using(KEY, lambda: store.peek(KEY)) as use:
+        assert not use.exclusive
+        with store.staging_dir(KEY) as root:
+            assert os.path.isdir(root)
+        store.mark_refreshed(KEY)
+    assert "refreshed" in _record(entry.inputs_file)
+
+
+def test_temporaries_are_not_removed_as_leftovers_while_a_refresh_runs(store):
+    stored(store)
+    copy = os.path.join(store.directory, f"{KEY.stem}.ext4.img{cache_store.TMP_TAG}abc")
+    open(copy, "w").close()
+    other = Cache(store.directory)  # another process's view
+    with store.refreshing(KEY):
+        assert other.expire() == []
+        with other.using(KEY, lambda: None):
+            pass
+        assert os.path.exists(copy)
+    other.expire()
+    assert not os.path.exists(copy)
+
+
+def test_the_swap_refuses_an_archive_replaced_while_refreshing(store, fake_runner):
+    entry = stored(store)
+    before = os.stat(entry.path)
+    new = os.path.join(store.directory, store.archive_tmp_prefix(KEY) + "x")
+    with open(new, "wb") as f:
+        f.write(tar_bytes(5))
+    with store.refreshing(KEY), store.using(KEY, lambda: store.peek(KEY)) as use:
+        # Another run repacked the archive while the lock was converted.
+        age(entry.path, 1, time.time())
+        use.take_exclusive()
+        with pytest.raises(CacheError, match="replaced or removed while it was being"):
+            store.replace(KEY, new, before)
+    assert os.path.exists(new)
+    os.unlink(new)
+
+
+def test_the_swap_puts_the_new_archive_in_place_as_refreshed(store):
+    entry = stored(store)
+    before = os.stat(entry.path)
+    new = os.path.join(store.directory, store.archive_tmp_prefix(KEY) + "x")
+    with open(new, "wb") as f:
+        f.write(tar_bytes(5))
+    with store.refreshing(KEY), store.using(KEY, lambda: store.peek(KEY)) as use:
+        with pytest.raises(RuntimeError, match="shared lock"):
+            store.replace(KEY, new, before)
+        use.take_exclusive()
+        assert lock_held(store.lock_path(KEY), exclusive=False)
+        assert store.replace(KEY, new, before) == entry
+    assert not os.path.exists(new)
+    with open(entry.path, "rb") as f:
+        assert f.read() == tar_bytes(5)
+    assert "refreshed" in _record(entry.inputs_file)
+
+
+def test_removing_an_entry_removes_its_refresh_lock_file(store):
+    entry = stored(store)
+    with store.refreshing(KEY):
+        pass
+    assert os.path.exists(store.refresh_lock_path(KEY))
+    assert store.remove(entry.path, "test")
+    assert not os.path.exists(store.refresh_lock_path(KEY))
+    assert not os.path.exists(store.lock_path(KEY))

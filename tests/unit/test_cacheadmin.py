@@ -448,10 +448,12 @@ class RecordedRefresh:
 
     def __init__(self, fail: dict[CacheKey, str] | None = None) -> None:
         self.calls: list[tuple[str, CacheKey, str]] = []
+        self.sources: list[str | None] = []
         self.fail = fail or {}
 
     def __call__(self, store, key, conf, *, sources=None):
         self.calls.append((store.directory, key, conf.suite))
+        self.sources.append(sources)
         if key in self.fail:
             raise CacheError(self.fail[key])
         change = cache_refresh.PackageChange("nano", "8.4-1", "8.4-1+deb13u1")
@@ -520,3 +522,30 @@ def test_refresh_needs_variants_or_all(node, install, refreshed, capsys):
     status, _ = run(install, "refresh")
     assert status == 2
     assert "Name the variants to refresh or give --all" in capsys.readouterr().err
+
+
+def test_refresh_sources_file_is_handed_to_each_refresh(node, install, cache, refreshed,
+                                                        tmp_path):
+    stored(cache, DEFAULT)
+    stored(cache, BIG)
+    listing = tmp_path / "staging.list"
+    listing.write_text("# the site's staging mirror\ndeb http://127.0.0.1:8080/ ./\n")
+    run_json(install, "refresh", "--all", "--sources", str(listing))
+    assert refreshed.sources == [listing.read_text()] * 2
+
+
+@pytest.mark.parametrize("content, said", [
+    (None, "cannot read it"),
+    ("# nothing\n", "has no 'deb' line"),
+    ("deb http://127.0.0.1/ ./\n" * 5000, "larger than 65536 bytes"),
+])
+def test_refresh_refuses_a_sources_file_it_cannot_use(node, install, cache, refreshed,
+                                                      tmp_path, capsys, content, said):
+    stored(cache, DEFAULT)
+    listing = tmp_path / "staging.list"
+    if content is not None:
+        listing.write_text(content)
+    status, _ = run(install, "refresh", "default", "--sources", str(listing))
+    assert status == 2
+    assert refreshed.calls == []
+    assert said in capsys.readouterr().err.splitlines()[-1]
