@@ -214,8 +214,9 @@ def check_data_disks(request: Request, params: OSParams) -> None:
             raise DiskError(
                 f"{what} ({disk.path}) is {size // blockdev.MIB} MiB ({size} "
                 f"bytes), but data_disks=format needs at least {need} MiB for "
-                f"a {fstype} filesystem (data_filesystem). Grow it (gnt-instance "
-                f"grow-disk INSTANCE {disk.index} SIZE), {fix}.")
+                f"its {fstype} filesystem (data_filesystem). Give it {need} MiB or "
+                f"more (gnt-instance add --disk {disk.index}:size={need}M; "
+                f"gnt-instance grow-disk on reinstall), {fix}.")
 
 
 def format_data_disks(request: Request, params: OSParams) -> dict[int, FsEntry]:
