@@ -212,3 +212,36 @@ def test_disk_0_given_again_as_a_data_disk_is_refused(tree, disk, tmp_path):
     os.symlink(disk, link)
     tail = refused(tree, disk, [link])
     assert "same disk as disk 0" in tail
+
+
+@pytest.mark.parametrize("style", ["msdos", "none"])
+def test_an_export_imports_with_its_swap_made_anew(tree, disk, tmp_path, style):
+    tree.settings(f'PARTITION_STYLE="{style}"\n')
+    run_script(tree, "create", create_env("swap4", disk, OSP_SWAP=f"{SWAP_MIB}M"))
+    dump = str(tmp_path / "dump")
+    common = dict(INSTANCE_NAME="swap4", DISK_COUNT="1", OSP_SWAP=f"{SWAP_MIB}M")
+    with open(dump, "wb") as out:
+        run_script(tree, "export", scripts.ganeti_env(
+            DISK_0_PATH=disk, EXPORT_INDEX="0", EXPORT_DISK_PATH=disk, **common),
+            stdout=out.fileno())
+    imported = scripts.sparse_disk(str(tmp_path), 1024, "imported.img")
+    with open(dump, "rb") as inp:
+        run_script(tree, "import", scripts.ganeti_env(
+            DISK_0_PATH=imported, IMPORT_INDEX="0", IMPORT_DISK_PATH=imported, **common),
+            stdin=inp.fileno())
+    lines = [ln for ln in fstab_lines(imported) if ln[2:3] == ["swap"]]
+    if style == "none":
+        assert lines == [["/swapfile", "none", "swap", "sw", "0", "0"]]
+        with mounted_root(imported) as root:
+            st = os.lstat(os.path.join(root, "swapfile"))
+            found = probe(os.path.join(root, "swapfile"))
+        assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_size == SWAP_MIB * MIB
+        assert st.st_blocks * 512 >= st.st_size and found["TYPE"] == "swap"
+        e2fsck_clean(imported)
+        return
+    old = probe(disk, table(disk)["partitions"][1]["start"] * 512)
+    swap = table(imported)["partitions"][1]
+    assert swap["type"] == "82" and swap["size"] == SWAP_MIB * MIB // 512
+    new = probe(imported, swap["start"] * 512)
+    assert new["TYPE"] == "swap" and new["UUID"] != old["UUID"]
+    assert lines == [[f"UUID={new['UUID']}", "none", "swap", "sw", "0", "0"]]
