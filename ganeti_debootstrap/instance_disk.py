@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 from . import blockdev, filesystems, image_copy, log, partitions
@@ -219,19 +220,45 @@ def check_data_disks(request: Request, params: OSParams) -> None:
                 f"gnt-instance grow-disk on reinstall), {fix}.")
 
 
+# A filesystem UUID as blkid shows those of the data filesystem types.
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def _kept_filesystem(path: str, fstype: str) -> FsEntry | None:
+    """The ``fstype`` filesystem a data disk holds, if it can be kept as it is.
+
+    The disk is the instance's own (its user's data): what blkid reads
+    from it goes into fstab only as a well-formed UUID; anything else is
+    formatted anew.
+    """
+    if filesystems.fs_type(path) != fstype:
+        return None
+    uuid = filesystems.probe_uuid(path)
+    return FsEntry(uuid, fstype) if _UUID.fullmatch(uuid) else None
+
+
 def format_data_disks(request: Request, params: OSParams) -> dict[int, FsEntry]:
     """Give each data disk a filesystem on the whole disk; {disk index: filesystem}.
 
     No partition table: gnt-instance grow-disk and an online resize of the
     filesystem are then all it takes to grow one. Old signatures (a
     partition table's backup at the end) are erased first. Each is
-    attached only while it is formatted.
+    attached only while it is formatted. On reinstall
+    (INSTANCE_REINSTALL=1) a data disk already holding a filesystem of the
+    type asked for keeps it, with its data: a reinstall renews the system
+    on disk 0, not what the instance stored on its data disks.
     """
     made: dict[int, FsEntry] = {}
     fstype = params.data_filesystem
     for disk in data_disks(request, params):
         # Checked again right before it is written (as disk 0 is).
         blockdev.check_disk_usable(disk.path)
+        kept = _kept_filesystem(disk.path, fstype) if request.reinstall else None
+        if kept is not None:
+            made[disk.index] = kept
+            logger.info("Data disk %d (%s): its %s filesystem %s is kept (reinstall)",
+                        disk.index, disk.path, fstype, kept.uuid)
+            continue
         with blockdev.attached(disk.path) as dev:
             partitions.erase_signatures(dev)
             filesystems.make_filesystem(dev, fstype)

@@ -10,10 +10,11 @@ cache: a gpt variant turning GRUB on through the OS parameter, and an import.
 Three boots per run, about 40 s each under software emulation: the msdos
 instance the way Ganeti's KVM boots by default (kernel and initrd given to
 qemu), the gpt instance from its own GRUB through its BIOS boot partition
-(with a swap partition, OS parameter swap, and a data disk, data_disks=format:
-the same boot shows the swap active and the data disk mounted), and an exported and imported instance from the GRUB the node's tools put
-on its disk. GRUB on msdos is also checked on the disk itself (boot code in
-the MBR, core.img embedded after it).
+(with a swap partition, OS parameter swap, and a data disk,
+data_disks=format: the same boot shows the swap active and the data disk
+mounted), and an exported and imported instance from the GRUB the node's
+tools put on its disk. GRUB on msdos is also checked on the disk itself
+(boot code in the MBR, core.img embedded after it).
 
 UEFI (bootloader=grub-efi, variant ``bootefi``, the same cache): a created
 instance boots under OVMF (qemu -bios, software emulation) from the

@@ -245,3 +245,28 @@ def test_an_export_imports_with_its_swap_made_anew(tree, disk, tmp_path, style):
     new = probe(imported, swap["start"] * 512)
     assert new["TYPE"] == "swap" and new["UUID"] != old["UUID"]
     assert lines == [[f"UUID={new['UUID']}", "none", "swap", "sw", "0", "0"]]
+
+
+def test_a_reinstall_keeps_the_data_disks_and_their_files(tree, disk, tmp_path):
+    data = [scripts.sparse_disk(str(tmp_path), 128, "data1.img")]
+    env = data_env("data3", disk, data, OSP_DATA_DISKS="format")
+    run_script(tree, "create", env)
+    uuid = probe(data[0])["UUID"]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", data[0], str(mnt)], check=True)
+    try:
+        (mnt / "database").write_text("the instance's data\n")
+    finally:
+        subprocess.run(["umount", "-d", str(mnt)], check=True)
+    res = run_script(tree, "create", {**env, "INSTANCE_REINSTALL": "1"})
+    assert f"Data disk 1 ({data[0]}): its ext4 filesystem {uuid} is kept" in \
+        res.stderr.decode()
+    assert probe(data[0])["UUID"] == uuid
+    subprocess.run(["mount", "-o", "loop,ro", data[0], str(mnt)], check=True)
+    try:
+        assert (mnt / "database").read_text() == "the instance's data\n"
+    finally:
+        subprocess.run(["umount", "-d", str(mnt)], check=True)
+    assert [f"UUID={uuid}", "/srv/disk1", "ext4", "defaults,nofail", "0", "2"] in \
+        fstab_lines(disk)

@@ -490,3 +490,45 @@ def test_swap_leaving_the_root_no_room_is_refused_before_any_disk_is_touched(
     with pytest.raises(DiskError, match="swap: 900 MiB.* leaves 123 MiB"):
         run_create_with(paths, disk, OSP_SWAP="900M")
     assert shown(fake_node.fake, disk) == ["dpkg --print-architecture"]
+
+
+def test_a_reinstall_keeps_a_data_disk_holding_the_filesystem_asked_for(
+        fake_node, disk, data_disk, paths):
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    kept = fake_node.make_filesystem((os.path.realpath(data_disk), 0), "ext4")
+    (kept.files / "database").write_text("the instance's data")
+    run_create_with(paths, disk, DISK_1_PATH=data_disk, INSTANCE_REINSTALL="1",
+                    **DATA_VARIABLES)
+    assert shown(fake_node.fake, disk, DATA1=data_disk) == [
+        "dpkg --print-architecture",
+        "blkid -p -o value -s TYPE DATA1",
+        "blkid -p -o value -s UUID DATA1",
+        *SETUP[1:], *RELEASE]
+    assert (kept.files / "database").read_text() == "the instance's data"
+    root = fake_node.root_files(disk, MIB)
+    assert (f"UUID={kept.uuid}\t/srv/disk1\text4\tdefaults,nofail\t0\t2"
+            in (root / "etc/fstab").read_text().splitlines())
+
+
+def test_a_reinstall_formats_a_data_disk_of_another_type(fake_node, disk, data_disk, paths):
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    fake_node.make_filesystem((os.path.realpath(data_disk), 0), "ext2")
+    run_create_with(paths, disk, DISK_1_PATH=data_disk, INSTANCE_REINSTALL="1",
+                    **DATA_VARIABLES)
+    assert shown(fake_node.fake, disk, DATA1=data_disk)[:3] == [
+        "dpkg --print-architecture", "blkid -p -o value -s TYPE DATA1",
+        "losetup --find --show DATA1"]
+    assert fake_node.filesystems[(os.path.realpath(data_disk), 0)].fstype == "ext4"
+
+
+def test_a_reinstall_formats_a_data_disk_whose_uuid_is_not_one(fake_node, disk, data_disk,
+                                                                paths):
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    fake_node.make_filesystem((os.path.realpath(data_disk), 0), "ext4").uuid = "x\nnone"
+    run_create_with(paths, disk, DISK_1_PATH=data_disk, INSTANCE_REINSTALL="1",
+                    **DATA_VARIABLES)
+    assert shown(fake_node.fake, disk, DATA1=data_disk)[1:4] == [
+        "blkid -p -o value -s TYPE DATA1", "blkid -p -o value -s UUID DATA1",
+        "losetup --find --show DATA1"]
+    fstab = (fake_node.root_files(disk, MIB) / "etc/fstab").read_text()
+    assert "x\nnone" not in fstab
