@@ -1,11 +1,13 @@
 """``create``: put a configured Debian system onto the instance's disk 0.
 
-The phases, each logged with its duration: check and attach the disk, write
-the partition table, make the filesystem(s), mount, install the system
-(from the cache, or with debootstrap and then store the cache), write the
-instance's own files (and where its system came from: origin.py), run the
-site's hooks, unmount and release. Every resource is released in reverse
-order on success, on failure and on SIGTERM (see signals.py).
+The phases, each logged with its duration: format the data disks (OS
+parameter data_disks=format), check and attach disk 0, write the partition
+table, make the filesystem(s) and swap, mount, install the system (from
+the cache, or with debootstrap and then store the cache), make the swap
+file (PARTITION_STYLE=none), write the instance's own files (and where its
+system came from: origin.py), run the site's hooks, unmount and release.
+Every resource is released in reverse order on success, on failure and on
+SIGTERM (see signals.py).
 """
 
 from __future__ import annotations
@@ -43,24 +45,29 @@ def plan(request: Request, paths: Paths) -> Plan:
     conf, params = common.settings, common.params
     instance = instance_files.Instance.from_request(request, params, conf)
     osparams.check_packages(params, conf.extra_pkgs)
-    refuse_early(request, conf, paths)
+    refuse_early(request, conf, paths, params)
     return Plan(conf, params, common.tool, common.arch, instance)
 
 
-def refuse_early(request: Request, conf: Settings, paths: Paths) -> None:
+def refuse_early(request: Request, conf: Settings, paths: Paths,
+                 params: osparams.OSParams) -> None:
     """Refuse an unusable disk, unsafe hooks or cache before anything is touched.
 
     format_disk and hooks.run_all check again right before they act; checked
-    here too, a wrong DISK_0_PATH or a hooks directory others can write
-    fails at once, not after a cache image was built or after the disk was
+    here too, a wrong DISK_0_PATH, swap that leaves the root no room, a
+    data disk too small or in use, or a hooks directory others can write
+    fails at once, not after a cache image was built or after a disk was
     partitioned and installed. The cache directory is checked only here,
     just before find_source uses it.
     """
     blockdev.check_disk_usable(request.disk_path)
     if request.swap_device:
         blockdev.check_disk_usable(request.swap_device)
-    blockdev.require_min_size(blockdev.size_bytes(request.disk_path), blockdev.MIN_DISK_MIB,
+    size = blockdev.size_bytes(request.disk_path)
+    blockdev.require_min_size(size, blockdev.MIN_DISK_MIB,
                               f"The instance disk {request.disk_path}")
+    instance_disk.plan_layout(request.disk_path, conf, size, params.swap_bytes)
+    instance_disk.check_data_disks(request, params)
     hooks.check_safe(conf.customize_dir)
     if conf.generate_cache:
         cache.check_trusted(paths.cache_dir)
@@ -91,14 +98,22 @@ def install_system(p: Plan, source: cache.Source, target_dir: str) -> None:
 
 
 def run(request: Request, paths: Paths) -> None:
-    """Create the instance's root (and API 5 swap) on its disk."""
+    """Create the instance's root (swap, API 5 swap) on disk 0, and its data disks."""
     p = plan(request, paths)
     conf = p.settings
+    data: tuple[instance_files.DataMount, ...] = ()
+    if instance_disk.data_disks(request, p.params):
+        # Before disk 0, and before the cache's lock is taken: a data disk
+        # mkfs refuses fails the create with disk 0 untouched.
+        with log.phase("format data disks"):
+            data = tuple(instance_files.DataMount(index, fs) for index, fs in
+                         instance_disk.format_data_disks(request, p.params).items())
     with contextlib.ExitStack() as stack:
         with contextlib.ExitStack() as cache_hold:
             source = find_source(cache_hold, p, paths)
             disk = instance_disk.format_disk(stack, request, conf, p.params.filesystem,
-                                             p.arch, image=source.image)
+                                             p.arch, image=source.image,
+                                             swap_bytes=p.params.swap_bytes)
             # Without nosuid,nodev: the system is ours (bootstrapped now or
             # from the administrator's cache), and the bootstrap and hooks
             # run inside it (debootstrap makes its /dev nodes there; a hook
@@ -117,9 +132,14 @@ def run(request: Request, paths: Paths) -> None:
         # The cache's lock is released: hooks may take long, and other
         # creates need not wait for them.
         target = Target(target_dir)
+        swap_file = ""
+        if disk.swap_file_bytes:
+            with log.phase("swap file"):
+                swap_file = instance_files.make_swap_file(target, disk.swap_file_bytes,
+                                                          disk.root.fstype)
         with log.phase("configure instance"):
             instance_files.configure(target, p.instance, root=disk.root, swap=disk.swap,
-                                     esp=disk.esp)
+                                     esp=disk.esp, swap_file=swap_file, data=data)
             origin.write(target, came_from)
         bootloader.install(target, request, conf, disk_device=disk.device,
                            root_uuid=disk.root.uuid, esp_device=disk.esp_device)

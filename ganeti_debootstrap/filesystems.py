@@ -102,9 +102,14 @@ def partition_table_type(dev: str) -> str:
     return _probe(dev, "PTTYPE")
 
 
+def probe_uuid(dev: str) -> str:
+    """The UUID of what ``dev`` holds as blkid shows it, "" when none."""
+    return _probe(dev, "UUID")
+
+
 def uuid_of(dev: str) -> str:
     """The UUID of the filesystem or swap area on ``dev``."""
-    uuid = _probe(dev, "UUID")
+    uuid = probe_uuid(dev)
     if not uuid:
         raise DiskError(f"{dev} holds no filesystem with a UUID (blkid -p found "
                         f"none), although one was expected there.")

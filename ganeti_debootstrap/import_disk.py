@@ -104,7 +104,8 @@ def run(request: Request, paths: Paths) -> None:
     p = prepare(request, paths)
     conf = p.settings
     with contextlib.ExitStack() as stack:
-        disk = instance_disk.format_disk(stack, request, conf, p.params.filesystem, p.arch)
+        disk = instance_disk.format_disk(stack, request, conf, p.params.filesystem, p.arch,
+                                         swap_bytes=p.params.swap_bytes)
         # The stream is the tenant's: its setuid programs and device nodes
         # must mean nothing on the node (restore still makes them).
         target_dir = stack.enter_context(mounts.instance_root(
@@ -114,8 +115,13 @@ def run(request: Request, paths: Paths) -> None:
             logger.info("restored %d bytes of dump stream", size)
         target = Target(target_dir)
         with log.phase("adapt instance"):
+            # The swap file (PARTITION_STYLE=none) is made anew, as create
+            # makes it, whatever the backup held in its place.
+            swap_file = (instance_files.make_swap_file(target, disk.swap_file_bytes,
+                                                       disk.root.fstype)
+                         if disk.swap_file_bytes else "")
             instance_files.rewrite_fstab(target, root=disk.root, swap=disk.swap,
-                                         esp=disk.esp)
+                                         esp=disk.esp, swap_file=swap_file)
             instance_files.remove_persistent_net_rules(target)
             instance_files.reset_identity(target)
         # The old GRUB looked for the old root UUID on the old disk. The

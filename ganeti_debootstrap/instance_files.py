@@ -217,12 +217,43 @@ ESP_OPTIONS = "umask=0077"
 # Sources naming a device rather than a swap file on the root filesystem.
 _DEVICE_SOURCES = ("UUID=", "LABEL=", "PARTUUID=", "PARTLABEL=", "/dev/")
 
+# The data disks (OS parameter data_disks=format): disk N is mounted at
+# /srv/diskN. nofail: a data disk missing or damaged at boot must not stop
+# the instance from booting (its administrator gets in to see why).
+DATA_MOUNT_PREFIX = "/srv/disk"
+DATA_OPTIONS = "defaults,nofail"
+# fsck at boot (pass 2) where the filesystem has a boot-time check; xfs's
+# fsck.xfs and btrfs's do nothing, and fstab(5) asks for 0 there.
+_FSCK_PASS: dict[str, int] = {"ext2": 2, "ext3": 2, "ext4": 2}
 
-def _conflicts(line: str) -> bool:
+# The swap file with PARTITION_STYLE=none and the OS parameter swap.
+SWAP_FILE = "/swapfile"
+
+
+@dataclass(frozen=True)
+class DataMount:
+    """A data disk's filesystem and where the instance mounts it."""
+
+    index: int  # Ganeti's disk index: 1, 2...
+    fs: FsEntry
+
+    @property
+    def mount_point(self) -> str:
+        return f"{DATA_MOUNT_PREFIX}{self.index}"
+
+    def fstab_line(self) -> str:
+        return (f"UUID={self.fs.uuid}\t{self.mount_point}\t{self.fs.fstype}\t"
+                f"{DATA_OPTIONS}\t0\t{_FSCK_PASS.get(self.fs.fstype, 0)}")
+
+
+def _conflicts(line: str, mount_points: frozenset[str] = frozenset(),
+               swap_file: str = "") -> bool:
     """Whether an fstab line is about the root, /boot/efi or a swap device (ours replace it).
 
     /boot/efi too when the new disk has no EFI system partition: an entry
-    for one that no longer exists would stop the instance's boot.
+    for one that no longer exists would stop the instance's boot. Also
+    any line for one of our ``mount_points`` (data disks) or our
+    ``swap_file``.
     """
     stripped = line.strip()
     if "UNCONFIGURED FSTAB" in stripped:  # debootstrap's placeholder
@@ -230,24 +261,30 @@ def _conflicts(line: str) -> bool:
     if not stripped or stripped.startswith("#"):
         return False
     fields = stripped.split()
-    if len(fields) >= 2 and fields[1] in ("/", ESP_MOUNTPOINT):
+    if len(fields) >= 2 and fields[1] in ("/", ESP_MOUNTPOINT, *mount_points):
+        return True
+    if swap_file and fields[0] == swap_file:
         return True
     return (len(fields) >= 3 and fields[2] == "swap"
             and fields[0].startswith(_DEVICE_SOURCES))
 
 
 def fstab_text(existing: str, root: FsEntry, swap: FsEntry | None,
-               esp: FsEntry | None = None) -> str:
+               esp: FsEntry | None = None, *, swap_file: str = "",
+               data: tuple[DataMount, ...] = ()) -> str:
     """``existing`` with its root and swap-device lines replaced by ours, by UUID.
 
     With ``esp``, a /boot/efi line for it (an old /boot/efi line goes).
+    ``swap_file``: a swap line for that file (by path, the only name a
+    file has); ``data``: a line for each data disk, by UUID, ``nofail``.
 
     Other entries (and comments) an administrator preseeded in the cache
     stay, after ours; debootstrap's placeholder goes.
     """
     header_lines = set(FSTAB_HEADER.splitlines())
+    ours = frozenset(d.mount_point for d in data)
     kept = [ln for ln in existing.splitlines()
-            if not _conflicts(ln) and ln not in header_lines]
+            if not _conflicts(ln, ours, swap_file) and ln not in header_lines]
     while kept and not kept[0].strip():
         kept.pop(0)
     while kept and not kept[-1].strip():
@@ -256,9 +293,12 @@ def fstab_text(existing: str, root: FsEntry, swap: FsEntry | None,
     lines = [f"UUID={root.uuid}\t/\t{root.fstype}\t{options}\t0\t1"]
     if swap is not None:
         lines.append(f"UUID={swap.uuid}\tnone\tswap\tsw\t0\t0")
+    if swap_file:
+        lines.append(f"{swap_file}\tnone\tswap\tsw\t0\t0")
     if esp is not None:
         lines.append(f"UUID={esp.uuid}\t{ESP_MOUNTPOINT}\t{esp.fstype}\t"
                      f"{ESP_OPTIONS}\t0\t1")
+    lines += [d.fstab_line() for d in data]
     text = FSTAB_HEADER + "\n".join(lines) + "\n"
     if kept:
         text += "\n" + "\n".join(kept) + "\n"
@@ -272,13 +312,86 @@ FSTAB_ADVICE = ("It cannot be pointed at the instance's new disks, so the "
 
 
 def rewrite_fstab(t: Target, *, root: FsEntry, swap: FsEntry | None = None,
-                  esp: FsEntry | None = None) -> None:
-    """Point the tree's /etc/fstab at ``root``, ``swap`` and ``esp`` (:func:`fstab_text`)."""
+                  esp: FsEntry | None = None, swap_file: str = "",
+                  data: tuple[DataMount, ...] = ()) -> None:
+    """Point the tree's /etc/fstab at ``root``, ``swap``, ``esp``, the
+    ``swap_file`` and the ``data`` disks (:func:`fstab_text`)."""
     try:
         existing = t.read_text("/etc/fstab", advice=FSTAB_ADVICE)
     except FileNotFoundError:
         existing = ""
-    t.write_text("/etc/fstab", fstab_text(existing, root, swap, esp))
+    t.write_text("/etc/fstab", fstab_text(existing, root, swap, esp,
+                                          swap_file=swap_file, data=data))
+
+
+def make_data_mount_points(t: Target, data: tuple[DataMount, ...]) -> None:
+    """Make the data disks' mount points (/srv/diskN, 0755) in the instance."""
+    for mount in data:
+        t.make_directories(mount.mount_point)
+
+
+# --- swap file ------------------------------------------------------------------
+
+# Root filesystems whose fallocate(2) gives a swap file the kernel accepts
+# (swapon takes their allocated, unwritten extents). On ext2/ext3 (no
+# extents, no fallocate) the file is written with zeros, as dd would.
+_SWAP_FALLOCATE = frozenset({"ext4", "xfs"})
+# What the root filesystem must keep free beside the swap file, so that
+# the instance still boots, logs and installs packages.
+SWAP_FILE_RESERVE_BYTES = 64 * 2**20
+_ZEROS = bytes(2**20)
+
+
+def _write_zeros(fd: int, size: int) -> None:
+    left = size
+    while left > 0:
+        left -= os.write(fd, _ZEROS[:min(left, len(_ZEROS))])
+
+
+def make_swap_file(t: Target, size: int, fstype: str) -> str:
+    """Make the swap file /swapfile of ``size`` bytes (0600, no holes, mkswap).
+
+    Refuses (InstanceFilesError) when the root filesystem would keep less
+    than SWAP_FILE_RESERVE_BYTES free beside it. Returns its path in the
+    instance, for fstab.
+    """
+    st = os.statvfs(t.path("/"))
+    free = st.f_bavail * st.f_frsize
+    if free < size + SWAP_FILE_RESERVE_BYTES:
+        mib = 2**20
+        raise InstanceFilesError(
+            f"The root filesystem has {free // mib} MiB free once the system is "
+            f"installed: too little for the swap file of {size // mib} MiB (OS "
+            f"parameter swap) with {SWAP_FILE_RESERVE_BYTES // mib} MiB to spare. "
+            f"Give less swap (-O swap=SIZE, or swap=0 for none) or a larger disk 0.")
+    # An old one (a cache made from an instance) goes; ours is made anew.
+    t.remove(SWAP_FILE)
+    path = t.path_nofollow(SWAP_FILE)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise InstanceFilesError(
+            f"The swap file {SWAP_FILE} cannot be made in the instance "
+            f"({exc.strerror}): something that is not a file is in its place. "
+            f"Remove it from the system the instance comes from (the cache), or "
+            f"set swap=0.") from None
+    try:
+        # Whatever the umask: swap holds other processes' memory.
+        os.fchmod(fd, 0o600)
+        # Never sparse: swapon refuses a file with holes.
+        if fstype in _SWAP_FALLOCATE:
+            os.posix_fallocate(fd, 0, size)
+        else:
+            _write_zeros(fd, size)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+    filesystems.make_swap(path)
+    return SWAP_FILE
 
 
 # --- root password ----------------------------------------------------------
@@ -598,8 +711,13 @@ def regenerate_ssh_host_keys(t: Target, comment: str,
 
 def configure(t: Target, instance: Instance, *, root: FsEntry,
               swap: FsEntry | None = None, esp: FsEntry | None = None,
+              swap_file: str = "", data: tuple[DataMount, ...] = (),
               node_files: NodeFiles = NodeFiles()) -> Configured:
-    """Write the instance's own files into the freshly installed tree at ``t``."""
+    """Write the instance's own files into the freshly installed tree at ``t``.
+
+    ``swap_file`` (made by :func:`make_swap_file`) and the ``data`` disks
+    get their fstab lines, the data disks their mount points.
+    """
     versions = installed_package_versions(t)
     packages = frozenset(versions)
     seed = instance.cloud_seed
@@ -623,7 +741,8 @@ def configure(t: Target, instance: Instance, *, root: FsEntry,
         host_address = network.host_address(seed.nics)
     write_hosts(t, instance.name, host_address)
     copy_resolv_conf(t, node_files)
-    rewrite_fstab(t, root=root, swap=swap, esp=esp)
+    rewrite_fstab(t, root=root, swap=swap, esp=esp, swap_file=swap_file, data=data)
+    make_data_mount_points(t, data)
     if instance.login.given:
         log.info("Access: %s", access.configure(t, instance.login, packages))
     else:

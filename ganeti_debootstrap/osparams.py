@@ -8,6 +8,7 @@ refused before any disk is touched.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,46 @@ from .filesystems import ROOT_TYPES
 from .names import line_break_problem
 from .network import IPV6_MODES, NETWORK_MODES
 from .settings import BOOTLOADERS
+
+MIB = 2**20
+
+# OS parameter swap: a size as Ganeti writes disk sizes (gnt-instance add
+# -s 10G): a whole number of MiB, or one with the unit M, G or T (binary;
+# "MiB", "GB"... accepted too); 0 is none.
+_SIZE = re.compile(r"([0-9]{1,12})(?:([MGTmgt])(?:i?[Bb])?)?")
+_UNIT_MIB = {"": 1, "m": 1, "g": 2**10, "t": 2**20}
+# The largest block device Linux addresses (8 EiB): a bigger swap can never
+# fit, and the number stays bounded before anything is computed from it.
+MAX_SWAP_MIB = 2**43
+# data_disks: "none" leaves disks 1..n alone (as before), "format" gives
+# each a filesystem of the type data_filesystem names (instance_disk.py).
+DATA_DISK_MODES = ("none", "format")
+
+def swap_mib(value: str) -> int:
+    """The swap size ``value`` (OS parameter swap) in MiB; 0 for none.
+
+    Raises ValueError (with the reason) for anything but a size.
+    """
+    match = _SIZE.fullmatch(value)
+    if match is None:
+        raise ValueError(
+            "is not a size: give a whole number with the unit M, G or T (512M, "
+            "1G; a plain number counts MiB), or 0 for no swap")
+    mib = int(match.group(1)) * _UNIT_MIB[(match.group(2) or "").lower()]
+    if mib > MAX_SWAP_MIB:
+        raise ValueError(f"is larger than any disk ({MAX_SWAP_MIB} MiB, 8 EiB): "
+                         f"give the swap size in MiB, G or T (512M, 1G)")
+    return mib
+
+
+def swap_problem(value: str) -> str | None:
+    """Why ``value`` is not a swap size (see :func:`swap_mib`), or None."""
+    try:
+        swap_mib(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
 
 @dataclass(frozen=True)
 class Parameter:
@@ -102,6 +143,22 @@ class OSParams:
         "cloud-init user data for cloud_init=nocloud, base64-encoded: #cloud-config "
         "(valid YAML) or a #! script, at most 16 KiB; best passed as a private "
         "parameter", check=cloudinit.user_data_problem, sensitive=True)
+    swap: str = parameter(
+        "Swap space: a size (512M, 1G; a plain number counts MiB) for a swap "
+        "partition at the end of disk 0 (a swap file /swapfile with "
+        "PARTITION_STYLE=none); 0 (default): none", default="0", check=swap_problem)
+    data_disks: str = parameter(
+        "Disks 1 and up: none (default: left untouched) or format (a filesystem "
+        "of type data_filesystem on each whole disk, mounted by UUID at "
+        "/srv/disk1, /srv/disk2... with nofail)", DATA_DISK_MODES, "none")
+    data_filesystem: str = parameter(
+        "Filesystem type of the data disks (data_disks=format): one of those the "
+        "parameter filesystem accepts; default: ext4", ROOT_TYPES, "ext4")
+
+    @property
+    def swap_bytes(self) -> int:
+        """The swap asked for (OS parameter swap), in bytes; 0 for none."""
+        return swap_mib(self.swap) * MIB
 
     def login(self) -> access.Access:
         """Who gets in, and how (see access.py)."""

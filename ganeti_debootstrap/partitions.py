@@ -7,14 +7,18 @@ disk. With room for a BIOS boot loader (BOOTLOADER=grub), a gpt table also
 gets a BIOS boot partition, numbered 2, in the gap before the root, which
 stays partition 1. For UEFI (BOOTLOADER=grub-efi) a gpt table gets an EFI
 system partition instead, numbered 2, at the alignment, and the root
-follows it. Partition 1 is reached through kpartx where the node has
-device-mapper (the shell edition's way), else through a loop device over
-the partition's byte range.
+follows it. With swap (OS parameter swap), a swap partition of that size
+takes the end of the disk and the root ends before it; it is listed last
+(partition 2, or 3 after a BIOS boot or EFI system partition). Partition 1
+is reached through kpartx where the node has device-mapper (the shell
+edition's way), else through a loop device over the partition's byte
+range.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -58,6 +62,10 @@ GPT_ROOT_TYPES = {
 }
 GPT_LINUX_FILESYSTEM = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 MSDOS_LINUX = "83"
+# The swap partition (OS parameter swap): msdos "Linux swap", and the GPT
+# type systemd-gpt-auto-generator activates as swap too.
+MSDOS_SWAP = "82"
+GPT_SWAP = "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F"
 # Where GRUB for BIOS embeds its core image on a gpt disk (on msdos it uses
 # the unpartitioned gap after the MBR instead).
 GPT_BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
@@ -103,6 +111,10 @@ class Layout:
     # from the alignment up to the root; size 0 when there is none.
     esp_start_sector: int = 0
     esp_size_sectors: int = 0
+    # The swap partition (OS parameter swap): the last one, at the end of
+    # the disk; size 0 when there is none.
+    swap_start_sector: int = 0
+    swap_size_sectors: int = 0
 
     @property
     def offset_bytes(self) -> int:
@@ -119,6 +131,14 @@ class Layout:
     @property
     def esp_size_bytes(self) -> int:
         return self.esp_size_sectors * self.sector_size
+
+    @property
+    def swap_offset_bytes(self) -> int:
+        return self.swap_start_sector * self.sector_size
+
+    @property
+    def swap_size_bytes(self) -> int:
+        return self.swap_size_sectors * self.sector_size
 
 
 def _gpt_table_sectors(sector_size: int) -> int:
@@ -164,15 +184,32 @@ def check_boot_area(style: str, alignment_sectors: int,
     return room
 
 
+def _refuse_swap(swap_bytes: int, root_bytes: int, disk_size: int, where: str) -> None:
+    """Refuse (DiskError) swap that leaves less than MIN_PARTITION_MIB for the root."""
+    if root_bytes >= MIN_PARTITION_MIB * blockdev.MIB:
+        return
+    raise DiskError(
+        f"The swap asked for (OS parameter swap: {swap_bytes // blockdev.MIB} MiB, "
+        f"{where}) leaves {max(root_bytes, 0) // blockdev.MIB} MiB for the root "
+        f"filesystem of this {disk_size // blockdev.MIB} MiB disk 0, but at least "
+        f"{MIN_PARTITION_MIB} MiB are needed. Give less swap (-O swap=SIZE, or "
+        f"swap=0 for none) or a larger disk 0.")
+
+
 def plan(style: PartitionStyle, alignment_sectors: int, disk_size: int,
-         sector_size: int = 512, boot_area: bool = False, esp: bool = False) -> Layout:
+         sector_size: int = 512, boot_area: bool = False, esp: bool = False,
+         swap_bytes: int = 0) -> Layout:
     """The layout write_table makes on a disk of ``disk_size`` bytes.
 
     ``alignment_sectors`` counts 512-byte sectors, as PARTITION_ALIGNMENT
     always has. ``boot_area`` leaves room for a BIOS boot loader (see
     :func:`check_boot_area`): on gpt, a BIOS boot partition. ``esp`` (gpt
     only) puts an EFI system partition of ESP_BYTES at the alignment and
-    the root right after it. Raises DiskError when a partition cannot fit.
+    the root right after it. ``swap_bytes``: a swap partition of exactly
+    that size (rounded up to whole sectors) at the end of the disk, its
+    start aligned; for style "none" (a swap file in the root filesystem)
+    only checked to leave the root room. Raises DiskError when a partition
+    cannot fit.
     """
     if esp and (style != "gpt" or boot_area):
         raise ValueError("an EFI system partition goes on gpt, without BIOS boot area")
@@ -180,6 +217,9 @@ def plan(style: PartitionStyle, alignment_sectors: int, disk_size: int,
     if style == "none":
         if boot_area:
             raise ValueError("a disk without partition table has no boot area")
+        if swap_bytes:
+            _refuse_swap(swap_bytes, disk_size - swap_bytes, disk_size,
+                         "a swap file in the root filesystem")
         return Layout("none", 0, total, sector_size)
     setting = f"PARTITION_ALIGNMENT={alignment_sectors}"
     if (alignment_sectors * 512) % sector_size:
@@ -212,15 +252,28 @@ def plan(style: PartitionStyle, alignment_sectors: int, disk_size: int,
             f"{disk_size // blockdev.MIB} MiB disk, but at least "
             f"{MIN_PARTITION_MIB} MiB are needed. Lower PARTITION_ALIGNMENT "
             f"(2048 sectors, one MiB, is usual) or grow the disk.")
+    swap_start = swap_size = 0
+    if swap_bytes:
+        # Exactly the size asked for, starting on the alignment (the few
+        # sectors after it, less than one alignment, stay unused).
+        swap_size = -(-swap_bytes // sector_size)
+        align = max(alignment_sectors * 512 // sector_size, 1)
+        swap_start = max((start + size - swap_size) // align * align, 0)
+        size = swap_start - start
+        _refuse_swap(swap_bytes, size * sector_size, disk_size,
+                     "a swap partition at the end of the disk")
+    layout = Layout(style, start, size, sector_size, swap_start_sector=swap_start,
+                    swap_size_sectors=swap_size)
     if esp:
-        return Layout(style, start, size, sector_size, esp_start_sector=esp_start,
-                      esp_size_sectors=esp_size)
+        return dataclasses.replace(layout, esp_start_sector=esp_start,
+                                   esp_size_sectors=esp_size)
     if not boot_area:
-        return Layout(style, start, size, sector_size)
+        return layout
     room = check_boot_area(style, alignment_sectors, sector_size)
     if style == "msdos":
-        return Layout(style, start, size, sector_size)
-    return Layout(style, start, size, sector_size, first_usable, room)
+        return layout
+    return dataclasses.replace(layout, boot_start_sector=first_usable,
+                               boot_size_sectors=room)
 
 
 def sfdisk_script(layout: Layout, arch: str = "") -> str:
@@ -228,7 +281,7 @@ def sfdisk_script(layout: Layout, arch: str = "") -> str:
     if layout.style == "msdos":
         return ("label: dos\nunit: sectors\n\n"
                 f"start={layout.start_sector}, size={layout.size_sectors}, "
-                f"type={MSDOS_LINUX}, bootable\n")
+                f"type={MSDOS_LINUX}, bootable\n" + _swap_line(layout, MSDOS_SWAP))
     if layout.style == "gpt":
         # sfdisk would otherwise put first-lba at its own 1 MiB grain and
         # refuse a smaller alignment that GPT itself allows.
@@ -247,28 +300,44 @@ def sfdisk_script(layout: Layout, arch: str = "") -> str:
             # Numbered 2 as well, for the same reason.
             script += (f"start={layout.esp_start_sector}, "
                        f"size={layout.esp_size_sectors}, type={GPT_EFI_SYSTEM}\n")
-        return script
+        return script + _swap_line(layout, GPT_SWAP)
     raise ValueError(f"no partition table for style {layout.style!r}")
 
 
+def _swap_line(layout: Layout, kind: str) -> str:
+    """The sfdisk line of the swap partition (listed last), "" without one."""
+    if not layout.swap_size_sectors:
+        return ""
+    return (f"start={layout.swap_start_sector}, size={layout.swap_size_sectors}, "
+            f"type={kind}\n")
+
+
+def erase_signatures(dev: str) -> None:
+    """Erase every filesystem, RAID and partition table signature on ``dev``.
+
+    A stale filesystem or GPT backup header left at the disk's start or
+    end would make blkid (and the instance's boot) see two things at once.
+    wipefs finds GPT's backup header too, which sfdisk's own wipe leaves.
+    """
+    # --force: on a disk file (create partitions a file disk directly)
+    # wipefs otherwise keeps a partition table, taking the file for a
+    # partition ("nested" table).
+    runner.run(["wipefs", "--all", "--force", "--quiet", dev])
+
+
 def write_table(dev: str, style: PartitionStyle, alignment_sectors: int, disk_size: int,
-                arch: str = "", boot_area: bool = False, esp: bool = False) -> Layout:
+                arch: str = "", boot_area: bool = False, esp: bool = False,
+                swap_bytes: int = 0) -> Layout:
     """Write a new partition table (or, for "none", erase every old one).
 
     One partition from ``alignment_sectors`` (512-byte sectors) to the end
     of the disk: type 83 and bootable for msdos, the root type of the dpkg
-    architecture ``arch`` for gpt; ``boot_area``, ``esp``: see :func:`plan`.
-    Returns where the root filesystem goes.
+    architecture ``arch`` for gpt; ``boot_area``, ``esp``, ``swap_bytes``:
+    see :func:`plan`. Returns where the root filesystem goes.
     """
     layout = plan(style, alignment_sectors, disk_size,
-                  blockdev.logical_sector_size(dev), boot_area, esp)
-    # Erase every old signature first: a stale filesystem or GPT backup
-    # header left at the disk's start or end would make blkid (and the
-    # instance's boot) see two things at once. wipefs finds GPT's backup
-    # header too, which sfdisk's own wipe leaves. --force: on a disk file
-    # (create partitions a file disk directly) wipefs otherwise keeps a
-    # partition table, taking the file for a partition ("nested" table).
-    runner.run(["wipefs", "--all", "--force", "--quiet", dev])
+                  blockdev.logical_sector_size(dev), boot_area, esp, swap_bytes)
+    erase_signatures(dev)
     if style == "none":
         return layout
     # --no-reread --no-tell-kernel: the kernel's view is not used (see

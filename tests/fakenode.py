@@ -262,14 +262,17 @@ def ganeti_env(disk: str, **variables: str) -> dict[str, str]:
 def undo(setup: Sequence[str], loops: Sequence[str]) -> list[str]:
     """The commands that release what the commands ``setup`` acquired, newest first.
 
-    Each ``losetup --find`` attached the next of ``loops`` and is detached,
-    each mount is unmounted; the other commands leave nothing to release.
+    Each ``losetup --find`` attached the next of ``loops`` and is detached
+    (unless ``setup`` detached it already), each mount is unmounted; the
+    other commands leave nothing to release.
     """
     attached = iter(loops)
     released = []
     for command in setup:
         if command.startswith("losetup --find --show "):
             released.append(f"losetup --detach {next(attached)}")
+        elif command.startswith("losetup --detach "):
+            released.remove(command)
         elif command.startswith("mount "):
             released.append(f"umount {command.split()[-1]}")
     return released[::-1]

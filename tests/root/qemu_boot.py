@@ -220,8 +220,12 @@ class UserNic:
 
 def qemu_argv(image: Path, *, mode: Mode, kernel: KernelFiles | None = None,
               append: str | None = None, memory_mib: int = MEMORY_MIB,
-              nic: UserNic | None = None) -> list[str]:
-    """The qemu command line booting ``image`` the way Ganeti's KVM does by default."""
+              nic: UserNic | None = None, extra_disks: Sequence[Path] = ()) -> list[str]:
+    """The qemu command line booting ``image`` the way Ganeti's KVM does by default.
+
+    ``extra_disks`` follow it as virtio disks too (vdb, vdc...), as Ganeti's
+    disks 1, 2...
+    """
     # qemu's option parser splits on commas; a literal one is doubled.
     drive = os.fspath(image).replace(",", ",,")
     argv = [QEMU,
@@ -234,6 +238,9 @@ def qemu_argv(image: Path, *, mode: Mode, kernel: KernelFiles | None = None,
             # snapshot=on: writes go to a temporary overlay, the image is
             # never modified.
             "-drive", f"file={drive},if=virtio,format=raw,snapshot=on"]
+    for extra in extra_disks:
+        argv += ["-drive", f"file={os.fspath(extra).replace(',', ',,')},if=virtio,"
+                           f"format=raw,snapshot=on"]
     if mode == "kernel":
         if kernel is None:
             raise ValueError("kernel mode needs the kernel files")
@@ -253,7 +260,8 @@ def boot_and_run(image: Path, *, workdir: Path, mode: Mode = "kernel",
                  timeout: float = DEFAULT_TIMEOUT, check: bool = True,
                  append: str | None = None, settle: bool = True,
                  nic: UserNic | None = None, password: str = "",
-                 during: Callable[[], object] | None = None) -> BootResult:
+                 during: Callable[[], object] | None = None,
+                 extra_disks: Sequence[Path] = ()) -> BootResult:
     """Boot ``image``, log in as root, run ``commands`` in its shell, power off.
 
     ``workdir`` receives the kernel files (kernel mode) and the console
@@ -264,6 +272,7 @@ def boot_and_run(image: Path, *, workdir: Path, mode: Mode = "kernel",
     ``nic`` adds a user-mode NIC; ``password`` is root's (it must be asked
     for); ``during`` runs on the host once the guest has booted and root
     is logged in, before the commands (its result is ``BootResult.during``).
+    ``extra_disks``: more disks after ``image`` (see :func:`qemu_argv`).
     Raises :class:`BootFailed` with the console's tail on any failure.
     """
     if shutil.which(QEMU) is None:
@@ -272,7 +281,8 @@ def boot_and_run(image: Path, *, workdir: Path, mode: Mode = "kernel",
                          f"{QEMU_PACKAGE}).")
     workdir.mkdir(parents=True, exist_ok=True)
     kernel = extract_kernel(image, workdir / "kernel") if mode == "kernel" else None
-    argv = qemu_argv(image, mode=mode, kernel=kernel, append=append, nic=nic)
+    argv = qemu_argv(image, mode=mode, kernel=kernel, append=append, nic=nic,
+                     extra_disks=extra_disks)
     return run_console_session(argv, commands=commands,
                                expect_hostname=expect_hostname, timeout=timeout,
                                transcript_path=workdir / "console.log", check=check,

@@ -9,10 +9,12 @@ cache: a gpt variant turning GRUB on through the OS parameter, and an import.
 
 Three boots per run, about 40 s each under software emulation: the msdos
 instance the way Ganeti's KVM boots by default (kernel and initrd given to
-qemu), the gpt instance from its own GRUB through its BIOS boot partition,
-and an exported and imported instance from the GRUB the node's tools put
-on its disk. GRUB on msdos is also checked on the disk itself (boot code in
-the MBR, core.img embedded after it).
+qemu), the gpt instance from its own GRUB through its BIOS boot partition
+(with a swap partition, OS parameter swap, and a data disk,
+data_disks=format: the same boot shows the swap active and the data disk
+mounted), and an exported and imported instance from the GRUB the node's
+tools put on its disk. GRUB on msdos is also checked on the disk itself
+(boot code in the MBR, core.img embedded after it).
 
 UEFI (bootloader=grub-efi, variant ``bootefi``, the same cache): a created
 instance boots under OVMF (qemu -bios, software emulation) from the
@@ -296,24 +298,42 @@ def test_instance_boots_with_ganeti_kvm_kernel_boot_and_logs_in_on_serial(
     assert (state == "running") == (failed == "")
 
 
-def test_gpt_instance_boots_from_its_own_grub(boot_setup, tmp_path):
+SWAP_MIB = 256
+
+
+def test_gpt_instance_boots_from_its_own_grub_with_swap_and_a_data_disk(boot_setup,
+                                                                        tmp_path):
+    # The same boot shows the swap partition (OS parameter swap) active and
+    # the data disk (data_disks=format) mounted, both from fstab by UUID.
     disk = scripts.sparse_disk(str(tmp_path), DISK_MIB, "gpt.img")
-    run_script(boot_setup.tree, "create", create_env(
-        HOSTNAME, disk, OS_VARIANT=GPT_VARIANT, OSP_BOOTLOADER="grub",
-        INSTANCE_HV_serial_console="True"))
+    data = scripts.sparse_disk(str(tmp_path), 256, "data1.img")
+    env = create_env(HOSTNAME, disk, OS_VARIANT=GPT_VARIANT, OSP_BOOTLOADER="grub",
+                     INSTANCE_HV_serial_console="True", OSP_SWAP=f"{SWAP_MIB}M",
+                     OSP_DATA_DISKS="format", DISK_1_PATH=data, DISK_1_ACCESS="rw")
+    run_script(boot_setup.tree, "create", {**env, "DISK_COUNT": "2"})
     table = subprocess.run(["sfdisk", "--dump", disk], capture_output=True, text=True,
                            check=True).stdout
     assert "type=21686148-6449-6E6F-744E-656564454649" in table
+    # Root 1, BIOS boot 2, swap 3 (at the end of the disk).
+    assert re.search(rf"(?m)^\S+3 : start=.*size= *{SWAP_MIB * 2048}, "
+                     rf"type=0657FD6D-A4AB-43C4-84E5-0933C84B4F4F", table), table
     # No -kernel: the BIOS runs the MBR's GRUB, which needs the BIOS boot partition.
     result = boot_and_run(Path(disk), workdir=tmp_path / "qemu", mode="disk",
                           expect_hostname=HOSTNAME, timeout=BOOT_TIMEOUT,
-                          commands=["findmnt -no SOURCE /; cat /proc/cmdline"])
-    _report("GRUB boot (gpt)", result.seconds, result.login_seconds)
+                          extra_disks=[Path(data)],
+                          commands=["findmnt -no SOURCE /; cat /proc/cmdline",
+                                    "swapon --show=NAME,TYPE,SIZE --bytes --noheadings",
+                                    "findmnt -no SOURCE,FSTYPE /srv/disk1"])
+    _report("GRUB boot (gpt, swap, data disk)", result.seconds, result.login_seconds)
     source, cmdline = result.outputs[0].splitlines()
     assert source == "/dev/vda1"
     # GRUB's own mark, and the serial console create configured.
     assert cmdline.startswith("BOOT_IMAGE=/vmlinuz root=UUID=")
     assert "console=ttyS0,115200" in cmdline.split()
+    # All of the partition but the swap header's page.
+    assert result.outputs[1].split() == ["/dev/vda3", "partition",
+                                         str(SWAP_MIB * 2**20 - 4096)]
+    assert result.outputs[2].split() == ["/dev/vdb", "ext4"]
 
 
 def _gap(disk: str, start: int, end: int) -> bytes:

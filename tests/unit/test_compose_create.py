@@ -322,3 +322,213 @@ def test_a_failed_step_of_an_api5_create_releases_in_reverse(fake_node, disk, sw
     assert shown(fake_node.fake, disk, SWAP=swap) == (
         API5_SETUP[:step + 1] + undo(API5_SETUP[:step], LOOPS))
     assert fake_node.leftovers() == []
+
+
+# --- swap (OS parameter swap) and data disks (data_disks=format) ------------------
+
+SWAP_MIB = 64
+# msdos with swap=64M: the root partition ends where the swap partition,
+# the disk's last 64 MiB, starts; the swap partition gets a loop device
+# over its byte range only while mkswap writes it.
+SWAP_SETUP = [
+    "dpkg --print-architecture",
+    "wipefs --all --force --quiet DISK",
+    "sfdisk --quiet --no-reread --no-tell-kernel DISK",
+    "losetup --find --show DISK",
+    f"losetup --find --show --offset {MIB} --sizelimit {(DISK_MIB - 1 - SWAP_MIB) * MIB} DISK",
+    "mke2fs -F -q -t ext4 -E lazy_itable_init=1,lazy_journal_init=0 /dev/loop1",
+    "blkid -p -o value -s UUID /dev/loop1",
+    f"losetup --find --show --offset {(DISK_MIB - SWAP_MIB) * MIB} "
+    f"--sizelimit {SWAP_MIB * MIB} DISK",
+    "mkswap -f /dev/loop2",
+    "blkid -p -o value -s UUID /dev/loop2",
+    "losetup --detach /dev/loop2",
+    "mount -t ext4 /dev/loop1 MNT",
+    "debootstrap trixie MNT",
+]
+SWAP_LOOPS = ["/dev/loop0", "/dev/loop1", "/dev/loop2"]
+
+
+def run_create_with(paths: Paths, disk: str, **variables: str) -> None:
+    create.run(environment.parse("create", [], ganeti_env(disk, **variables)), paths)
+
+
+def failing_steps(steps: Sequence[str]) -> list[int]:
+    """The steps to fail in turn: all but a detach (retried, so it does not fail)."""
+    return [k for k, step in enumerate(steps) if not step.startswith("losetup --detach")]
+
+
+def test_swap_makes_a_swap_partition_at_the_end_named_in_fstab(fake_node, disk, paths):
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    run_create_with(paths, disk, OSP_SWAP=f"{SWAP_MIB}M")
+    assert shown(fake_node.fake, disk) == SWAP_SETUP + RELEASE
+    assert fake_node.leftovers() == []
+    table = fake_node.tables[(os.path.realpath(disk), 0)]
+    assert table.splitlines()[-1] == (f"start={(DISK_MIB - SWAP_MIB) * 2048}, "
+                                      f"size={SWAP_MIB * 2048}, type=82")
+    swap = fake_node.filesystems[(os.path.realpath(disk), (DISK_MIB - SWAP_MIB) * MIB)]
+    assert swap.fstype == "swap"
+    fstab = (fake_node.root_files(disk, MIB) / "etc/fstab").read_text()
+    assert f"UUID={swap.uuid}\tnone\tswap\tsw\t0\t0" in fstab.splitlines()
+
+
+@pytest.mark.parametrize("step", failing_steps(SWAP_SETUP),
+                         ids=lambda k: SWAP_SETUP[k].split()[0] + str(k))
+def test_a_failed_step_of_a_create_with_swap_releases_in_reverse(fake_node, disk, paths,
+                                                                  step):
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    fake_node.fake.fail_at(step)
+    with pytest.raises(CommandError, match="failed with exit status 1"):
+        run_create_with(paths, disk, OSP_SWAP=f"{SWAP_MIB}M")
+    assert shown(fake_node.fake, disk) == (
+        SWAP_SETUP[:step + 1] + undo(SWAP_SETUP[:step], SWAP_LOOPS))
+    assert fake_node.leftovers() == []
+
+
+SWAP_FILE_SETUP = [
+    "dpkg --print-architecture",
+    "wipefs --all --force --quiet DISK",
+    "losetup --find --show DISK",
+    "mke2fs -F -q -t ext4 -E lazy_itable_init=1,lazy_journal_init=0 /dev/loop0",
+    "blkid -p -o value -s UUID /dev/loop0",
+    "mount -t ext4 /dev/loop0 MNT",
+    "debootstrap trixie MNT",
+    "mkswap -f MNT/swapfile",
+    "blkid -p -o value -s UUID MNT/swapfile",
+]
+
+
+def test_swap_without_partition_table_is_a_swap_file_in_the_root(tmp_path, fake_node, disk,
+                                                                  debootstrap):
+    paths = make_paths(tmp_path / "install", defaults=NO_CACHE + "PARTITION_STYLE=none\n")
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    run_create_with(paths, disk, OSP_SWAP="8M")
+    assert shown(fake_node.fake, disk) == SWAP_FILE_SETUP + [
+        "umount MNT", "losetup --detach /dev/loop0"]
+    assert fake_node.leftovers() == []
+    root = fake_node.root_files(disk, 0)
+    st = (root / "swapfile").stat()
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_size == 8 * MIB
+    assert "/swapfile\tnone\tswap\tsw\t0\t0" in (root / "etc/fstab").read_text().splitlines()
+    assert not [t for t in fake_node.tables if t[0] == os.path.realpath(disk)]
+
+
+@pytest.fixture
+def data_disk(tmp_path: Path) -> str:
+    path = tmp_path / "disks" / "data1.img"
+    with open(path, "wb") as f:
+        f.truncate(128 * MIB)
+    return str(path)
+
+
+# data_disks=format: disk 1 is formatted whole (attached only meanwhile)
+# before disk 0 is touched, then create goes on as without it.
+DATA_SETUP = [
+    "dpkg --print-architecture",
+    "losetup --find --show DATA1",
+    "wipefs --all --force --quiet /dev/loop0",
+    "mke2fs -F -q -t ext4 -E lazy_itable_init=1,lazy_journal_init=0 /dev/loop0",
+    "blkid -p -o value -s UUID /dev/loop0",
+    "losetup --detach /dev/loop0",
+    *SETUP[1:],
+]
+DATA_LOOPS = ["/dev/loop0", *LOOPS]
+DATA_VARIABLES = {"DISK_COUNT": "2", "DISK_1_ACCESS": "rw", "OSP_DATA_DISKS": "format"}
+
+
+def test_data_disks_are_formatted_first_and_mounted_by_uuid_with_nofail(
+        fake_node, disk, data_disk, paths):
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    run_create_with(paths, disk, DISK_1_PATH=data_disk, **DATA_VARIABLES)
+    assert shown(fake_node.fake, disk, DATA1=data_disk) == DATA_SETUP + RELEASE
+    assert fake_node.leftovers() == []
+    data = fake_node.filesystems[(os.path.realpath(data_disk), 0)]
+    assert data.fstype == "ext4"
+    assert not [t for t in fake_node.tables if t[0] == os.path.realpath(data_disk)]
+    root = fake_node.root_files(disk, MIB)
+    assert (f"UUID={data.uuid}\t/srv/disk1\text4\tdefaults,nofail\t0\t2"
+            in (root / "etc/fstab").read_text().splitlines())
+    assert (root / "srv/disk1").is_dir()
+
+
+@pytest.mark.parametrize("step", failing_steps(DATA_SETUP),
+                         ids=lambda k: DATA_SETUP[k].split()[0] + str(k))
+def test_a_failed_step_of_a_create_with_data_disks_releases_in_reverse(
+        fake_node, disk, data_disk, paths, step):
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    fake_node.fake.fail_at(step)
+    with pytest.raises(CommandError, match="failed with exit status 1"):
+        run_create_with(paths, disk, DISK_1_PATH=data_disk, **DATA_VARIABLES)
+    assert shown(fake_node.fake, disk, DATA1=data_disk) == (
+        DATA_SETUP[:step + 1] + undo(DATA_SETUP[:step], DATA_LOOPS))
+    assert fake_node.leftovers() == []
+
+
+def test_a_mounted_data_disk_is_refused_before_any_disk_is_touched(
+        fake_node, disk, data_disk, paths):
+    # The data disk's file attached and mounted on the node.
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    fake_node.losetup(["losetup", "--find", "--show", data_disk])
+    fake_node.mounted["/mnt/elsewhere"] = (os.path.realpath(data_disk), 0)
+    fake_node.write_mountinfo()
+    with pytest.raises(DiskError, match=f"{data_disk} is in use: .* mounted on /mnt/elsewhere"):
+        run_create_with(paths, disk, DISK_1_PATH=data_disk, **DATA_VARIABLES)
+    assert shown(fake_node.fake, disk) == ["dpkg --print-architecture"]
+
+
+def test_a_too_small_data_disk_is_refused_before_any_disk_is_touched(
+        fake_node, disk, data_disk, paths):
+    os.truncate(data_disk, 16 * MIB)
+    with pytest.raises(DiskError, match="Data disk 1 .* is 16 MiB .* at least 64 MiB"):
+        run_create_with(paths, disk, DISK_1_PATH=data_disk, **DATA_VARIABLES)
+    assert shown(fake_node.fake, disk) == ["dpkg --print-architecture"]
+    assert fake_node.leftovers() == []
+
+
+def test_swap_leaving_the_root_no_room_is_refused_before_any_disk_is_touched(
+        fake_node, disk, paths):
+    with pytest.raises(DiskError, match="swap: 900 MiB.* leaves 123 MiB"):
+        run_create_with(paths, disk, OSP_SWAP="900M")
+    assert shown(fake_node.fake, disk) == ["dpkg --print-architecture"]
+
+
+def test_a_reinstall_keeps_a_data_disk_holding_the_filesystem_asked_for(
+        fake_node, disk, data_disk, paths):
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    kept = fake_node.make_filesystem((os.path.realpath(data_disk), 0), "ext4")
+    (kept.files / "database").write_text("the instance's data")
+    run_create_with(paths, disk, DISK_1_PATH=data_disk, INSTANCE_REINSTALL="1",
+                    **DATA_VARIABLES)
+    assert shown(fake_node.fake, disk, DATA1=data_disk) == [
+        "dpkg --print-architecture",
+        "blkid -p -o value -s TYPE DATA1",
+        "blkid -p -o value -s UUID DATA1",
+        *SETUP[1:], *RELEASE]
+    assert (kept.files / "database").read_text() == "the instance's data"
+    root = fake_node.root_files(disk, MIB)
+    assert (f"UUID={kept.uuid}\t/srv/disk1\text4\tdefaults,nofail\t0\t2"
+            in (root / "etc/fstab").read_text().splitlines())
+
+
+def test_a_reinstall_formats_a_data_disk_of_another_type(fake_node, disk, data_disk, paths):
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    fake_node.make_filesystem((os.path.realpath(data_disk), 0), "ext2")
+    run_create_with(paths, disk, DISK_1_PATH=data_disk, INSTANCE_REINSTALL="1",
+                    **DATA_VARIABLES)
+    assert shown(fake_node.fake, disk, DATA1=data_disk)[:3] == [
+        "dpkg --print-architecture", "blkid -p -o value -s TYPE DATA1",
+        "losetup --find --show DATA1"]
+    assert fake_node.filesystems[(os.path.realpath(data_disk), 0)].fstype == "ext4"
+
+
+def test_a_reinstall_formats_a_data_disk_whose_uuid_is_not_one(fake_node, disk, data_disk,
+                                                                paths):
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    fake_node.make_filesystem((os.path.realpath(data_disk), 0), "ext4").uuid = "x\nnone"
+    run_create_with(paths, disk, DISK_1_PATH=data_disk, INSTANCE_REINSTALL="1",
+                    **DATA_VARIABLES)
+    assert shown(fake_node.fake, disk, DATA1=data_disk)[1:4] == [
+        "blkid -p -o value -s TYPE DATA1", "blkid -p -o value -s UUID DATA1",
+        "losetup --find --show DATA1"]
+    fstab = (fake_node.root_files(disk, MIB) / "etc/fstab").read_text()
+    assert "x\nnone" not in fstab
