@@ -16,6 +16,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,6 +92,15 @@ def scenario() -> Scenario:
     return Scenario()
 
 
+def json_result(output: str) -> list[dict[str, Any]]:
+    """The --json result in a command's output (stdout and stderr merged)."""
+    match = re.search(r"^\[\]?$", output, re.MULTILINE)
+    assert match, output
+    result, _ = json.JSONDecoder().raw_decode(output[match.start():])
+    assert isinstance(result, list)
+    return result
+
+
 def command(root: Path) -> str:
     """The package's administrator command; the same path on both nodes."""
     return str(root / COMMAND.lstrip("/"))
@@ -147,12 +157,12 @@ def test_build_and_push_make_the_first_create_on_node2_warm(
         two_nodes: TwoNodeCluster, package_root: Path,  # noqa: F811
         scenario: Scenario, tmp_path: Path) -> None:
     built = two_nodes.run(command(package_root), "build", "default", "--json")
-    [result] = json.loads(built.stdout[built.stdout.index("["):])
+    [result] = json_result(built.stdout)
     assert result["status"] in ("present", "image made")
     start = time.monotonic()
     pushed = two_nodes.run(command(package_root), "push", "default", "--json")
     seconds = time.monotonic() - start
-    report = json.loads(pushed.stdout[pushed.stdout.index("["):])
+    report = json_result(pushed.stdout)
     print(f"\npush: {json.dumps(report)}\n{seconds:.1f} s")
     [entry] = report
     assert (entry["node"], entry["status"]) == (NODE2_NAME, "pushed")
@@ -174,3 +184,47 @@ def test_build_and_push_make_the_first_create_on_node2_warm(
     fs = inspect_disk(two_nodes.instance_disk_path("inst2"), tmp_path / "mnt")
     assert_instance_root(fs, "inst2", "ext4")
     scenario.passed.add("push")
+
+
+def test_export_on_node1_to_node2_and_import_onto_node2(
+        two_nodes: TwoNodeCluster, scenario: Scenario, tmp_path: Path) -> None:
+    # Ganeti streams our export on node 1 into the export directory on node 2,
+    # then our import on node 2 reads it from there.
+    add_instance(two_nodes, "inst1", NODE_NAME)
+    original = inspect_disk(two_nodes.instance_disk_path("inst1"), tmp_path / "mnt")
+    two_nodes.run("gnt-instance", "startup", "inst1")
+    assert_no_warnings(two_nodes.run("gnt-backup", "export", "--long-sleep",
+                                     "-n", NODE2_NAME, "inst1"))
+    export = two_nodes.node2_state_dir / "export" / "inst1"
+    assert (export / "config.ini").is_file()
+    assert not (two_nodes.export_dir / "inst1").exists()
+    assert_no_warnings(two_nodes.run(
+        "gnt-backup", "import", "-t", "file", "-n", NODE2_NAME,
+        f"--src-node={NODE2_NAME}", "--src-dir=/var/lib/ganeti/export/inst1",
+        "--net", "0:mac=generate", "--no-name-check", "--no-ip-check", "inst3"))
+    assert two_nodes.leftover_mounts() == [] and two_nodes.node2_leftover_mounts() == []
+    disk = two_nodes.instance_disk_path("inst3")
+    assert two_nodes.node2_storage_dir in disk.parents
+    fs = inspect_disk(disk, tmp_path / "mnt")
+    assert_instance_root(fs, "inst3", "ext4")
+    assert fs.debian_version == original.debian_version
+    assert fs.uuid != original.uuid
+    scenario.passed.add("import")
+
+
+def test_move_copies_a_file_disk_instance_to_node2(
+        two_nodes: TwoNodeCluster, scenario: Scenario, tmp_path: Path) -> None:
+    # Ganeti allows move for the file template (DTS_COPYABLE: file, plain):
+    # it copies the disk raw; no OS script runs.
+    scenario.require("import")
+    before = inspect_disk(two_nodes.instance_disk_path("inst1"), tmp_path / "mnt")
+    two_nodes.run("gnt-instance", "shutdown", "inst1")
+    two_nodes.run("gnt-instance", "move", "-f", "-n", NODE2_NAME, "inst1")
+    primary = two_nodes.run("gnt-instance", "list", "--no-headers", "--output=pnode",
+                            "inst1").stdout.strip()
+    assert primary == NODE2_NAME
+    disk = two_nodes.instance_disk_path("inst1")
+    assert two_nodes.node2_storage_dir in disk.parents
+    after = inspect_disk(disk, tmp_path / "mnt")
+    assert (after.uuid, after.hostname) == (before.uuid, "inst1")
+    assert not list(two_nodes.file_storage_dir.glob("inst1/*"))
