@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from tests.debpackage import copy_clean_tree
 
@@ -377,7 +378,7 @@ class GanetiCluster:
 
     # --- context manager ----------------------------------------------------
 
-    def __enter__(self) -> GanetiCluster:
+    def __enter__(self) -> Self:
         start = time.monotonic()
         try:
             self._start()

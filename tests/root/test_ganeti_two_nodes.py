@@ -75,10 +75,9 @@ def two_nodes(os_dir: Path, package_root: Path,  # noqa: F811
     node2_cache.mkdir(mode=0o755)
     before = host_state(workdir, os_dir)
     cache = Path(bootstrapped_localstatedir) / "cache" / "ganeti-instance-debootstrap"
-    running = TwoNodeCluster(os_dir, workdir / "cluster", os_name=OS_NAME,
-                             package_root=package_root, cache_dir=cache,
-                             node2_cache_dir=node2_cache)
-    with running:
+    with TwoNodeCluster(os_dir, workdir / "cluster", os_name=OS_NAME,
+                        package_root=package_root, cache_dir=cache,
+                        node2_cache_dir=node2_cache) as running:
         yield running
     timings = running.format_timings()
     (workdir / "timings.txt").write_text(timings + "\n")
