@@ -31,7 +31,7 @@ and renames it to its real name, archive last, then syncs the directory:
 a create sees the old entry or the whole new one, and its lookup vouches
 for the archive through the record as on the master. Push names are
 removed on both sides whatever happens (and on a node, those a killed
-push left, after a day).
+push left, after a day, as does expiry).
 
 Before anything is copied, push refuses to run anywhere but on the master,
 and refuses nodes whose settings give other keys for the variants (each
@@ -71,9 +71,6 @@ REPORT_MARKER = "ganeti-debootstrap-cache-report: "
 _SEPARATOR = "-" * 48
 _RETURN_CODE = "return code = "
 MANIFEST_FORMAT = 1
-# A push name older than this (by ctime: scp -p sets the mtime) was left by
-# a push that was killed; receive removes it.
-STALE_PUSH_SECONDS = 86400
 _HASH_BLOCK = 1 << 20
 
 
@@ -337,18 +334,6 @@ def _manifest_files(data: object, stem: str) -> list[EntryFile]:
     return files
 
 
-def remove_stale_pushes(directory: str, now: float) -> None:
-    """Remove push names a killed push left more than a day ago."""
-    for name in os.listdir(directory):
-        if pushed_name(name) is None:
-            continue
-        path = os.path.join(directory, name)
-        with contextlib.suppress(FileNotFoundError):
-            if now - os.lstat(path).st_ctime > STALE_PUSH_SECONDS:
-                logger.info("Removing %s, left by an interrupted push", path)
-                os.unlink(path)
-
-
 def _check_received(path: str, f: EntryFile) -> str:
     """What is wrong with the received file ``path`` (a push name), or ""."""
     try:
@@ -418,4 +403,4 @@ def receive(store: Cache, manifest_path: str) -> dict[str, Any]:
             if ours is not None and ours[0] == token:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(directory, other))
-        remove_stale_pushes(directory, time.time())
+        store.remove_stale_pushes(time.time())

@@ -87,6 +87,8 @@ _IMAGE_FILE = re.compile(r"^(?P<stem>cache-.+)%s$" % _IMAGE)
 _IMAGE_ONLY = re.compile(r"^(?P<stem>cache-.+)\.(?P<fstype>ext[234])%s$"
                          % re.escape(IMAGE_SUFFIX))
 
+# A push name older than this was left by a push that was killed.
+STALE_PUSH_SECONDS = 86400
 # The list of what one push sends (cache_push.py), sent last.
 MANIFEST_SUFFIX = ".manifest.json"
 # A file of an entry: its archive, record, images and their records.
@@ -620,12 +622,14 @@ class Cache:
         nothing to upgrade leaves the archive as it was). An archive whose owner-write bit was
         removed is kept forever; one in use (its lock held) is left for a
         later run. Leftovers of killed runs whose lock is free are removed,
-        and so are images whose archive is gone.
+        and so are images whose archive is gone, and push names a killed
+        push left (remove_stale_pushes).
         """
         if not os.path.isdir(self.directory):
             return []
         now = time.time() if now is None else now
         removed: list[str] = []
+        self.remove_stale_pushes(now)
         names = sorted(os.listdir(self.directory))
         for name in names:
             path = os.path.join(self.directory, name)
@@ -680,6 +684,20 @@ class Cache:
                                        _kept(st), tuple(images.get(stem, ())),
                                        legacy=not _OURS.match(name)))
         return found
+
+    def remove_stale_pushes(self, now: float) -> None:
+        """Remove push names (cache_push.py) a killed push left more than a day ago.
+
+        By ctime: scp -p gives a received file the master's mtime.
+        """
+        for name in os.listdir(self.directory):
+            if pushed_name(name) is None:
+                continue
+            path = os.path.join(self.directory, name)
+            with contextlib.suppress(FileNotFoundError):
+                if now - os.lstat(path).st_ctime > STALE_PUSH_SECONDS:
+                    log.info("Removing %s, left by an interrupted push", path)
+                    os.unlink(path)
 
     def image_types(self, key: CacheKey) -> list[str]:
         """The filesystem types ``key``'s entry has images of, sorted."""

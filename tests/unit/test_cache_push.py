@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -236,3 +237,16 @@ def test_gnt_cluster_command_output_is_read_per_node():
     assert (parsed["a"].status, parsed["a"].report()) == (0, {"n": 1})
     assert (parsed["b"].status, parsed["b"].report(), parsed["b"].tail()) == \
         (127, None, "bash: no such command")
+
+
+def test_expiry_removes_push_names_a_killed_push_left_after_a_day(tmp_path):
+    store = Cache(str(tmp_path / "cache"))
+    os.makedirs(store.directory)
+    left = Path(store.directory, f".push-0a1b-{DEFAULT.stem}.tar")
+    left.write_bytes(b"half")
+    other = Path(store.directory, ".push-0a1b-not-ours")
+    other.write_bytes(b"x")
+    store.expire(time.time())
+    assert left.exists()
+    store.expire(time.time() + 2 * 86400)
+    assert not left.exists() and other.exists()
