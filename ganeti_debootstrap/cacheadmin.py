@@ -684,12 +684,17 @@ def run_push(args: argparse.Namespace, ctx: Context) -> int:
         else:
             ctx.out.write("No other online node in the cluster: nothing to push.\n")
         return 0
-    with progress.status(ctx.terminal, "asking the nodes for their keys"):
-        outputs = cache_push.run_on_nodes(
-            nodes, [ctx.program, "key", *variant_arguments(args)])
-    node_entries = check_node_keys(keys, outputs, ctx.program)
     store = Cache(ctx.paths.cache_dir)
     present = {a.stem for a in store.archives()}
+    # Only the keys of entries there are to push count: a boot loader's key
+    # that no instance here used says nothing about what a node would use.
+    sent = [k for k in keys if k.key.stem in present]
+    node_entries: dict[str, dict[str, Any]] = {}
+    if sent:
+        with progress.status(ctx.terminal, "asking the nodes for their keys"):
+            outputs = cache_push.run_on_nodes(
+                nodes, [ctx.program, "key", *variant_arguments(args)])
+        node_entries = check_node_keys(sent, outputs, ctx.program)
     results: list[PushResult] = []
     by_stem: dict[str, list[VariantKey]] = {}
     for k in keys:

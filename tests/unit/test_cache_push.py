@@ -250,3 +250,14 @@ def test_expiry_removes_push_names_a_killed_push_left_after_a_day(tmp_path):
     assert left.exists()
     store.expire(time.time() + 2 * 86400)
     assert not left.exists() and other.exists()
+
+
+def test_only_the_keys_of_entries_being_pushed_are_compared(nodes):
+    # big has no entry on the master: node 2's other key for it is no reason
+    # to refuse pushing default's.
+    stored(Cache(nodes.master.cache_dir), DEFAULT)
+    Path(nodes.node2.default_variants_dir, "big.conf").write_text("EXTRA_PKGS=emacs\n")
+    status, out = nodes.push("--all", "--json")
+    assert status == 0
+    assert {(r["entry"], r["status"]) for r in json.loads(out)} == \
+        {(DEFAULT.stem, "pushed"), (BIG.stem, "no entry")}
