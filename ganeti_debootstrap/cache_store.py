@@ -66,6 +66,10 @@ IMAGE_SUFFIX = ".img"  # after the filesystem type: <stem>.ext4.img
 IMAGE_RECORD_SUFFIX = IMAGE_SUFFIX + ".json"
 TMP_TAG = ".tmp-"
 STAGING_TAG = ".staging-"
+# Files of an entry on their way between nodes (cache_push.py): hidden, not
+# "cache-*", so that nothing here takes them for an entry or a temporary of
+# one; ``.push-<token>-<the entry file's name>``.
+PUSH_TAG = ".push-"
 
 # Names of our own files. Expiry looks at every ``cache-*.tar`` (the shell
 # edition's names too) and at our temporaries, never at anything else.
@@ -88,6 +92,17 @@ _IMAGE_FILE = re.compile(r"^(?P<stem>cache-.+)%s$" % _IMAGE)
 # An image itself (not its record), with its filesystem type.
 _IMAGE_ONLY = re.compile(r"^(?P<stem>cache-.+)\.(?P<fstype>ext[234])%s$"
                          % re.escape(IMAGE_SUFFIX))
+
+# A push name older than this was left by a push that was killed.
+STALE_PUSH_SECONDS = 86400
+# The list of what one push sends (cache_push.py), sent last.
+MANIFEST_SUFFIX = ".manifest.json"
+# A file of an entry: its archive, record, images and their records.
+_ENTRY_FILE = re.compile(r"^(?P<stem>%s)(?:%s|%s|%s)$" % (
+    _STEM, re.escape(ARCHIVE_SUFFIX), re.escape(INPUTS_SUFFIX), _IMAGE))
+_PUSHED = re.compile(r"^%s(?P<token>[0-9a-f]+)-(?P<name>(?P<stem>%s)(?:%s|%s|%s|%s))$" % (
+    re.escape(PUSH_TAG), _STEM, re.escape(ARCHIVE_SUFFIX), re.escape(INPUTS_SUFFIX),
+    _IMAGE, re.escape(MANIFEST_SUFFIX)))
 
 # The record's field holding when the archive's packages were last brought
 # up to date without a new bootstrap (a refresh); absent: never.
@@ -248,6 +263,25 @@ class StoredArchive:
 def image_name(stem: str, fstype: str) -> str:
     """The file name of the ``fstype`` image of the archive ``<stem>.tar``."""
     return f"{stem}.{fstype}{IMAGE_SUFFIX}"
+
+
+def push_name(name: str, token: str) -> str:
+    """The name an entry's file ``name`` has while push sends it to other nodes."""
+    return f"{PUSH_TAG}{token}-{name}"
+
+
+def pushed_name(name: str) -> tuple[str, str, str] | None:
+    """(token, stem, file name) of a push's ``name``; None if it is not one of ours."""
+    match = _PUSHED.match(name)
+    if match is None:
+        return None
+    return match.group("token"), match.group("stem"), match.group("name")
+
+
+def entry_file_stem(name: str) -> str | None:
+    """The stem of the entry ``name`` (archive, record, image) belongs to, or None."""
+    match = _ENTRY_FILE.match(name)
+    return match.group("stem") if match else None
 
 
 def image_record_name(stem: str, fstype: str) -> str:
@@ -699,12 +733,14 @@ class Cache:
         nothing to upgrade leaves the archive as it was). An archive whose owner-write bit was
         removed is kept forever; one in use (its lock held) is left for a
         later run. Leftovers of killed runs whose lock is free are removed,
-        and so are images whose archive is gone.
+        and so are images whose archive is gone, and push names a killed
+        push left (remove_stale_pushes).
         """
         if not os.path.isdir(self.directory):
             return []
         now = time.time() if now is None else now
         removed: list[str] = []
+        self.remove_stale_pushes(now)
         names = sorted(os.listdir(self.directory))
         for name in names:
             path = os.path.join(self.directory, name)
@@ -759,6 +795,20 @@ class Cache:
                                        _kept(st), tuple(images.get(stem, ())),
                                        legacy=not _OURS.match(name)))
         return found
+
+    def remove_stale_pushes(self, now: float) -> None:
+        """Remove push names (cache_push.py) a killed push left more than a day ago.
+
+        By ctime: scp -p gives a received file the master's mtime.
+        """
+        for name in os.listdir(self.directory):
+            if pushed_name(name) is None:
+                continue
+            path = os.path.join(self.directory, name)
+            with contextlib.suppress(FileNotFoundError):
+                if now - os.lstat(path).st_ctime > STALE_PUSH_SECONDS:
+                    log.info("Removing %s, left by an interrupted push", path)
+                    os.unlink(path)
 
     def image_types(self, key: CacheKey) -> list[str]:
         """The filesystem types ``key``'s entry has images of, sorted."""

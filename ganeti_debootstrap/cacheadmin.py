@@ -20,7 +20,13 @@ and function; adding one is one entry and its function):
   without an entry is skipped with --all (the timer's call) and refused
   when named;
 - ``prune [--dry-run]``: remove expired (CLEAN_CACHE) and orphaned
-  entries, kept ones excepted.
+  entries, kept ones excepted;
+- ``push [VARIANT...|--all] [-n NODE]...``: copy the variants' entries from
+  the master to the other nodes with Ganeti's ``gnt-cluster copyfile``
+  (cache_push.py), after checking that every node computes the same keys.
+  Two hidden subcommands serve it on the nodes, run by ``gnt-cluster
+  command``: ``key`` (the node's keys and entries) and ``receive MANIFEST``
+  (a pushed entry put in place).
 
 Every subcommand takes ``--json`` (the result as JSON on stdout, for
 monitoring). The log goes to stderr; on a terminal, long work shows a
@@ -43,10 +49,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
-from . import bootstrap, cache, cache_refresh, log, progress, signals
+from . import bootstrap, cache, cache_push, cache_refresh, log, progress, signals
 from .cache_store import Cache, CacheKey, StoredArchive
 from .environment import Request
-from .errors import CacheError, ConfigError, DefinitionError, Interrupted, UsageError
+from .errors import (CacheError, ClusterError, ConfigError, DefinitionError, Interrupted,
+                     UsageError)
 from .paths import Paths, from_installed
 from .plan import Prepared, prepare
 from .settings import BOOTLOADERS, read_variants_list
@@ -247,6 +254,10 @@ class Context:
     out: IO[str]
     terminal: progress.Terminal | None = None
     now: Callable[[], float] = time.time
+    # This command's own path, as the other nodes run it (push).
+    program: str = PROGRAM
+    # The names this node goes by, to tell whether it is the master (push).
+    myself: Callable[[], set[str]] = cache_push.this_node_names
 
     def emit_json(self, data: object) -> None:
         json.dump(data, self.out, indent=2)
@@ -554,6 +565,207 @@ def run_prune(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+# --- push, and what it runs on the other nodes ---------------------------------------
+
+@dataclass
+class PushResult:
+    """One entry sent to one node, and what became of it."""
+
+    entry: str
+    node: str
+    variants: str
+    status: str = ""  # pushed, up to date, no entry, failed
+    bytes: int = 0
+    copy_seconds: float = 0.0  # gnt-cluster copyfile of the entry, all its nodes
+    receive_seconds: float = 0.0
+    error: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.entry or self.variants} to {self.node}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"entry": self.entry, "node": self.node, "variants": self.variants,
+                "status": self.status, "bytes": self.bytes,
+                "copy_seconds": round(self.copy_seconds, 1),
+                "receive_seconds": round(self.receive_seconds, 1),
+                "error": self.error or None}
+
+    def line(self) -> str:
+        size = f" ({human_size(self.bytes)}, {self.copy_seconds:.0f} s)" \
+            if self.status == "pushed" else ""
+        error = f": {self.error.splitlines()[0]}" if self.error else ""
+        return f"{self.node}: {self.status} {self.entry or self.variants}{size}{error}"
+
+
+def variant_arguments(args: argparse.Namespace) -> list[str]:
+    return ["--all"] if args.all else list(args.variants)
+
+
+def chosen_nodes(args: argparse.Namespace, cluster: cache_push.ClusterView) -> list[str]:
+    if not args.node:
+        return list(cluster.nodes)
+    unknown = [n for n in args.node if n not in cluster.nodes]
+    if unknown:
+        raise UsageError(f"Not an online node of this cluster other than the master: "
+                         f"{', '.join(unknown)} (they are: "
+                         f"{', '.join(cluster.nodes) or 'none'}).")
+    return list(dict.fromkeys(args.node))
+
+
+def check_node_keys(keys: list[VariantKey], outputs: dict[str, cache_push.NodeOutput],
+                    program: str) -> dict[str, dict[str, Any]]:
+    """Each node's entries; refuse (ClusterError) nodes whose keys differ from ours.
+
+    An entry pushed to a node computing another key for the variant would
+    never be used there: the node's settings (or its tools, architecture)
+    differ from the master's.
+    """
+    ours = {k.label: k.key.stem for k in keys}
+    problems, entries = [], {}
+    for node, out in outputs.items():
+        report_ = out.report()
+        if report_ is None or out.status != 0:
+            problems.append(f"{node} could not tell its keys ({program} key exited "
+                            f"with {out.status}: {out.tail()})")
+            continue
+        if not report_.get("cache_dir_exists"):
+            problems.append(f"{node} has no cache directory {report_.get('cache_dir')} "
+                            f"(is ganeti-instance-debootstrap installed there?)")
+            continue
+        theirs = report_.get("keys") or {}
+        differ = [f"{label}: {theirs.get(label) or 'no cache'} instead of {stem}"
+                  for label, stem in ours.items() if theirs.get(label) != stem]
+        if differ:
+            problems.append(f"{node} would use other entries ({'; '.join(differ)})")
+        entries[node] = report_.get("entries") or {}
+    if problems:
+        raise ClusterError(
+            "Not pushing: " + "; ".join(problems) + ". An entry is used only by "
+            "nodes that compute the same key for the variant: make the settings "
+            "(defaults file, variant files), the bootstrap tool and the architecture "
+            "the same on every node (or leave the differing nodes out with -n), "
+            "then push again.")
+    return entries
+
+
+def push_entry(store: Cache, k: VariantKey, labels: str, nodes: list[str],
+               node_entries: dict[str, dict[str, Any]], ctx: Context,
+               results: list[PushResult]) -> None:
+    """Send ``k``'s entry to the nodes that lack it as it is here."""
+    stem = k.key.stem
+    mine = [PushResult(stem, n, labels) for n in nodes]
+    results.extend(mine)
+    with store.using(k.key, lambda: store.peek(k.key)) as use:
+        if use.found is None:
+            for r in mine:
+                r.status, r.error = "failed", (
+                    f"the entry {stem} is not complete here: make it with "
+                    f"'{PROGRAM} build' first")
+            return
+        entry = use.found
+        fstypes = cache_push.usable_images(entry, store)
+        mine_stat = cache_push.node_entries(store).get(stem)
+        targets = []
+        for r in mine:
+            theirs = node_entries.get(r.node, {}).get(stem)
+            if theirs and mine_stat and all(theirs.get(f) == mine_stat.get(f)
+                                            for f in ("size", "mtime_ns")) \
+                    and set(fstypes) <= set(theirs.get("images", ())):
+                r.status = "up to date"
+            else:
+                targets.append(r)
+        if not targets:
+            return
+        with cache_push.outgoing(store, entry, fstypes) as sending:
+            names = [r.node for r in targets]
+            start = time.monotonic()
+            cache_push.copy_to_nodes(sending, names, ctx.terminal)
+            copied = time.monotonic() - start
+            outputs = cache_push.run_on_nodes(
+                names, [ctx.program, "receive", sending.manifest])
+        for r in targets:
+            r.copy_seconds, r.bytes = copied, sending.size
+            out = outputs[r.node]
+            got = out.report()
+            if got is not None and got.get("status") == "received" and out.status == 0:
+                r.status = "pushed"
+                r.receive_seconds = float(got.get("seconds") or 0.0)
+            else:
+                r.status = "failed"
+                r.error = (got or {}).get("error") or (
+                    f"{PROGRAM} receive exited with {out.status}: {out.tail()}")
+        logger.info("%s: %s to %s in %.0f s", stem, human_size(sending.size),
+                    ", ".join(names), copied)
+
+
+def run_push(args: argparse.Namespace, ctx: Context) -> int:
+    variants = chosen_variants(args, ctx.paths)
+    keys = [k for v in variants for k in variant_keys(ctx.paths, v)]
+    cluster = cache_push.find_cluster(ctx.myself(), PROGRAM)
+    nodes = chosen_nodes(args, cluster)
+    if not nodes:
+        if args.json:
+            ctx.emit_json([])
+        else:
+            ctx.out.write("No other online node in the cluster: nothing to push.\n")
+        return 0
+    store = Cache(ctx.paths.cache_dir)
+    present = {a.stem for a in store.archives()}
+    # Only the keys of entries there are to push count: a boot loader's key
+    # that no instance here used says nothing about what a node would use.
+    sent = [k for k in keys if k.key.stem in present]
+    node_entries: dict[str, dict[str, Any]] = {}
+    if sent:
+        with progress.status(ctx.terminal, "asking the nodes for their keys"):
+            outputs = cache_push.run_on_nodes(
+                nodes, [ctx.program, "key", *variant_arguments(args)])
+        node_entries = check_node_keys(sent, outputs, ctx.program)
+    results: list[PushResult] = []
+    by_stem: dict[str, list[VariantKey]] = {}
+    for k in keys:
+        by_stem.setdefault(k.key.stem, []).append(k)
+    for stem, same in by_stem.items():
+        labels = ", ".join(k.label for k in same)
+        if stem not in present:
+            if all(k.bootloader for k in same):
+                continue  # no instance was made with that boot loader
+            for node in nodes:
+                r = PushResult(stem, node, labels, "no entry")
+                if not args.all:
+                    r.status, r.error = "failed", (
+                        f"there is no cache entry for {labels} here: make it with "
+                        f"'{PROGRAM} build {same[0].variant}' first")
+                results.append(r)
+            continue
+        push_entry(store, same[0], labels, nodes, node_entries, ctx, results)
+    report(args, ctx, results, "Pushing",
+           "the nodes keep what they had; push again once fixed")
+    return 0
+
+
+def run_key(args: argparse.Namespace, ctx: Context) -> int:
+    """(hidden, run on the nodes by push) This node's keys and entries, one JSON line."""
+    variants = chosen_variants(args, ctx.paths)
+    labels = {k.label: k.key.stem for v in variants for k in variant_keys(ctx.paths, v)}
+    ctx.out.write(cache_push.print_report(
+        cache_push.key_report(labels, Cache(ctx.paths.cache_dir))))
+    return 0
+
+
+def run_receive(args: argparse.Namespace, ctx: Context) -> int:
+    """(hidden, run on the nodes by push) Put a pushed entry in place; one JSON line."""
+    try:
+        result = cache_push.receive(Cache(ctx.paths.cache_dir), args.manifest)
+    except DefinitionError as exc:
+        ctx.out.write(cache_push.print_report(
+            {"entry": os.path.basename(args.manifest), "status": "failed",
+             "error": str(exc)}))
+        raise
+    ctx.out.write(cache_push.print_report(result))
+    return 0
+
+
 @dataclass(frozen=True)
 class Subcommand:
     name: str
@@ -595,6 +807,26 @@ def _prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="say what would be removed, remove nothing")
 
 
+def _push_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("variants", nargs="*", metavar="VARIANT",
+                        help="variants whose entries to push (as listed in variants.list)")
+    parser.add_argument("--all", action="store_true",
+                        help="every published variant; those without an entry "
+                             "are skipped")
+    parser.add_argument("-n", "--node", action="append", default=[], metavar="NODE",
+                        help="push to this node only (repeat for several; "
+                             "default: every online node but the master)")
+
+
+def _key_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("variants", nargs="*", metavar="VARIANT")
+    parser.add_argument("--all", action="store_true")
+
+
+def _receive_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", metavar="MANIFEST")
+
+
 COMMANDS: tuple[Subcommand, ...] = (
     Subcommand("list", "show every cache entry",
                "Show every cache entry: its inputs, the variants whose creates "
@@ -620,6 +852,23 @@ COMMANDS: tuple[Subcommand, ...] = (
                "variants using the cache) and entries no variant uses, except kept ones "
                "(archive without owner write permission: chmod u-w) and ones "
                "in use.", _prune_arguments, run_prune),
+    Subcommand("push", "copy entries to the other nodes of the Ganeti cluster",
+               "On the master of a Ganeti cluster: copy each named variant's "
+               "cache entry (archive, record and filesystem images) to the other "
+               "online nodes with gnt-cluster copyfile, so that their creates "
+               "use it as if they had made it. Refused unless run on the "
+               "master, and when a node's settings give another cache key for "
+               "a variant. Nodes that hold the entry as it is here are left "
+               "alone. Each node puts the entry in place under its lock, "
+               "checked against the master's sizes and SHA-256 sums: its "
+               "creates see the old entry or the whole new one.",
+               _push_arguments, run_push),
+    # Hidden: what push runs on the other nodes through gnt-cluster command.
+    Subcommand("key", "", "This node's cache keys for the variants and its "
+               "entries, as one JSON line (run by push on the other nodes).",
+               _key_arguments, run_key),
+    Subcommand("receive", "", "Put a cache entry pushed from the master in place "
+               "(run by push on the other nodes).", _receive_arguments, run_receive),
 )
 
 
@@ -634,8 +883,12 @@ def parser() -> argparse.ArgumentParser:
                                   "debootstrap, on this node.")
     sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS:
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description,
-                           parents=[common])
+        # An empty help hides the subcommand (push's helpers on the nodes).
+        if cmd.help:
+            p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description,
+                               parents=[common])
+        else:
+            p = sub.add_parser(cmd.name, description=cmd.description, parents=[common])
         cmd.arguments(p)
         p.set_defaults(handler=cmd.run)
     return top
@@ -651,11 +904,13 @@ def refuse_early(paths: Paths, euid: int) -> None:
 
 def main(common: object, argv: Sequence[str] | None = None, *,
          paths: Paths | None = None, euid: int | None = None,
-         out: IO[str] | None = None) -> int:
+         out: IO[str] | None = None, program: str | None = None,
+         myself: Callable[[], set[str]] | None = None) -> int:
     """Run the command; return the exit status.
 
-    ``common`` is the installation's generated module; ``paths``, ``euid``
-    and ``out`` replace what it and the process give (tests).
+    ``common`` is the installation's generated module; ``paths``, ``euid``,
+    ``out``, ``program`` (this command's path) and ``myself`` (this node's
+    names) replace what it and the process give (tests).
     """
     args = parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     log.setup(args.debug)
@@ -665,7 +920,9 @@ def main(common: object, argv: Sequence[str] | None = None, *,
     try:
         refuse_early(paths, os.geteuid() if euid is None else euid)
         with progress.terminal_stderr() as term:
-            ctx = Context(paths, out if out is not None else sys.stdout, term)
+            ctx = Context(paths, out if out is not None else sys.stdout, term,
+                          program=program or os.path.abspath(sys.argv[0]),
+                          myself=myself or cache_push.this_node_names)
             return int(args.handler(args, ctx))
     except BrokenPipeError:
         # The reader of stdout went away (| head): nothing more to say.

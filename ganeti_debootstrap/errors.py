@@ -35,6 +35,11 @@ class CacheError(DefinitionError):
     """The bootstrap cache cannot be read or written."""
 
 
+class ClusterError(DefinitionError):
+    """The Ganeti cluster does not allow what was asked (push: not the master,
+    nodes whose settings differ)."""
+
+
 class HookError(DefinitionError):
     """A customisation hook failed."""
 

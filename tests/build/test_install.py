@@ -24,7 +24,7 @@ MAN_PAGES = {"usr/share/man/man7/ganeti-os-debootstrap.7":
              "usr/share/man/man5/ganeti-instance-debootstrap.5":
              "ganeti-instance-debootstrap - settings and variants",
              "usr/share/man/man8/ganeti-debootstrap-cache.8":
-             "ganeti-debootstrap-cache - list, build, refresh and prune the bootstrap cache"}
+             "ganeti-debootstrap-cache - list, build, refresh, prune and push the bootstrap cache"}
 # The administrator's command, in sbindir.
 CACHE_COMMAND = "usr/sbin/ganeti-debootstrap-cache"
 

@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from tests.debpackage import copy_clean_tree
 
@@ -386,7 +387,7 @@ class GanetiCluster:
 
     # --- context manager ----------------------------------------------------
 
-    def __enter__(self) -> GanetiCluster:
+    def __enter__(self) -> Self:
         start = time.monotonic()
         try:
             self._start()
@@ -422,9 +423,10 @@ class GanetiCluster:
         return proc
 
     def _probe(self, *argv: str, timeout: float = SETUP_TIMEOUT,
-               ) -> subprocess.CompletedProcess[str]:
-        """run() without the check and without a timing entry (for polling)."""
-        return run_bounded(self._namespaces.command(argv), timeout=timeout,
+               where: Namespaces | None = None) -> subprocess.CompletedProcess[str]:
+        """run() without the check and without a timing entry (for polling);
+        in ``where`` (another node's namespaces) if given."""
+        return run_bounded((where or self._namespaces).command(argv), timeout=timeout,
                            env=CLEAN_ENVIRONMENT)
 
     def instance_disk_path(self, instance: str, index: int = 0) -> Path:
@@ -494,13 +496,30 @@ class GanetiCluster:
         self._init_cluster()
 
     def _write_scratch_tree(self) -> None:
-        etc_ganeti = self.workdir / "etc-ganeti"
-        if etc_ganeti.exists():
+        if (self.workdir / "etc-ganeti").exists():
             raise ClusterError(f"{self.workdir} already holds a cluster; give "
                                f"each GanetiCluster an empty work directory")
+        self.file_storage_dir.mkdir(parents=True)
+        self._write_node_tree(self.workdir)
+        if self.package_root is not None:
+            self._write_shared_package_tree()
+        self.hosts_file.write_text(
+            "127.0.0.1 localhost\n"
+            "::1 localhost ip6-localhost ip6-loopback\n"
+            + "".join(f"{ip} {name} {name.split('.')[0]}\n"
+                      for ip, name in self._host_names()))
+
+    def _host_names(self) -> list[tuple[str, str]]:
+        """(address, name) of every node and of the cluster, for /etc/hosts."""
+        return [(NODE_IP, NODE_NAME), (MASTER_IP, CLUSTER_NAME)]
+
+    def _write_node_tree(self, root: Path) -> None:
+        """A node's own /etc/ganeti, /var/lib/ganeti, /var/log/ganeti and /srv
+        (and the package's /etc/ganeti files and cache directory) under ``root``."""
         # Only the package's symlinks through which daemon-util and the
         # Python library are found (/usr/lib/ganeti/default -> /etc/ganeti/lib):
         # a real node's hooks or settings there must not act on this cluster.
+        etc_ganeti = root / "etc-ganeti"
         etc_ganeti.mkdir(parents=True)
         for name in PACKAGE_LINKS:
             host_link = os.path.join("/etc/ganeti", name)
@@ -508,33 +527,27 @@ class GanetiCluster:
                 raise ClusterError(f"{host_link} is not the symlink the ganeti "
                                    f"package installs; reinstall the package")
             (etc_ganeti / name).symlink_to(os.readlink(host_link))
-        self.file_storage_dir.mkdir(parents=True)
         # Ganeti refuses file storage outside the paths listed here.
         (etc_ganeti / "file-storage-paths").write_text(f"{self.file_storage_dir}\n")
-        self.state_dir.mkdir()
-        self.log_dir.mkdir()
+        (root / "var-lib-ganeti").mkdir()
+        (root / "var-log-ganeti").mkdir()
         if self.package_root is None:
-            os_link = self.workdir / "srv" / "ganeti" / "os" / self.os_name
+            os_link = root / "srv" / "ganeti" / "os" / self.os_name
             os_link.parent.mkdir(parents=True)
             os_link.symlink_to(self.os_dir)
         else:
-            (self.workdir / "srv").mkdir()
-            self._write_package_tree(etc_ganeti)
+            (root / "srv").mkdir()
+            shutil.copytree(self.package_root / "etc/ganeti/instance-debootstrap",
+                            etc_ganeti / "instance-debootstrap", symlinks=True)
+            (root / "var-cache" / "ganeti-instance-debootstrap").mkdir(parents=True)
         for name, directory in self.extra_os.items():
-            os_link = self.workdir / "srv" / "ganeti" / "os" / name
+            os_link = root / "srv" / "ganeti" / "os" / name
             os_link.parent.mkdir(parents=True, exist_ok=True)
             os_link.symlink_to(directory)
-        self.hosts_file.write_text(
-            "127.0.0.1 localhost\n"
-            "::1 localhost ip6-localhost ip6-loopback\n"
-            f"{NODE_IP} {NODE_NAME} {NODE_NAME.split('.')[0]}\n"
-            f"{MASTER_IP} {CLUSTER_NAME} {CLUSTER_NAME.split('.')[0]}\n")
 
-    def _write_package_tree(self, etc_ganeti: Path) -> None:
-        """The scratch directories that show the package's files at its paths."""
+    def _write_shared_package_tree(self) -> None:
+        """The scratch directories every node shows the package's files through."""
         assert self.package_root is not None
-        shutil.copytree(self.package_root / "etc/ganeti/instance-debootstrap",
-                        etc_ganeti / "instance-debootstrap", symlinks=True)
         # /etc/default as the node has it (Ganeti reads /etc/default/ganeti),
         # plus the package's settings file.
         etc_default = self.workdir / "etc-default"
@@ -552,50 +565,55 @@ class GanetiCluster:
             elif os.path.isdir(host):
                 (share / entry).mkdir()
         (share / "os" / self.os_name).mkdir(parents=True)
-        (self.workdir / "var-cache" / "ganeti-instance-debootstrap").mkdir(parents=True)
 
-    def _mount_package_tree(self) -> None:
-        """Bind the package's files at its paths, inside the mount namespace only."""
-        assert self.package_root is not None and self.cache_dir is not None
+    def _mount_package_tree(self, where: Namespaces, root: Path, cache_dir: Path) -> None:
+        """Bind the package's files at its paths, inside ``where``'s mount namespace only."""
         share = self.workdir / "usr-share-ganeti"
         for entry in sorted(os.listdir(share)):
             if (share / entry).is_dir() and not (share / entry).is_symlink() \
                     and entry != "os":
                 self._inside("mount", "--bind", os.path.join(GANETI_SHARE, entry),
-                             str(share / entry))
+                             str(share / entry), where=where)
         self._inside("mount", "--bind", str(self.os_dir),
-                     str(share / "os" / self.os_name))
-        var_cache = self.workdir / "var-cache"
-        self._inside("mount", "--bind", str(self.cache_dir),
-                     str(var_cache / "ganeti-instance-debootstrap"))
-        self._inside("mount", "--rbind", str(share), GANETI_SHARE)
-        self._inside("mount", "--rbind", str(var_cache), "/var/cache")
-        self._inside("mount", "--bind", str(self.workdir / "etc-default"), "/etc/default")
+                     str(share / "os" / self.os_name), where=where)
+        var_cache = root / "var-cache"
+        self._inside("mount", "--bind", str(cache_dir),
+                     str(var_cache / "ganeti-instance-debootstrap"), where=where)
+        self._inside("mount", "--rbind", str(share), GANETI_SHARE, where=where)
+        self._inside("mount", "--rbind", str(var_cache), "/var/cache", where=where)
+        self._inside("mount", "--bind", str(self.workdir / "etc-default"), "/etc/default",
+                     where=where)
 
-    def _inside(self, *argv: str) -> None:
-        proc = self._probe(*argv)
+    def _inside(self, *argv: str, where: Namespaces | None = None) -> None:
+        proc = self._probe(*argv, where=where)
         if proc.returncode != 0:
             raise CommandFailed(argv, proc.returncode, proc.stdout)
 
     def _mount_scratch_tree(self) -> None:
-        self._inside("mount", "-t", "sysfs", "sysfs", "/sys")
-        self._inside("mount", "-t", "tmpfs", "-o", "mode=755", "tmpfs", "/run")
+        self._mount_node_tree(self._namespaces, self.workdir, NODE_NAME, self.cache_dir)
+
+    def _mount_node_tree(self, where: Namespaces, root: Path, hostname: str,
+                         cache_dir: Path | None) -> None:
+        """Show the node's scratch tree under ``root`` at Ganeti's paths, in ``where``."""
+        self._inside("mount", "-t", "sysfs", "sysfs", "/sys", where=where)
+        self._inside("mount", "-t", "tmpfs", "-o", "mode=755", "tmpfs", "/run", where=where)
         # /var/lock is /run/lock: Ganeti's lock files go there.
-        self._inside("mkdir", "-m", "1777", "/run/lock")
+        self._inside("mkdir", "-m", "1777", "/run/lock", where=where)
         binds = {
-            "/etc/ganeti": self.workdir / "etc-ganeti",
-            "/var/lib/ganeti": self.state_dir,
-            "/var/log/ganeti": self.log_dir,
-            "/srv": self.workdir / "srv",
+            "/etc/ganeti": root / "etc-ganeti",
+            "/var/lib/ganeti": root / "var-lib-ganeti",
+            "/var/log/ganeti": root / "var-log-ganeti",
+            "/srv": root / "srv",
             "/etc/hosts": self.hosts_file,
         }
         for target, source in binds.items():
-            self._inside("mount", "--bind", str(source), target)
+            self._inside("mount", "--bind", str(source), target, where=where)
         if self.package_root is not None:
-            self._mount_package_tree()
+            assert cache_dir is not None
+            self._mount_package_tree(where, root, cache_dir)
         for target, source in self.extra_binds.items():
-            self._inside("mount", "--rbind", str(source), target)
-        self._inside("hostname", NODE_NAME)
+            self._inside("mount", "--rbind", str(source), target, where=where)
+        self._inside("hostname", hostname, where=where)
 
     def _set_up_network(self) -> None:
         self._inside("ip", "link", "set", "lo", "up")
@@ -636,13 +654,7 @@ class GanetiCluster:
         start = time.monotonic()
         problems: list[str] = []
         interrupted: BaseException | None = None
-        steps: list[tuple[str, Callable[[], None]]] = [
-            ("look for mounts left inside", self._check_inside_mounts),
-            ("stop the Ganeti daemons", self._stop_daemons),
-            ("end the namespaces", self._namespaces.stop),
-            ("release loop devices on the cluster's files", self._release_loops),
-            ("delete instance disks and exports", self._delete_storage),
-        ]
+        steps = self._teardown_steps()
         for what, step in steps:
             try:
                 step()
@@ -662,6 +674,16 @@ class GanetiCluster:
             print(message, file=sys.stderr)
         else:
             raise TeardownError(message)
+
+    def _teardown_steps(self) -> list[tuple[str, Callable[[], None]]]:
+        """What teardown does, in order: (what, how)."""
+        return [
+            ("look for mounts left inside", self._check_inside_mounts),
+            ("stop the Ganeti daemons", self._stop_daemons),
+            ("end the namespaces", self._namespaces.stop),
+            ("release loop devices on the cluster's files", self._release_loops),
+            ("delete instance disks and exports", self._delete_storage),
+        ]
 
     def _check_inside_mounts(self) -> None:
         if self._baseline_mounts is not None and self._namespaces.init_pid is not None:
