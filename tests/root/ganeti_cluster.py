@@ -422,6 +422,18 @@ class GanetiCluster:
                                 self.os_log_tails(since))
         return proc
 
+    @contextmanager
+    def serving(self, *argv: str) -> Iterator[subprocess.Popen[bytes]]:
+        """Run a long-lived command (a test's server) inside node 1's
+        namespaces while the block runs; its process group is killed after."""
+        proc = subprocess.Popen(self._namespaces.command(argv), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=CLEAN_ENVIRONMENT, start_new_session=True)
+        try:
+            yield proc
+        finally:
+            _kill_group(proc)
+
     def _probe(self, *argv: str, timeout: float = SETUP_TIMEOUT,
                where: Namespaces | None = None) -> subprocess.CompletedProcess[str]:
         """run() without the check and without a timing entry (for polling);

@@ -1,8 +1,8 @@
 """Two real Ganeti 3.0 nodes: the cache pushed across, instances created,
 exported, imported and moved between the nodes (ganeti_two_nodes.py).
 
-One cluster for the module. Node 1 (the master) holds the session's warm
-bootstrap cache, node 2 an empty one: the warm create on node 2 can only
+One cluster for the module. Node 1 (the master) holds a copy of the
+session's warm bootstrap cache entry, node 2 an empty cache: the warm create on node 2 can only
 come from ``ganeti-debootstrap-cache push``. Both see the Debian package
 built from this tree where it installs (as in test_ganeti.py). There is no
 network to a mirror inside: nothing here bootstraps.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.root.aptrepo import BUMP, PACKAGE, copy_entry, make_repository, sources, version_in
 from tests.root.bootstrap_fixture import bootstrapped_localstatedir  # noqa: F401
 from tests.root.ganeti_cluster import NODE_NAME, host_state, state_differences
 from tests.root.ganeti_two_nodes import NODE2_NAME, TwoNodeCluster
@@ -74,7 +76,8 @@ def two_nodes(os_dir: Path, package_root: Path,  # noqa: F811
     node2_cache = workdir / "node2-cache"
     node2_cache.mkdir(mode=0o755)
     before = host_state(workdir, os_dir)
-    cache = Path(bootstrapped_localstatedir) / "cache" / "ganeti-instance-debootstrap"
+    # Node 1's own copy of the session's entry: the refresh test upgrades it.
+    cache = Path(copy_entry(bootstrapped_localstatedir, str(workdir / "node1-var")).directory)
     with TwoNodeCluster(os_dir, workdir / "cluster", os_name=OS_NAME,
                         package_root=package_root, cache_dir=cache,
                         node2_cache_dir=node2_cache) as running:
@@ -227,3 +230,63 @@ def test_move_copies_a_file_disk_instance_to_node2(
     after = inspect_disk(disk, tmp_path / "mnt")
     assert (after.uuid, after.hostname) == (before.uuid, "inst1")
     assert not list(two_nodes.file_storage_dir.glob("inst1/*"))
+
+
+# Inside node 1's network namespace: nothing else listens there.
+REPOSITORY_PORT = 18080
+
+
+def installed_version(disk: Path, mountpoint: Path, package: str) -> str:
+    """``package``'s version in dpkg's status file on the instance's root."""
+    [status] = inspect_disk(disk, mountpoint, read=["/var/lib/dpkg/status"]).files
+    return version_in(status, package)
+
+
+def test_refresh_on_the_master_and_push_give_node2_the_newer_package(
+        two_nodes: TwoNodeCluster, package_root: Path,  # noqa: F811
+        scenario: Scenario, tmp_path: Path) -> None:
+    """A newer nano in a repository served inside node 1's namespaces:
+    refresh upgrades node 1's entry, push sends it, node 2's next instance
+    has the new version and says when its system was refreshed."""
+    scenario.require("push")
+    [listed] = [e for e in json_result(two_nodes.run(command(package_root), "list",
+                                                     "--json").stdout)
+                if "default" in e["variants"]]
+    assert two_nodes.cache_dir is not None
+    archive = two_nodes.cache_dir / f"{listed['name']}.tar"
+    old = version_in(subprocess.run(["tar", "-xOf", str(archive), "./var/lib/dpkg/status"],
+                                    check=True, capture_output=True, text=True).stdout,
+                     PACKAGE)
+    make_repository(str(tmp_path / "work"), PACKAGE, old + BUMP)
+    listing = tmp_path / "newer.list"
+    listing.write_text(sources(f"http://127.0.0.1:{REPOSITORY_PORT}/"))
+    probe = ("import urllib.request; urllib.request.urlopen("
+             f"'http://127.0.0.1:{REPOSITORY_PORT}/Release', timeout=2)")
+    with two_nodes.serving("/usr/bin/python3", "-m", "http.server", "--bind", "127.0.0.1",
+                           "--directory", str(tmp_path / "work" / "repo"),
+                           str(REPOSITORY_PORT)):
+        deadline = time.monotonic() + 30
+        while two_nodes.run("/usr/bin/python3", "-c", probe, check=False).returncode != 0:
+            assert time.monotonic() < deadline, "the repository never answered"
+            time.sleep(0.2)
+        refreshed = two_nodes.run(command(package_root), "refresh", "default",
+                                  "--sources", str(listing), "--json")
+    [result] = json_result(refreshed.stdout)
+    print(f"\nrefresh: {json.dumps(result)}")
+    assert (result["name"], result["status"]) == (listed["name"], "upgraded")
+    assert result["upgraded"] == [{"package": PACKAGE, "old": old, "new": old + BUMP}]
+    [entry] = json_result(two_nodes.run(command(package_root), "push", "default",
+                                        "--json").stdout)
+    assert (entry["entry"], entry["node"], entry["status"]) == (
+        listed["name"], NODE2_NAME, "pushed")
+    since = time.time()
+    add_instance(two_nodes, "inst-refreshed", NODE2_NAME)
+    [log] = [p for p in two_nodes.node2_os_logs(since)
+             if p.name.startswith(f"add-{OS_NAME}+default-inst-refreshed-")]
+    text = log.read_text()
+    print("\nnode 2's create log (last line):\n" + text.splitlines()[-1])
+    assert "Bootstrapping" not in text
+    assert "last refreshed never" not in text and "last refreshed " in text
+    disk = two_nodes.instance_disk_path("inst-refreshed")
+    assert two_nodes.node2_storage_dir in disk.parents
+    assert installed_version(disk, tmp_path / "mnt", PACKAGE) == old + BUMP

@@ -17,39 +17,12 @@ from ganeti_debootstrap import cache_store
 from ganeti_debootstrap.cache_store import Cache, CacheKey
 from ganeti_debootstrap.errors import CommandError
 from ganeti_debootstrap.settings import Settings
+from tests.cacheentries import KEY, age, fake_tar_create, stored, tar_bytes
 from tests.cachelocks import lock_held
 
-KEY = CacheKey(suite="trixie", arch="amd64", mirror="", components=(),
-               extra_pkgs=(), tool="mmdebstrap")
 OTHER = CacheKey(suite="trixie", arch="amd64", mirror="", components=(),
                  extra_pkgs=("vim",), tool="mmdebstrap")
-DAY = 86400
 LISTING = "./\n./etc/\n./etc/os-release\n./etc/debian_version\n./usr/bin/dpkg\n"
-
-
-def tar_bytes(members: int = 3) -> bytes:
-    """Bytes shaped like an uncompressed tar: ustar headers, zero blocks at the end."""
-    header = bytearray(512)
-    header[:10] = b"./etc/foo\0"
-    header[257:263] = b"ustar\0"
-    return bytes(header) + b"data".ljust(512, b"\0") * members + bytes(1024)
-
-
-def fake_tar_create(data: bytes):
-    """A fake ``tar --create`` action writing ``data`` to the --file argument."""
-    def action(argv):
-        with open(argv[argv.index("--file") + 1], "wb") as f:
-            f.write(data)
-    return action
-
-
-def stored(store, key=KEY, data=None):
-    """Put a recorded archive for ``key`` in place, the way store() does."""
-    from tests.fakes import FakeRunner
-    from ganeti_debootstrap import runner
-    fake = FakeRunner().expect("tar", "--create", action=fake_tar_create(data or tar_bytes()))
-    with runner.replaced(fake), store.using(key, lambda: None):
-        return store.store(key, "/tree")
 
 
 # -- the key ------------------------------------------------------------------
@@ -511,10 +484,6 @@ def test_creates_started_together_build_once_then_read_side_by_side(store):
 
 
 # -- expiry -------------------------------------------------------------------
-
-def age(path, days, now):
-    os.utime(path, (now - days * DAY, now - days * DAY))
-
 
 def test_old_archives_are_removed_with_their_record_and_lock(store):
     entry = stored(store)

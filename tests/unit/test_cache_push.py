@@ -25,7 +25,8 @@ from ganeti_debootstrap.cache_store import Cache, CacheKey, image_name
 from ganeti_debootstrap.paths import Paths
 from tests.fakes import FakeRunner
 from tests.scratch import make_paths
-from tests.unit.test_cacheadmin import BIG, DEFAULT, stored
+from tests.cacheentries import BIG, DEFAULT
+from tests.cacheentries import stored_archive as stored
 
 MASTER = "node1.gnt-test.example"
 NODE2 = "node2.gnt-test.example"

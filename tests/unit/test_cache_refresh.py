@@ -16,7 +16,7 @@ from ganeti_debootstrap.errors import CacheError, CommandError
 from ganeti_debootstrap.settings import Settings
 from ganeti_debootstrap.target import Target
 from tests.cachelocks import lock_held
-from tests.unit.test_cache import DAY, KEY, age, fake_tar_create, stored, tar_bytes
+from tests.cacheentries import DAY, KEY, age, fake_tar_create, stored, tar_bytes
 
 LISTING = ("apt\t3.0.3\tii \n"
            "nano\t8.4-1\tii \n"

@@ -8,26 +8,21 @@ import logging
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from ganeti_debootstrap import cache_refresh, cacheadmin, progress, runner, settings
+from ganeti_debootstrap import cache_refresh, cacheadmin, progress, settings
 from ganeti_debootstrap.cache_store import (INPUTS_SUFFIX, REFRESHED_FIELD, Cache, CacheKey,
                                             image_name)
 from ganeti_debootstrap.errors import CacheError
 from ganeti_debootstrap.paths import Paths
-from tests.fakes import FakeRunner
+from tests.cacheentries import BIG, DAY, DEFAULT, fake_tar_create, tar_bytes
+from tests.cacheentries import stored_archive as stored
 from tests.scratch import make_paths
 
-DAY = 86400
 TOOL = "mmdebstrap"
 # The keys create computes on this (faked amd64, mmdebstrap) node.
-DEFAULT = CacheKey(suite="trixie", arch="amd64", mirror="", components=(),
-                   extra_pkgs=(), tool=TOOL)
-BIG = CacheKey(suite="trixie", arch="amd64", mirror="", components=(),
-               extra_pkgs=("vim",), tool=TOOL)
 GRUB = CacheKey(suite="trixie", arch="amd64", mirror="", components=(),
                 extra_pkgs=("grub-pc", "linux-image-amd64"), tool=TOOL)
 ORPHAN = CacheKey(suite="bookworm", arch="amd64", mirror="", components=(),
@@ -35,43 +30,8 @@ ORPHAN = CacheKey(suite="bookworm", arch="amd64", mirror="", components=(),
 ESSENTIALS = ("etc/os-release", "etc/debian_version", "usr/bin/dpkg")
 
 
-def tar_bytes() -> bytes:
-    """Bytes shaped like an uncompressed tar: a ustar header, zero blocks at the end."""
-    header = bytearray(512)
-    header[257:263] = b"ustar\0"
-    return bytes(header) + b"data".ljust(512, b"\0") + bytes(1024)
 
 
-def write_archive(argv) -> None:
-    with open(argv[argv.index("--file") + 1], "wb") as f:
-        f.write(tar_bytes())
-
-
-def stored(store: Cache, key: CacheKey, *, age_days: float = 0,
-           images: tuple[str, ...] = (), kept: bool = False) -> str:
-    """A recorded archive for ``key`` as Cache.store leaves it; returns its path."""
-    fake = FakeRunner().expect("tar", "--create", action=write_archive)
-    with runner.replaced(fake), store.using(key, lambda: None):
-        entry = store.store(key, "/tree")
-    for fstype in images:
-        image = os.path.join(store.directory, image_name(key.stem, fstype))
-        Path(image).write_bytes(b"\0" * 8192)
-        st = os.stat(entry.path)
-        Path(image + ".json").write_text(json.dumps(
-            {"format": 1, "archive_size": st.st_size, "archive_mtime_ns": st.st_mtime_ns,
-             "size": 8192, "fstype": fstype}))
-    if age_days:
-        then = time.time() - age_days * DAY
-        os.utime(entry.path, (then, then))
-        for fstype in images:
-            # The image records the archive's mtime it was made from.
-            record = Path(store.directory, image_name(key.stem, fstype) + ".json")
-            data = json.loads(record.read_text())
-            data["archive_mtime_ns"] = os.stat(entry.path).st_mtime_ns
-            record.write_text(json.dumps(data))
-    if kept:
-        os.chmod(entry.path, 0o400)
-    return entry.path
 
 
 # main installs signal handlers and logging (tests/unit/conftest.py puts ours back).
@@ -297,7 +257,7 @@ def test_build_of_a_complete_entry_reports_it_and_bootstraps_nothing(node, insta
 def test_build_bootstraps_a_missing_entry_as_create_would(node, install, cache):
     Path(install.defaults_file).write_text("CACHE_IMAGE=no\n")
     node.expect("mmdebstrap", action=bootstrap_tree)
-    node.expect("tar", "--create", action=write_archive)
+    node.expect("tar", "--create", action=fake_tar_create(tar_bytes(members=1)))
     status, out = run(install, "build", "big")
     assert status == 0
     assert out == f"big: built {BIG.stem}\n"

@@ -9,7 +9,7 @@ import stat
 from ganeti_debootstrap import origin
 from ganeti_debootstrap.origin import Origin
 from ganeti_debootstrap.target import Target
-from tests.unit.test_cache import KEY
+from tests.cacheentries import KEY
 
 
 def test_a_refreshed_entry_is_named_with_its_times():
