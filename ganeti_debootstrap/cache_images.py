@@ -3,7 +3,10 @@
 Unpacking the tar archive costs a filesystem's worth of small writes and a
 long writeback at unmount. Instead, each archive gets (on first use, per
 filesystem type) an image ``<stem>.<fstype>.img`` beside it: the tree made
-into a filesystem by ``mke2fs -d`` and shrunk to its minimum. create copies
+into a filesystem by ``mke2fs -d`` and shrunk to its minimum (ext), by
+``mkfs.btrfs --rootdir --shrink`` (Btrfs), or unpacked into a fresh XFS
+mounted from the image (XFS cannot be made from a directory, nor shrunk:
+the image is sized for the tree with room to spare). create copies
 only the image's allocated extents onto the root partition, grows the
 filesystem to fill the partition and gives it a fresh UUID (image_copy.py,
 beside the disk code).
@@ -25,7 +28,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from . import filesystems, runner
+from . import blockdev, filesystems, mounts, runner
 from .cache_store import (FORMAT_VERSION, TMP_TAG, Cache, CacheEntry, image_name,
                           image_record_name)
 from .errors import CacheError
@@ -47,9 +50,22 @@ _COMMON_OPTIONS = ("-F", "-q", "-T", "default", "-b", "4096",
 # it every checksum in the filesystem depends on the UUID and is rewritten.
 _FEATURES = {"ext4": ("-O", "metadata_csum_seed"), "ext3": (), "ext2": ()}
 
-# Room for mke2fs -d before the image is shrunk to its minimum.
+# Room for mke2fs -d before the image is shrunk to its minimum (the XFS
+# image keeps it: the free room of a small instance disk).
 _HEADROOM = 1.5
 _EXTRA_BYTES = 128 * 2**20
+
+# mkfs.xfs for an image: -K (no discard: on a file it punches holes where
+# the image then relies on zeroes, and only data extents are copied onto
+# the instance disk, whose old contents stay elsewhere). The log's size is
+# fixed here for every size the image is grown to: 64 MiB, what mkfs.xfs
+# gives filesystems from 1 GiB up to about 128 GiB.
+_XFS_IMAGE_OPTIONS = ("-K", "-l", "size=64m")
+_XFS_LOG_BYTES = 64 * 2**20
+# mkfs.btrfs for an image: -K as for XFS; --rootdir fills it from the tree
+# (owners, modes, hard links, xattrs kept) and --shrink cuts the file to
+# what it uses.
+_BTRFS_IMAGE_OPTIONS = ("-K", "--shrink")
 
 
 @dataclass(frozen=True)
@@ -112,39 +128,30 @@ def build(store: Cache, entry: CacheEntry, fstype: str,
     """Make the image of ``entry`` for ``fstype`` (caller holds the key's lock).
 
     ``tree`` is the archived tree itself when the caller still has it (the
-    create that just bootstrapped and stored it): no unpacking then.
+    create that just bootstrapped and stored it): no unpacking then (XFS
+    unpacks the archive into the mounted image either way).
     Temporaries of killed runs were removed when the lock was taken.
     """
     path, record = image_path(entry, fstype), record_path(entry, fstype)
     with contextlib.ExitStack() as stack:
-        if tree is None:
+        if tree is None and fstype != "xfs":
             tree = stack.enter_context(store.staging_dir(entry.key))
             store.extract(entry, tree)
-        used, inodes = _tree_bytes(tree)
-        size = int(used * _HEADROOM) + _EXTRA_BYTES
-        size -= size % 4096
         with temporary_file(store.directory,
                             image_name(entry.key.stem, fstype) + TMP_TAG) as tmp:
-            os.truncate(tmp, size)
-            # Inodes as mke2fs would give the final filesystem (one per 16
-            # KiB), but never fewer than the tree needs with room to spare.
-            inode_count = max(size // 16384, inodes * 2)
-            runner.run(["mke2fs", *_COMMON_OPTIONS, *_FEATURES[fstype], "-t", fstype,
-                        "-N", str(inode_count), "-d", tree, tmp],
-                       hint="Making the cache's filesystem image failed; "
-                            "set CACHE_IMAGE=no to unpack the archive instead.")
-            # resize2fs insists on a freshly checked filesystem before it
-            # shrinks one to its minimum size.
-            runner.run(["e2fsck", "-f", "-y", tmp])
-            runner.run(["resize2fs", "-M", tmp])
-            blocks = filesystems.superblock_number(filesystems.superblock(tmp), tmp,
-                                                   "Block count")
-            os.truncate(tmp, blocks * 4096)
-            check = runner.run(["e2fsck", "-fn", tmp], check=False)
+            if fstype == "xfs":
+                _fill_xfs(store, entry, tmp)
+            elif fstype == "btrfs":
+                assert tree is not None
+                _fill_btrfs(tree, tmp)
+            else:
+                assert tree is not None
+                _fill_ext(tree, fstype, tmp)
+            check = runner.run(_CHECKS[fstype](tmp), check=False)
             if check.returncode != 0:
                 raise CacheError(f"The filesystem image made from {entry.path} does "
-                                 f"not pass e2fsck; set CACHE_IMAGE=no and report "
-                                 f"this.")
+                                 f"not pass {_CHECKS[fstype](tmp)[0]}; set "
+                                 f"CACHE_IMAGE=no and report this.")
             os.chmod(tmp, 0o600)
             fsync_path(tmp)
             record_data: dict[str, object] = dict(_source_stamp(entry))
@@ -154,6 +161,105 @@ def build(store: Cache, entry: CacheEntry, fstype: str,
             os.replace(tmp, path)
     log.info("Made the filesystem image %s (%.0f MiB)", path, os.path.getsize(path) / 2**20)
     return FsImage(path, fstype, os.path.getsize(path))
+
+
+# The read-only check each image passes before it is used.
+_CHECKS = {
+    "ext4": lambda p: ["e2fsck", "-fn", p], "ext3": lambda p: ["e2fsck", "-fn", p],
+    "ext2": lambda p: ["e2fsck", "-fn", p], "xfs": lambda p: ["xfs_repair", "-n", "-f", p],
+    "btrfs": lambda p: ["btrfs", "check", "--readonly", p],
+}
+
+
+def _image_size(used: int) -> int:
+    size = int(used * _HEADROOM) + _EXTRA_BYTES
+    return size - size % 4096
+
+
+def _fill_ext(tree: str, fstype: str, tmp: str) -> None:
+    """``tmp``: the ext image of ``tree``, shrunk to its minimum."""
+    used, inodes = _tree_bytes(tree)
+    size = _image_size(used)
+    os.truncate(tmp, size)
+    # Inodes as mke2fs would give the final filesystem (one per 16
+    # KiB), but never fewer than the tree needs with room to spare.
+    inode_count = max(size // 16384, inodes * 2)
+    runner.run(["mke2fs", *_COMMON_OPTIONS, *_FEATURES[fstype], "-t", fstype,
+                "-N", str(inode_count), "-d", tree, tmp],
+               hint="Making the cache's filesystem image failed; "
+                    "set CACHE_IMAGE=no to unpack the archive instead.")
+    # resize2fs insists on a freshly checked filesystem before it
+    # shrinks one to its minimum size.
+    runner.run(["e2fsck", "-f", "-y", tmp])
+    runner.run(["resize2fs", "-M", tmp])
+    blocks = filesystems.superblock_number(filesystems.superblock(tmp), tmp,
+                                           "Block count")
+    os.truncate(tmp, blocks * 4096)
+
+
+def _fill_btrfs(tree: str, tmp: str) -> None:
+    """``tmp``: the Btrfs image of ``tree``, cut to what it uses."""
+    used, _ = _tree_bytes(tree)
+    # mkfs.btrfs needs the room before it shrinks (metadata is DUP).
+    os.truncate(tmp, _image_size(used) * 2)
+    runner.run(["mkfs.btrfs", "-f", "-q", *_BTRFS_IMAGE_OPTIONS, "--rootdir", tree, tmp],
+               hint="Making the cache's Btrfs image failed; set CACHE_IMAGE=no to "
+                    "unpack the archive instead.")
+
+
+def _fill_xfs(store: Cache, entry: CacheEntry, tmp: str) -> None:
+    """``tmp``: an XFS image with ``entry``'s archive unpacked into it."""
+    # The archive's size is close to the tree's (tar pads each file to
+    # 512 bytes, images' blocks are 4 KiB: the headroom covers both).
+    os.truncate(tmp, _image_size(os.path.getsize(entry.path)) + _XFS_LOG_BYTES)
+    runner.run(["mkfs.xfs", "-f", "-q", *_XFS_IMAGE_OPTIONS, tmp],
+               hint="Making the cache's XFS image failed; set CACHE_IMAGE=no to "
+                    "unpack the archive instead.")
+    with contextlib.ExitStack() as stack:
+        dev = stack.enter_context(blockdev.attached(tmp))
+        root = stack.enter_context(mounts.temporary_mountpoint())
+        stack.enter_context(mounts.mounted(dev, root, "xfs"))
+        store.extract(entry, root)
+    _write_log_holes(tmp)
+
+
+def _write_log_holes(path: str) -> None:
+    """Write zeroes into the holes of the XFS image's log.
+
+    mkfs.xfs zeroes the log by punching holes into a file; the image's
+    copy skips holes, and on the instance disk old bytes would stay where
+    log recovery reads cycle numbers. Written, they are copied like data.
+    """
+    out = runner.output(["xfs_db", "-r", "-c", "sb 0", "-c",
+                         "p logstart logblocks agblocks agblklog blocksize", path])
+    fields = filesystems.superblock_fields(out.replace(" = ", ": "))
+    numbers = {k: filesystems.superblock_number(fields, path, k)
+               for k in ("logstart", "logblocks", "agblocks", "agblklog", "blocksize")}
+    agno = numbers["logstart"] >> numbers["agblklog"]
+    agbno = numbers["logstart"] & ((1 << numbers["agblklog"]) - 1)
+    start = (agno * numbers["agblocks"] + agbno) * numbers["blocksize"]
+    end = start + numbers["logblocks"] * numbers["blocksize"]
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        zeros = bytes(1 << 20)
+        pos = start
+        while pos < end:
+            try:
+                hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            except OSError:  # ENXIO: past the end
+                break
+            if hole >= end:
+                break
+            try:
+                data = min(os.lseek(fd, hole, os.SEEK_DATA), end)
+            except OSError:  # ENXIO: a hole to the end of the file
+                data = end
+            while hole < data:
+                hole += os.pwrite(fd, zeros[:min(len(zeros), data - hole)], hole)
+            pos = data
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def ensure(store: Cache, entry: CacheEntry, fstype: str) -> FsImage:

@@ -65,9 +65,10 @@ STAGING_TAG = ".staging-"
 # edition's names too) and at our temporaries, never at anything else.
 _STEM = r"cache-.+-[0-9a-f]{%d}" % DIGEST_LENGTH
 # What follows the stem in the name of an image or of its record: the
-# filesystem type (images are made of ext2/3/4), .img, then .json for the record.
-_IMAGE = r"\.ext[234]%s(?:%s)?" % (re.escape(IMAGE_SUFFIX),
-                                   re.escape(IMAGE_RECORD_SUFFIX[len(IMAGE_SUFFIX):]))
+# filesystem type (filesystems.ROOT_TYPES), .img, then .json for the record.
+_IMAGE_TYPES = r"(?:ext[234]|xfs|btrfs)"
+_IMAGE = r"\.%s%s(?:%s)?" % (_IMAGE_TYPES, re.escape(IMAGE_SUFFIX),
+                              re.escape(IMAGE_RECORD_SUFFIX[len(IMAGE_SUFFIX):]))
 # The temporaries of images (``<stem>.ext4.img.tmp-*``) count too: a run
 # killed while making an image must not leave hundreds of MiB behind until
 # some later run makes an image of that type again.
@@ -80,8 +81,8 @@ _OURS = re.compile(r"^%s%s$" % (_STEM, re.escape(ARCHIVE_SUFFIX)))
 # Images and their records, by any cache- name: pruned once their archive is gone.
 _IMAGE_FILE = re.compile(r"^(?P<stem>cache-.+)%s$" % _IMAGE)
 # An image itself (not its record), with its filesystem type.
-_IMAGE_ONLY = re.compile(r"^(?P<stem>cache-.+)\.(?P<fstype>ext[234])%s$"
-                         % re.escape(IMAGE_SUFFIX))
+_IMAGE_ONLY = re.compile(r"^(?P<stem>cache-.+)\.(?P<fstype>%s)%s$"
+                         % (_IMAGE_TYPES, re.escape(IMAGE_SUFFIX)))
 
 # The record's field holding when the archive's packages were last brought
 # up to date without a new bootstrap (a refresh); absent: never.

@@ -127,7 +127,7 @@ def test_gpt_without_grub_has_no_bios_boot_partition():
     assert partitions.GPT_BIOS_BOOT not in script
 
 
-@pytest.mark.parametrize("style,alignment,smallest", [("msdos", 64, 136), ("gpt", 100, 168)])
+@pytest.mark.parametrize("style,alignment,smallest", [("msdos", 64, 296), ("gpt", 100, 328)])
 def test_alignment_leaving_too_little_for_grub_names_the_smallest(style, alignment, smallest):
     with pytest.raises(DiskError, match=f"at least {smallest}"):
         partitions.plan(style, alignment, DISK, boot_area=True)
