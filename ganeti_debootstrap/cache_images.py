@@ -3,10 +3,11 @@
 Unpacking the tar archive costs a filesystem's worth of small writes and a
 long writeback at unmount. Instead, each archive gets (on first use, per
 filesystem type) an image ``<stem>.<fstype>.img`` beside it: the tree made
-into a filesystem by ``mke2fs -d`` and shrunk to its minimum (ext), by
-``mkfs.btrfs --rootdir --shrink`` (Btrfs), or unpacked into a fresh XFS
-mounted from the image (XFS cannot be made from a directory, nor shrunk:
-the image is sized for the tree with room to spare). create copies
+into a filesystem by ``mke2fs -d`` and shrunk to its minimum (ext), or the
+archive unpacked into a fresh XFS or Btrfs mounted from the image (mkfs.xfs
+cannot fill a filesystem from a directory; ``mkfs.btrfs --rootdir`` of
+btrfs-progs 6.2 loses device nodes' numbers; neither shrinks well: the
+image is sized for the tree with room to spare). create copies
 only the image's allocated extents onto the root partition, grows the
 filesystem to fill the partition and gives it a fresh UUID (image_copy.py,
 beside the disk code).
@@ -62,10 +63,10 @@ _EXTRA_BYTES = 128 * 2**20
 # gives filesystems from 1 GiB up to about 128 GiB.
 _XFS_IMAGE_OPTIONS = ("-K", "-l", "size=64m")
 _XFS_LOG_BYTES = 64 * 2**20
-# mkfs.btrfs for an image: -K as for XFS; --rootdir fills it from the tree
-# (owners, modes, hard links, xattrs kept) and --shrink cuts the file to
-# what it uses.
-_BTRFS_IMAGE_OPTIONS = ("-K", "--shrink")
+# mkfs for an image unpacked through a mount, per type. mkfs.btrfs: -K as
+# for XFS.
+_MOUNTED_IMAGE_MKFS = {"xfs": ("mkfs.xfs", "-f", "-q", *_XFS_IMAGE_OPTIONS),
+                       "btrfs": ("mkfs.btrfs", "-f", "-q", "-K")}
 
 
 @dataclass(frozen=True)
@@ -129,21 +130,18 @@ def build(store: Cache, entry: CacheEntry, fstype: str,
 
     ``tree`` is the archived tree itself when the caller still has it (the
     create that just bootstrapped and stored it): no unpacking then (XFS
-    unpacks the archive into the mounted image either way).
+    and Btrfs images get the archive unpacked into them either way).
     Temporaries of killed runs were removed when the lock was taken.
     """
     path, record = image_path(entry, fstype), record_path(entry, fstype)
     with contextlib.ExitStack() as stack:
-        if tree is None and fstype != "xfs":
+        if tree is None and fstype not in _MOUNTED_IMAGE_MKFS:
             tree = stack.enter_context(store.staging_dir(entry.key))
             store.extract(entry, tree)
         with temporary_file(store.directory,
                             image_name(entry.key.stem, fstype) + TMP_TAG) as tmp:
-            if fstype == "xfs":
-                _fill_xfs(store, entry, tmp)
-            elif fstype == "btrfs":
-                assert tree is not None
-                _fill_btrfs(tree, tmp)
+            if fstype in _MOUNTED_IMAGE_MKFS:
+                _fill_mounted(store, entry, fstype, tmp)
             else:
                 assert tree is not None
                 _fill_ext(tree, fstype, tmp)
@@ -197,30 +195,22 @@ def _fill_ext(tree: str, fstype: str, tmp: str) -> None:
     os.truncate(tmp, blocks * 4096)
 
 
-def _fill_btrfs(tree: str, tmp: str) -> None:
-    """``tmp``: the Btrfs image of ``tree``, cut to what it uses."""
-    used, _ = _tree_bytes(tree)
-    # mkfs.btrfs needs the room before it shrinks (metadata is DUP).
-    os.truncate(tmp, _image_size(used) * 2)
-    runner.run(["mkfs.btrfs", "-f", "-q", *_BTRFS_IMAGE_OPTIONS, "--rootdir", tree, tmp],
-               hint="Making the cache's Btrfs image failed; set CACHE_IMAGE=no to "
-                    "unpack the archive instead.")
-
-
-def _fill_xfs(store: Cache, entry: CacheEntry, tmp: str) -> None:
-    """``tmp``: an XFS image with ``entry``'s archive unpacked into it."""
+def _fill_mounted(store: Cache, entry: CacheEntry, fstype: str, tmp: str) -> None:
+    """``tmp``: an XFS or Btrfs image with ``entry``'s archive unpacked into it."""
     # The archive's size is close to the tree's (tar pads each file to
     # 512 bytes, images' blocks are 4 KiB: the headroom covers both).
-    os.truncate(tmp, _image_size(os.path.getsize(entry.path)) + _XFS_LOG_BYTES)
-    runner.run(["mkfs.xfs", "-f", "-q", *_XFS_IMAGE_OPTIONS, tmp],
-               hint="Making the cache's XFS image failed; set CACHE_IMAGE=no to "
-                    "unpack the archive instead.")
+    size = _image_size(os.path.getsize(entry.path))
+    os.truncate(tmp, size + (_XFS_LOG_BYTES if fstype == "xfs" else 0))
+    runner.run([*_MOUNTED_IMAGE_MKFS[fstype], tmp],
+               hint=f"Making the cache's {fstype} image failed; set CACHE_IMAGE=no "
+                    f"to unpack the archive instead.")
     with contextlib.ExitStack() as stack:
         dev = stack.enter_context(blockdev.attached(tmp))
         root = stack.enter_context(mounts.temporary_mountpoint())
-        stack.enter_context(mounts.mounted(dev, root, "xfs"))
+        stack.enter_context(mounts.mounted(dev, root, fstype))
         store.extract(entry, root)
-    _write_log_holes(tmp)
+    if fstype == "xfs":
+        _write_log_holes(tmp)
 
 
 def _write_log_holes(path: str) -> None:
