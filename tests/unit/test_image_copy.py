@@ -64,6 +64,25 @@ def test_ext2_has_no_journal_to_size(fake_runner):
                                       f"tune2fs -U {new_uuid} /dev/loop1"]
 
 
+@pytest.mark.parametrize("fstype,renew", [("xfs", ["xfs_admin", "-U"]),
+                                          ("btrfs", ["btrfstune", "-f", "-U"])])
+def test_xfs_and_btrfs_get_a_new_uuid_unmounted_and_grow_once_mounted(fake_runner, fstype,
+                                                                     renew):
+    fake_runner.expect(renew[0])
+    new_uuid = image_copy.grow_and_renew("/dev/loop1", fstype)
+    assert fake_runner.commands() == [" ".join([*renew, new_uuid, "/dev/loop1"])]
+    grow = {"xfs": ["xfs_growfs", "-d", "/mnt/t"],
+            "btrfs": ["btrfs", "filesystem", "resize", "max", "/mnt/t"]}[fstype]
+    fake_runner.expect(grow[0])
+    image_copy.grow_mounted("/mnt/t", fstype)
+    assert fake_runner.commands()[-1] == " ".join(grow)
+
+
+def test_ext_roots_are_not_grown_again_once_mounted(fake_runner):
+    image_copy.grow_mounted("/mnt/t", "ext4")
+    assert fake_runner.calls == []
+
+
 def test_a_superblock_without_a_block_count_is_an_error(fake_runner):
     fake_runner.expect("resize2fs")
     fake_runner.expect("dumpe2fs", stdout="dumpe2fs 1.47.0\nBlock size: 4096\n")
