@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 # In the order they run: parallel compares with the warm median
 # measured before it in the same invocation.
-SCENARIOS = ("warm", "cold", "startup", "parallel", "memory", "backup")
+SCENARIOS = ("warm", "roottypes", "cold", "startup", "parallel", "memory", "backup")
 # Scenarios that bootstrap from the mirror (minutes each): --quick skips them.
 COLD_SCENARIOS = ("cold", "parallel")
 
@@ -24,7 +24,8 @@ create vs the shell edition's way (<= 0.33) and vs the disk's floor (writing
 the same bytes directly; idle disk and busy with a concurrent writer),
 data a warm create writes on 2, 20 and 128 GiB disks (<= 1.1x the
 image's data), warm creates on XFS and Btrfs sharing the image's blocks
-(<= 0.2 s), cold create vs debootstrap
+(<= 0.2 s), warm create of an XFS and a Btrfs root vs an ext4 root
+(<= 1.5 each), cold create vs debootstrap
 (<= 0.5), each script's start-up (< 0.1 s), four parallel creates on a
 cold node (<= cold + 3 warm), peak memory of a create (< 100 MiB, the same
 for 2 and 20 GiB disks). Runs as root; everything lives in a scratch
