@@ -23,10 +23,6 @@ RootType = Literal["ext4", "ext3", "ext2", "xfs", "btrfs"]
 ROOT_TYPES: tuple[RootType, ...] = get_args(RootType)
 # The ext family: made by mke2fs, checked by e2fsck, dumped by dump(8).
 EXT_TYPES: tuple[RootType, ...] = ("ext4", "ext3", "ext2")
-# The Debian package holding each type's tools (for messages).
-TOOL_PACKAGES: dict[str, str] = {"ext4": "e2fsprogs", "ext3": "e2fsprogs",
-                                 "ext2": "e2fsprogs", "xfs": "xfsprogs",
-                                 "btrfs": "btrfs-progs"}
 
 
 def fstab_fields(fstype: str) -> tuple[str, int]:

@@ -23,8 +23,8 @@ TYPES = ("ext4", "xfs", "btrfs")
 
 def _create(bench: Bench, fstype: str, log_name: str) -> float:
     disk = bench.fresh_disk("roottype.img", DISK_BYTES)
-    env = install.create_env("rt.example.org", disk, os.path.getsize(disk) // MIB,
-                             OSP_FILESYSTEM=fstype)
+    env = {**install.create_env("rt.example.org", disk, os.path.getsize(disk) // MIB),
+           "OSP_FILESYSTEM": fstype}
     bench.quiesce()
     result = bench.ours("create", env, log_name)
     if "The system comes from the cache image" not in result.log_text():

@@ -45,3 +45,22 @@ def test_filesystem_setting_is_the_default_root_type(tree, disk):
     run_script(tree, "create", create_env("fs1", disk))
     with root_device(disk) as dev:
         assert scripts.blkid(dev, "TYPE") == "btrfs"
+
+
+@pytest.mark.parametrize("fstype", ["xfs", "btrfs"])
+def test_hooks_run_in_the_mounted_root_of_each_type(tree, disk, fstype):
+    tree.hook("10-probe", 'findmnt -no FSTYPE "$TARGET" > "$TARGET/root/hook-fstype"\n'
+                          'chroot "$TARGET" dpkg-query -W dpkg > "$TARGET/root/chroot-ok"\n')
+    run_script(tree, "create", create_env("hk1", disk, OSP_FILESYSTEM=fstype))
+    with mounted_root(disk) as root:
+        assert read(root, "/root/hook-fstype") == f"{fstype}\n"
+        assert read(root, "/root/chroot-ok").startswith("dpkg")
+
+
+def test_verify_accepts_the_new_root_types_and_names_them_when_refusing(tree):
+    for value, ok in (("xfs", True), ("btrfs", True), ("zfs", False)):
+        env = ganeti_env(OSP_FILESYSTEM=value)
+        res = run_script(tree, "verify", env, args=("parameters",), check=False)
+        assert (res.returncode == 0) == ok, res.stderr
+        if not ok:
+            assert b"xfs, btrfs" in res.stderr
