@@ -56,9 +56,9 @@ _FEATURES = {"ext4": ("-O", "metadata_csum_seed"), "ext3": (), "ext2": ()}
 _HEADROOM = 1.5
 _EXTRA_BYTES = 128 * 2**20
 
-# mkfs.xfs for an image: -K (no discard: on a file it punches holes where
-# the image then relies on zeroes, and only data extents are copied onto
-# the instance disk, whose old contents stay elsewhere). The log's size is
+# mkfs.xfs for an image: -K (no discard). mkfs.xfs still leaves the log's
+# unwritten blocks as holes: image_copy zeroes them on the instance disk
+# (zeroed_ranges), whose old contents stay everywhere else. The log's size is
 # fixed here for every size the image is grown to: 64 MiB, what mkfs.xfs
 # gives filesystems from 1 GiB up to about 128 GiB.
 _XFS_IMAGE_OPTIONS = ("-K", "-l", "size=64m")
@@ -209,47 +209,6 @@ def _fill_mounted(store: Cache, entry: CacheEntry, fstype: str, tmp: str) -> Non
         root = stack.enter_context(mounts.temporary_mountpoint())
         stack.enter_context(mounts.mounted(dev, root, fstype))
         store.extract(entry, root)
-    if fstype == "xfs":
-        _write_log_holes(tmp)
-
-
-def _write_log_holes(path: str) -> None:
-    """Write zeroes into the holes of the XFS image's log.
-
-    mkfs.xfs zeroes the log by punching holes into a file; the image's
-    copy skips holes, and on the instance disk old bytes would stay where
-    log recovery reads cycle numbers. Written, they are copied like data.
-    """
-    out = runner.output(["xfs_db", "-r", "-c", "sb 0", "-c",
-                         "p logstart logblocks agblocks agblklog blocksize", path])
-    fields = filesystems.superblock_fields(out.replace(" = ", ": "))
-    numbers = {k: filesystems.superblock_number(fields, path, k)
-               for k in ("logstart", "logblocks", "agblocks", "agblklog", "blocksize")}
-    agno = numbers["logstart"] >> numbers["agblklog"]
-    agbno = numbers["logstart"] & ((1 << numbers["agblklog"]) - 1)
-    start = (agno * numbers["agblocks"] + agbno) * numbers["blocksize"]
-    end = start + numbers["logblocks"] * numbers["blocksize"]
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        zeros = bytes(1 << 20)
-        pos = start
-        while pos < end:
-            try:
-                hole = os.lseek(fd, pos, os.SEEK_HOLE)
-            except OSError:  # ENXIO: past the end
-                break
-            if hole >= end:
-                break
-            try:
-                data = min(os.lseek(fd, hole, os.SEEK_DATA), end)
-            except OSError:  # ENXIO: a hole to the end of the file
-                data = end
-            while hole < data:
-                hole += os.pwrite(fd, zeros[:min(len(zeros), data - hole)], hole)
-            pos = data
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def ensure(store: Cache, entry: CacheEntry, fstype: str) -> FsImage:
