@@ -88,6 +88,10 @@ class FakeNode:
         f.expect("sfdisk", action=self.sfdisk)
         f.expect("sfdisk", "--json", output=self.sfdisk_json)
         f.expect("mke2fs", action=self.mkfs)
+        f.expect("mkfs.xfs", action=lambda argv: self.make_filesystem(
+            self.where(argv[-1]), "xfs"))
+        f.expect("mkfs.btrfs", action=lambda argv: self.make_filesystem(
+            self.where(argv[-1]), "btrfs"))
         f.expect("mkswap", "-f", action=self.mkswap)
         f.expect("blkid", "-p", "-o", "value", "-s", output=self.blkid)
         f.expect("mount", action=self.mount)
