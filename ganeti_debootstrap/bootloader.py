@@ -53,8 +53,15 @@ GRUB_TARGET = "i386-pc"
 # not a partition the kernel knows: without the module core.img cannot
 # read the table, finds no /boot/grub and stops at "grub rescue>".
 PARTITION_MODULES = {"msdos": "part_msdos", "gpt": "part_gpt"}
-# GRUB's ext2 module reads ext2, ext3 and ext4.
-FILESYSTEM_MODULE = "ext2"
+# GRUB's module reading each root filesystem type (its ext2 module reads
+# ext2, ext3 and ext4).
+FILESYSTEM_MODULES = {"ext2": "ext2", "ext3": "ext2", "ext4": "ext2",
+                      "xfs": "xfs", "btrfs": "btrfs"}
+
+
+def filesystem_module(fstype: str) -> str:
+    """GRUB's module for a root of ``fstype`` (ext2 for an unknown one)."""
+    return FILESYSTEM_MODULES.get(fstype, "ext2")
 
 GRUB_CFG = "/boot/grub/grub.cfg"
 # A drop-in rather than an edit of /etc/default/grub: that file belongs to
@@ -255,9 +262,9 @@ def _grub_quote(text: str) -> str:
 
 def grub_cfg_text(*, root_uuid: str, style: str, console: SerialConsole | None,
                   kernel: str = "/vmlinuz", initrd: str = "/initrd.img",
-                  title: str = "Debian GNU/Linux") -> str:
+                  title: str = "Debian GNU/Linux", fstype: str = "ext4") -> str:
     """/boot/grub/grub.cfg booting ``kernel`` from the root filesystem ``root_uuid``."""
-    modules = f"insmod {PARTITION_MODULES[style]}\ninsmod {FILESYSTEM_MODULE}\n"
+    modules = f"insmod {PARTITION_MODULES[style]}\ninsmod {filesystem_module(fstype)}\n"
     search = f"search --no-floppy --fs-uuid --set=root {root_uuid}\n"
     terminal = ""
     args = f"root=UUID={root_uuid} ro"
@@ -311,9 +318,10 @@ def check_config(text: str) -> None:
 
 # --- installing -------------------------------------------------------------------
 
-def grub_install_argv(root: str, disk_device: str, style: str) -> list[str]:
+def grub_install_argv(root: str, disk_device: str, style: str,
+                      fstype: str = "ext4") -> list[str]:
     """grub-install, run in the instance at ``root``, for BIOS boot from ``disk_device``."""
-    modules = f"{PARTITION_MODULES[style]} {FILESYSTEM_MODULE}"
+    modules = f"{PARTITION_MODULES[style]} {filesystem_module(fstype)}"
     return ["chroot", root, "grub-install", f"--target={GRUB_TARGET}",
             f"--modules={modules}", disk_device]
 
@@ -324,7 +332,7 @@ def debconf_install_devices(device: str) -> bytes:
 
 
 def install(t: Target, request: Request, conf: Settings, *, disk_device: str,
-            root_uuid: str, esp_device: str = "") -> bool:
+            root_uuid: str, esp_device: str = "", fstype: str = "ext4") -> bool:
     """create: install and configure GRUB on ``disk_device`` when ``conf`` says grub.
 
     Runs the freshly bootstrapped system's own grub-install in a chroot
@@ -335,11 +343,11 @@ def install(t: Target, request: Request, conf: Settings, *, disk_device: str,
     an error. Returns whether GRUB was installed.
 
     grub-efi: :func:`install_efi` (the node's GRUB, as on import), any
-    failure an error.
+    failure an error. ``fstype``: the root's type (GRUB's module for it).
     """
     if conf.bootloader == "grub-efi":
         return install_efi(t, request, conf, esp_device=esp_device,
-                           root_uuid=root_uuid, strict=True)
+                           root_uuid=root_uuid, strict=True, fstype=fstype)
     if conf.bootloader != "grub":
         return False
     missing = missing_for_grub(t)
@@ -356,23 +364,25 @@ def install(t: Target, request: Request, conf: Settings, *, disk_device: str,
         with mounts.api_filesystems(t.root), fsutil.umask(fsutil.PACKAGE_UMASK):
             runner.run(["chroot", t.root, "debconf-set-selections"],
                        stdin=debconf_install_devices(inside))
-            runner.run(grub_install_argv(t.root, disk_device, conf.partition_style),
+            runner.run(grub_install_argv(t.root, disk_device, conf.partition_style,
+                                         fstype),
                        hint=f"Installing GRUB on {disk_device} failed; "
                             f"BOOTLOADER=none boots the instance with Ganeti's "
                             f"kernel_path instead.")
-        kernel = write_config(t, request, conf, root_uuid)
+        kernel = write_config(t, request, conf, root_uuid, fstype)
         logger.info("GRUB installed on %s (%s in the instance), booting %s",
                     disk_device, inside, kernel)
     return True
 
 
-def write_config(t: Target, request: Request, conf: Settings, root_uuid: str) -> str:
+def write_config(t: Target, request: Request, conf: Settings, root_uuid: str,
+                 fstype: str = "ext4") -> str:
     """Write and check grub.cfg for the instance at ``t``; return the kernel it boots."""
     kernel, initrd = kernel_paths(t) or KERNEL_LINKS[-1]
     text = grub_cfg_text(
         root_uuid=root_uuid, style=conf.partition_style,
         console=serial_console(request), kernel=kernel, initrd=initrd,
-        title=os_title(t))
+        title=os_title(t), fstype=fstype)
     check_config(text)
     t.write_text(GRUB_CFG, text)
     return kernel
@@ -436,14 +446,14 @@ def node_grub() -> NodeGrub | None:
     return None
 
 
-def core_modules(style: str) -> tuple[str, ...]:
+def core_modules(style: str, fstype: str = "ext4") -> tuple[str, ...]:
     """What core.img holds to find /boot/grub by itself.
 
     The BIOS disk driver, the partition map (without it core.img cannot
     read the table and stops at "grub rescue>"), the filesystem, and the
     search by UUID its embedded configuration runs.
     """
-    return ("biosdisk", PARTITION_MODULES[style], FILESYSTEM_MODULE, "search_fs_uuid")
+    return ("biosdisk", PARTITION_MODULES[style], filesystem_module(fstype), "search_fs_uuid")
 
 
 def core_config_text(root_uuid: str) -> str:
@@ -455,11 +465,12 @@ def core_config_text(root_uuid: str) -> str:
     return f"search.fs_uuid {root_uuid} root\nset prefix=($root){GRUB_DIR}\n"
 
 
-def mkimage_argv(grub: NodeGrub, style: str, config: str, output: str) -> list[str]:
+def mkimage_argv(grub: NodeGrub, style: str, config: str, output: str,
+                 fstype: str = "ext4") -> list[str]:
     """grub-mkimage building core.img for BIOS from the node's modules."""
     return [grub.mkimage, f"--format={GRUB_TARGET}", f"--directory={grub.modules}",
             f"--config={config}", f"--prefix={GRUB_DIR}", f"--output={output}",
-            *core_modules(style)]
+            *core_modules(style, fstype)]
 
 
 # The GRUB drive the disk is named as to grub-bios-setup, through our device map.
@@ -510,9 +521,9 @@ class _GrubSkipped(Exception):
 
 
 def _write_instance_config(t: Target, request: Request, conf: Settings,
-                           root_uuid: str) -> str:
+                           root_uuid: str, fstype: str) -> str:
     """grub.cfg and the console drop-in, written as files (import); the kernel booted."""
-    kernel = write_config(t, request, conf, root_uuid)
+    kernel = write_config(t, request, conf, root_uuid, fstype)
     console = serial_console(request)
     if console is not None:
         t.write_text(GRUB_DEFAULTS_DROPIN, grub_defaults_text(console))
@@ -581,11 +592,11 @@ def _copy_platform_files(t: Target, grub: NodeGrub, platform_dir: str, core: byt
     t.write_bytes(f"{GRUB_PLATFORM_DIR}/{CORE_IMG}", core)
 
 
-def _build_core(grub: NodeGrub, style: str, root_uuid: str) -> bytes:
+def _build_core(grub: NodeGrub, style: str, root_uuid: str, fstype: str) -> bytes:
     """core.img for the root ``root_uuid``, built in a private directory of the node."""
     return _built_image(
         "gidb-grub-", CORE_IMG, root_uuid,
-        lambda config, output: mkimage_argv(grub, style, config, output),
+        lambda config, output: mkimage_argv(grub, style, config, output, fstype),
         hint=f"The node's GRUB ({NODE_GRUB_PACKAGE}) could not build its "
              f"core image; check that {NODE_GRUB_PACKAGE} is fully "
              f"installed, or import with bootloader=none and boot the "
@@ -690,7 +701,7 @@ def record_install_devices(t: Target, device: str) -> bool:
 
 
 def install_from_node(t: Target, request: Request, conf: Settings, *, disk_device: str,
-                      root_uuid: str, esp_device: str = "") -> bool:
+                      root_uuid: str, esp_device: str = "", fstype: str = "ext4") -> bool:
     """import: put the node's GRUB on ``disk_device`` for the restored system at ``t``.
 
     Nothing of the instance runs: core.img is built by the node's
@@ -705,7 +716,7 @@ def install_from_node(t: Target, request: Request, conf: Settings, *, disk_devic
     """
     if conf.bootloader == "grub-efi":
         return install_efi(t, request, conf, esp_device=esp_device,
-                           root_uuid=root_uuid, strict=False)
+                           root_uuid=root_uuid, strict=False, fstype=fstype)
     if conf.bootloader != "grub":
         return False
     if kernel_paths(t) is None:
@@ -727,9 +738,9 @@ def install_from_node(t: Target, request: Request, conf: Settings, *, disk_devic
         # boot code without its files.
         try:
             platform_dir = _real_directory(t, GRUB_PLATFORM_DIR)
-            core = _build_core(grub, conf.partition_style, root_uuid)
+            core = _build_core(grub, conf.partition_style, root_uuid, fstype)
             _copy_platform_files(t, grub, platform_dir, core)
-            kernel = _write_instance_config(t, request, conf, root_uuid)
+            kernel = _write_instance_config(t, request, conf, root_uuid, fstype)
         except (_GrubSkipped, TargetPathError, OSError) as e:
             why = _unwritable(t, e)
             logger.warning("bootloader=grub, but %s: the instance is imported without "
@@ -748,7 +759,8 @@ def install_from_node(t: Target, request: Request, conf: Settings, *, disk_devic
     return True
 
 
-def repair_config(t: Target, request: Request, conf: Settings, root_uuid: str) -> bool:
+def repair_config(t: Target, request: Request, conf: Settings, root_uuid: str,
+                  fstype: str = "ext4") -> bool:
     """Write grub.cfg again if the hooks left it without a boot entry; True if so.
 
     A hook installing a kernel in the instance runs update-grub (the
@@ -769,7 +781,7 @@ def repair_config(t: Target, request: Request, conf: Settings, root_uuid: str) -
                    "loop device); it is written again. To change GRUB's "
                    "settings, edit /etc/default/grub.d in the hooks: they take "
                    "effect at the instance's first update-grub.", GRUB_CFG)
-    write_config(t, request, conf, root_uuid)
+    write_config(t, request, conf, root_uuid, fstype)
     return True
 
 
@@ -799,7 +811,8 @@ ESP_MOUNTPOINT = "/boot/efi"
 # FAT for the ESP), the search by UUID of the embedded configuration and
 # grub.cfg's, the menu (normal) and what grub.cfg uses (linux, serial,
 # terminal_*), EFI's framebuffer for the kernel's screen.
-EFI_MODULES = ("part_gpt", "part_msdos", "fat", "ext2", "search_fs_uuid", "search",
+EFI_MODULES = ("part_gpt", "part_msdos", "fat", "ext2", "xfs", "btrfs", "search_fs_uuid",
+               "search",
                "normal", "configfile", "echo", "test", "linux", "boot", "serial",
                "terminal", "efi_gop", "efi_uga", "all_video", "gzio", "reboot", "halt")
 # mtools on a loop device: no geometry checks (it is no floppy).
@@ -851,7 +864,7 @@ def _write_esp(esp_device: str, image: bytes) -> None:
 
 
 def install_efi(t: Target, request: Request, conf: Settings, *, esp_device: str,
-                root_uuid: str, strict: bool) -> bool:
+                root_uuid: str, strict: bool, fstype: str = "ext4") -> bool:
     """GRUB for x86_64 UEFI: grub.cfg in the instance, the node-built image on the ESP.
 
     Nothing of the instance runs (create and import alike). ``strict``
@@ -882,7 +895,7 @@ def install_efi(t: Target, request: Request, conf: Settings, *, esp_device: str,
         # The instance's files first, the ESP last (as for BIOS).
         try:
             _real_directory(t, ESP_MOUNTPOINT)
-            kernel = _write_instance_config(t, request, conf, root_uuid)
+            kernel = _write_instance_config(t, request, conf, root_uuid, fstype)
         except (_GrubSkipped, TargetPathError, OSError) as e:
             why = _unwritable(t, e)
             return refuse(f"bootloader=grub-efi, but {why}.")

@@ -3,7 +3,11 @@
 Unpacking the tar archive costs a filesystem's worth of small writes and a
 long writeback at unmount. Instead, each archive gets (on first use, per
 filesystem type) an image ``<stem>.<fstype>.img`` beside it: the tree made
-into a filesystem by ``mke2fs -d`` and shrunk to its minimum. create copies
+into a filesystem by ``mke2fs -d`` and shrunk to its minimum (ext), or the
+archive unpacked into a fresh XFS or Btrfs mounted from the image (mkfs.xfs
+cannot fill a filesystem from a directory; ``mkfs.btrfs --rootdir`` of
+btrfs-progs 6.2 loses device nodes' numbers; neither shrinks well: the
+image is sized for the tree with room to spare). create copies
 only the image's allocated extents onto the root partition, grows the
 filesystem to fill the partition and gives it a fresh UUID (image_copy.py,
 beside the disk code).
@@ -25,8 +29,8 @@ import os
 import stat
 from dataclasses import dataclass
 
-from . import filesystems, runner
-from .cache_store import (FORMAT_VERSION, TMP_TAG, Cache, CacheEntry, image_name,
+from . import blockdev, filesystems, mounts, runner
+from .cache_store import (FORMAT_VERSION, TMP_TAG, Cache, CacheEntry, extract_archive, image_name,
                           image_record_name)
 from .errors import CacheError
 from .fsutil import atomic_write, fsync_path, temporary_file
@@ -47,9 +51,22 @@ _COMMON_OPTIONS = ("-F", "-q", "-T", "default", "-b", "4096",
 # it every checksum in the filesystem depends on the UUID and is rewritten.
 _FEATURES = {"ext4": ("-O", "metadata_csum_seed"), "ext3": (), "ext2": ()}
 
-# Room for mke2fs -d before the image is shrunk to its minimum.
+# Room for mke2fs -d before the image is shrunk to its minimum (the XFS
+# image keeps it: the free room of a small instance disk).
 _HEADROOM = 1.5
 _EXTRA_BYTES = 128 * 2**20
+
+# mkfs.xfs for an image: -K (no discard). mkfs.xfs still leaves the log's
+# unwritten blocks as holes: image_copy zeroes them on the instance disk
+# (zeroed_ranges), whose old contents stay everywhere else. The log's size is
+# fixed here for every size the image is grown to: 64 MiB, what mkfs.xfs
+# gives filesystems from 1 GiB up to about 128 GiB.
+_XFS_IMAGE_OPTIONS = ("-K", "-l", "size=64m")
+_XFS_LOG_BYTES = 64 * 2**20
+# mkfs for an image unpacked through a mount, per type. mkfs.btrfs: -K as
+# for XFS.
+_MOUNTED_IMAGE_MKFS = {"xfs": ("mkfs.xfs", "-f", "-q", *_XFS_IMAGE_OPTIONS),
+                       "btrfs": ("mkfs.btrfs", "-f", "-q", "-K")}
 
 
 @dataclass(frozen=True)
@@ -112,11 +129,12 @@ def build(store: Cache, entry: CacheEntry, fstype: str,
     """Make the image of ``entry`` for ``fstype`` (caller holds the key's lock).
 
     ``tree`` is the archived tree itself when the caller still has it (the
-    create that just bootstrapped and stored it): no unpacking then.
+    create that just bootstrapped and stored it): no unpacking then (XFS
+    and Btrfs images get the archive unpacked into them either way).
     Temporaries of killed runs were removed when the lock was taken.
     """
     with contextlib.ExitStack() as stack:
-        if tree is None:
+        if tree is None and fstype not in _MOUNTED_IMAGE_MKFS:
             tree = stack.enter_context(store.staging_dir(entry.key))
             store.extract(entry, tree)
         with temporary_file(store.directory, tmp_prefix(entry, fstype)) as tmp:
@@ -130,14 +148,27 @@ def tmp_prefix(entry: CacheEntry, fstype: str) -> str:
     return image_name(entry.key.stem, fstype) + TMP_TAG
 
 
-def make(tree: str, path: str, fstype: str, what: str) -> None:
-    """Make the ``fstype`` image of ``tree`` in the (temporary) file ``path``.
+def make(tree: str | None, path: str, fstype: str, archive: str) -> None:
+    """Make the ``fstype`` image of a tree in the (temporary) file ``path``.
 
-    ``what`` names the archive it stands for, in errors.
+    ext images are made from ``tree`` (mke2fs -d); XFS and Btrfs ones get
+    the tar ``archive`` unpacked into them, mounted. ``archive`` names
+    the tree in errors either way.
     """
+    if fstype in _MOUNTED_IMAGE_MKFS:
+        _fill_mounted(archive, fstype, path)
+        check = runner.run(_CHECKS[fstype](path), check=False)
+        if check.returncode != 0:
+            raise CacheError(f"The filesystem image made from {archive} does not pass "
+                             f"{_CHECKS[fstype](path)[0]}; set CACHE_IMAGE=no and "
+                             f"report this.")
+        os.chmod(path, 0o600)
+        fsync_path(path)
+        return
+    if tree is None:
+        raise ValueError(f"an {fstype} image is made from a tree")
     used, inodes = _tree_bytes(tree)
-    size = int(used * _HEADROOM) + _EXTRA_BYTES
-    size -= size % 4096
+    size = _image_size(used)
     os.truncate(path, size)
     # Inodes as mke2fs would give the final filesystem (one per 16
     # KiB), but never fewer than the tree needs with room to spare.
@@ -146,7 +177,7 @@ def make(tree: str, path: str, fstype: str, what: str) -> None:
                 "-N", str(inode_count), "-d", tree, path],
                hint="Making the cache's filesystem image failed; "
                     "set CACHE_IMAGE=no to unpack the archive instead.")
-    finish(path, what)
+    finish(path, archive)
 
 
 def finish(path: str, what: str) -> None:
@@ -193,6 +224,35 @@ def install(entry: CacheEntry, fstype: str, path: str) -> FsImage:
     log.info("Made the filesystem image %s (%.0f MiB)", final,
              os.path.getsize(final) / 2**20)
     return FsImage(final, fstype, os.path.getsize(final))
+
+
+# The read-only check each image passes before it is used.
+_CHECKS = {
+    "ext4": lambda p: ["e2fsck", "-fn", p], "ext3": lambda p: ["e2fsck", "-fn", p],
+    "ext2": lambda p: ["e2fsck", "-fn", p], "xfs": lambda p: ["xfs_repair", "-n", "-f", p],
+    "btrfs": lambda p: ["btrfs", "check", "--readonly", p],
+}
+
+
+def _image_size(used: int) -> int:
+    size = int(used * _HEADROOM) + _EXTRA_BYTES
+    return size - size % 4096
+
+
+def _fill_mounted(archive: str, fstype: str, tmp: str) -> None:
+    """``tmp``: an XFS or Btrfs image with the tar ``archive`` unpacked into it."""
+    # The archive's size is close to the tree's (tar pads each file to
+    # 512 bytes, images' blocks are 4 KiB: the headroom covers both).
+    size = _image_size(os.path.getsize(archive))
+    os.truncate(tmp, size + (_XFS_LOG_BYTES if fstype == "xfs" else 0))
+    runner.run([*_MOUNTED_IMAGE_MKFS[fstype], tmp],
+               hint=f"Making the cache's {fstype} image failed; set CACHE_IMAGE=no "
+                    f"to unpack the archive instead.")
+    with contextlib.ExitStack() as stack:
+        dev = stack.enter_context(blockdev.attached(tmp))
+        root = stack.enter_context(mounts.temporary_mountpoint())
+        stack.enter_context(mounts.mounted(dev, root, fstype))
+        extract_archive(archive, root)
 
 
 def ensure(store: Cache, entry: CacheEntry, fstype: str) -> FsImage:

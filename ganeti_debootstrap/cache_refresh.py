@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import blockdev, bootstrap, cache_images, log, mounts, runner
+from . import blockdev, bootstrap, cache_images, filesystems, log, mounts, runner
 from .apt_sources import (deb822_text, keyring, one_line_text, read_os_release,
                           resolve_release, tree_mirror)
 from .apt_sources import sources as release_sources
@@ -253,8 +253,10 @@ def scratch_file(directory: str, prefix: str) -> Iterator[str]:
 
 
 def base_image(entry: CacheEntry, fstypes: list[str]) -> FsImage | None:
-    """The entry's image the upgrade starts from: ext4's if current, else any."""
-    for fstype in sorted(fstypes, key=lambda f: f != "ext4"):
+    """The entry's image the upgrade starts from: ext4's if current, else
+    another ext one (resize2fs grows and shrinks the copy)."""
+    for fstype in sorted((f for f in fstypes if f in filesystems.EXT_TYPES),
+                         key=lambda f: f != "ext4"):
         image = cache_images.lookup(entry, fstype)
         if image is not None:
             return image
@@ -326,7 +328,7 @@ def upgrade_copy(store: Cache, entry: CacheEntry, conf: Settings, sources: str |
             made = scratch.enter_context(scratch_file(
                 store.directory, cache_images.tmp_prefix(entry, fstype)))
             with log.phase(f"refresh: {fstype} image"):
-                cache_images.make(root, made, fstype, entry.path)
+                cache_images.make(root, made, fstype, result.archive)
             result.images[fstype] = made
     if base is not None:
         if blockdev.loops_backed_by(copy):

@@ -75,9 +75,10 @@ PUSH_TAG = ".push-"
 # edition's names too) and at our temporaries, never at anything else.
 _STEM = r"cache-.+-[0-9a-f]{%d}" % DIGEST_LENGTH
 # What follows the stem in the name of an image or of its record: the
-# filesystem type (images are made of ext2/3/4), .img, then .json for the record.
-_IMAGE = r"\.ext[234]%s(?:%s)?" % (re.escape(IMAGE_SUFFIX),
-                                   re.escape(IMAGE_RECORD_SUFFIX[len(IMAGE_SUFFIX):]))
+# filesystem type (filesystems.ROOT_TYPES), .img, then .json for the record.
+_IMAGE_TYPES = r"(?:ext[234]|xfs|btrfs)"
+_IMAGE = r"\.%s%s(?:%s)?" % (_IMAGE_TYPES, re.escape(IMAGE_SUFFIX),
+                              re.escape(IMAGE_RECORD_SUFFIX[len(IMAGE_SUFFIX):]))
 # The temporaries of images (``<stem>.ext4.img.tmp-*``) count too: a run
 # killed while making an image must not leave hundreds of MiB behind until
 # some later run makes an image of that type again.
@@ -90,8 +91,8 @@ _OURS = re.compile(r"^%s%s$" % (_STEM, re.escape(ARCHIVE_SUFFIX)))
 # Images and their records, by any cache- name: pruned once their archive is gone.
 _IMAGE_FILE = re.compile(r"^(?P<stem>cache-.+)%s$" % _IMAGE)
 # An image itself (not its record), with its filesystem type.
-_IMAGE_ONLY = re.compile(r"^(?P<stem>cache-.+)\.(?P<fstype>ext[234])%s$"
-                         % re.escape(IMAGE_SUFFIX))
+_IMAGE_ONLY = re.compile(r"^(?P<stem>cache-.+)\.(?P<fstype>%s)%s$"
+                         % (_IMAGE_TYPES, re.escape(IMAGE_SUFFIX)))
 
 # A push name older than this was left by a push that was killed.
 STALE_PUSH_SECONDS = 86400
@@ -287,6 +288,17 @@ def entry_file_stem(name: str) -> str | None:
 def image_record_name(stem: str, fstype: str) -> str:
     """The file name of the record describing that image."""
     return f"{stem}.{fstype}{IMAGE_RECORD_SUFFIX}"
+
+
+def extract_archive(archive: str, dest: str) -> None:
+    """Unpack a cache archive (ours, root's) into ``dest`` with owners, modes,
+    ACLs, xattrs; the caller holds its key's lock."""
+    runner.run(["tar", "--extract", "--file", archive,
+                "--directory", dest, *TAR_EXTRACT_OPTIONS],
+               hint=f"Unpacking the cache failed. If the instance disk is "
+                    f"not full, the cache may be damaged: remove "
+                    f"{archive} and retry.")
+
 
 
 class Cache:
@@ -717,11 +729,7 @@ class Cache:
     def extract(self, entry: CacheEntry, dest: str) -> None:
         """Unpack ``entry`` into ``dest`` with owners, modes, ACLs, xattrs."""
         self._require_lock(entry.key, exclusive=False)
-        runner.run(["tar", "--extract", "--file", entry.path,
-                    "--directory", dest, *TAR_EXTRACT_OPTIONS],
-                   hint=f"Unpacking the cache failed. If the instance disk is "
-                        f"not full, the cache may be damaged: remove "
-                        f"{entry.path} and retry.")
+        extract_archive(entry.path, dest)
 
     # -- expiry ----------------------------------------------------------
 

@@ -16,7 +16,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-from . import (blockdev, bootloader, bootstrap, cache, hooks, instance_disk,
+from . import (blockdev, bootloader, bootstrap, cache, hooks, image_copy, instance_disk,
                instance_files, log, mounts, network, origin, osparams)
 from .environment import Request
 from .paths import Paths
@@ -124,6 +124,7 @@ def run(request: Request, paths: Paths) -> None:
             if disk.from_image:
                 logger.info("The system comes from the cache image %s",
                             source.image.path if source.image else "")
+                image_copy.grow_mounted(target_dir, disk.root.fstype)
             else:
                 with log.phase("install system"):
                     install_system(p, source, target_dir)
@@ -142,7 +143,8 @@ def run(request: Request, paths: Paths) -> None:
                                      esp=disk.esp, swap_file=swap_file, data=data)
             origin.write(target, came_from)
         bootloader.install(target, request, conf, disk_device=disk.device,
-                           root_uuid=disk.root.uuid, esp_device=disk.esp_device)
+                           root_uuid=disk.root.uuid, esp_device=disk.esp_device,
+                           fstype=disk.root.fstype)
         hook_list = hooks.list_hooks(conf.customize_dir)
         if hook_list:
             with log.phase(f"hooks ({len(hook_list)})"):
@@ -152,7 +154,8 @@ def run(request: Request, paths: Paths) -> None:
                 with mounts.api_filesystems(target_dir), hooks.daemons_prevented(target):
                     hooks.run_all(conf.customize_dir, env, timeout=conf.hook_timeout)
             network.yield_to_hooks(target, interfaces)
-            bootloader.repair_config(target, request, conf, disk.root.uuid)
+            bootloader.repair_config(target, request, conf, disk.root.uuid,
+                                     disk.root.fstype)
         # What is left to do is the ExitStack's: unmount (writeback) and
         # release the mappings and loop devices. Closed here, inside a phase,
         # so that its time is logged like every other step's.

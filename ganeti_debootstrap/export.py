@@ -171,8 +171,13 @@ def run(request: Request, paths: Paths) -> None:
         check_size_fd(request.exp_size_fd)
     with contextlib.ExitStack() as stack:
         with log.phase("open disk"):
-            _, root_dev, _ = instance_disk.open_root(stack, request.disk_path,
-                                                     read_only=True)
+            _, root_dev, fstype = instance_disk.open_root(stack, request.disk_path,
+                                                          read_only=True)
+            if fstype not in filesystems.EXT_TYPES:
+                # dump(8) reads ext filesystems only.
+                raise DiskError(f"The instance's root on {request.disk_path} is "
+                                f"{fstype}: export writes dump(8) streams of ext2/3/4 "
+                                f"roots only. Back it up from inside the instance.")
             fields = check_consistent(root_dev, request.disk_path)
         if request.exp_size_fd is not None:
             size = expected_size(fields, root_dev)

@@ -1,5 +1,9 @@
 """Making and probing filesystems: mkfs for the root, mkswap, UUIDs, types.
 
+The root may be ext2/3/4 (mke2fs), XFS (mkfs.xfs, xfsprogs) or Btrfs
+(mkfs.btrfs, btrfs-progs); each type's mkfs command, fstab fields and
+mount options are said here, once.
+
 Probing uses ``blkid -p`` (low-level probe of the device itself): there is
 no udev on every node, and blkid's cache could describe what the disk held
 before we wrote to it.
@@ -15,8 +19,35 @@ from .errors import CommandError, DiskError
 
 # The root filesystems create makes and export dumps (the ``filesystem`` OS
 # parameter), the default first.
-RootType = Literal["ext4", "ext3", "ext2"]
+RootType = Literal["ext4", "ext3", "ext2", "xfs", "btrfs"]
 ROOT_TYPES: tuple[RootType, ...] = get_args(RootType)
+# The ext family: made by mke2fs, checked by e2fsck, dumped by dump(8).
+EXT_TYPES: tuple[RootType, ...] = ("ext4", "ext3", "ext2")
+
+
+def fstab_fields(fstype: str) -> tuple[str, int]:
+    """The root's fstab options and fsck pass for ``fstype``.
+
+    ext: remount read-only on errors rather than carrying on writing, and
+    fsck at boot (pass 1). XFS and Btrfs check themselves when mounted
+    (log replay, checksums); their fsck programs do nothing at boot
+    (fsck.xfs, fsck.btrfs are no-ops), so pass 0 as their documentation
+    says.
+    """
+    if fstype in EXT_TYPES:
+        return "errors=remount-ro", 1
+    return "defaults", 0
+
+
+def mount_options(fstype: str) -> tuple[str, ...]:
+    """Options the node adds whenever it mounts an instance's root of ``fstype``.
+
+    XFS refuses a second filesystem with the UUID of one already mounted; a
+    tenant's disk may carry any UUID (a copy of another instance, or of a
+    filesystem of the node), so XFS roots are mounted ``nouuid`` (harmless
+    for the fresh UUIDs create gives).
+    """
+    return ("nouuid",) if fstype == "xfs" else ()
 
 
 @dataclass(frozen=True)
@@ -47,18 +78,56 @@ _BLKID_NOTHING = 2
 _MKE2FS_EXTENDED = "lazy_itable_init=1,lazy_journal_init=0"
 
 
-def make_filesystem(dev: str, fstype: str, label: str = "") -> None:
-    """Make an empty ``fstype`` (ext2/ext3/ext4) filesystem on ``dev``."""
-    if fstype not in ROOT_TYPES:
-        raise DiskError(f"Cannot make a {fstype!r} filesystem: the root "
-                        f"filesystem must be one of {', '.join(sorted(ROOT_TYPES))} "
-                        f"(OS parameter 'filesystem').")
+def make_ext(dev: str, fstype: str, label: str = "", uuid: str = "") -> list[str]:
+    """mke2fs making an empty ext2/3/4 filesystem on ``dev``."""
     # -F: no question about an existing filesystem or a file that is not a
     # block device (nobody answers prompts under Ganeti); -q: quiet log.
     argv = ["mke2fs", "-F", "-q", "-t", fstype, "-E", _MKE2FS_EXTENDED]
     if label:
         argv += ["-L", label]
-    argv.append(dev)
+    if uuid:
+        argv += ["-U", uuid]
+    return [*argv, dev]
+
+
+def make_xfs(dev: str, label: str = "", uuid: str = "") -> list[str]:
+    """mkfs.xfs making an empty XFS filesystem on ``dev``."""
+    # -f: overwrite whatever signature the disk had (no prompt under
+    # Ganeti); -q: no geometry table in the log. Discard stays on, as for
+    # ext: a thin volume gets the old contents' space back. Labels are at
+    # most 12 bytes (checked by mkfs.xfs).
+    argv = ["mkfs.xfs", "-f", "-q"]
+    if label:
+        argv += ["-L", label]
+    if uuid:
+        argv += ["-m", f"uuid={uuid}"]
+    return [*argv, dev]
+
+
+def make_btrfs(dev: str, label: str = "", uuid: str = "") -> list[str]:
+    """mkfs.btrfs making an empty Btrfs filesystem on ``dev``."""
+    # -f: overwrite an existing signature; -q: quiet. The defaults (DUP
+    # metadata on one device, the free space tree) are kept.
+    argv = ["mkfs.btrfs", "-f", "-q"]
+    if label:
+        argv += ["-L", label]
+    if uuid:
+        argv += ["-U", uuid]
+    return [*argv, dev]
+
+
+def make_filesystem(dev: str, fstype: str, label: str = "", uuid: str = "") -> None:
+    """Make an empty ``fstype`` (one of ROOT_TYPES) filesystem on ``dev``."""
+    if fstype not in ROOT_TYPES:
+        raise DiskError(f"Cannot make a {fstype!r} filesystem: the root "
+                        f"filesystem must be one of {', '.join(sorted(ROOT_TYPES))} "
+                        f"(OS parameter 'filesystem').")
+    if fstype == "xfs":
+        argv = make_xfs(dev, label, uuid)
+    elif fstype == "btrfs":
+        argv = make_btrfs(dev, label, uuid)
+    else:
+        argv = make_ext(dev, fstype, label, uuid)
     runner.run(argv)
 
 

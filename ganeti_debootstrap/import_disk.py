@@ -128,5 +128,6 @@ def run(request: Request, paths: Paths) -> None:
         # node's GRUB: nothing of the restored system runs.
         # grub-efi: the ESP is a new one (export dumps the root only).
         bootloader.install_from_node(target, request, conf, disk_device=disk.device,
-                                     root_uuid=disk.root.uuid, esp_device=disk.esp_device)
+                                     root_uuid=disk.root.uuid, esp_device=disk.esp_device,
+                                     fstype=disk.root.fstype)
     logger.info("Instance %s imported onto %s", request.instance_name, request.disk_path)

@@ -275,8 +275,9 @@ def open_root(stack: contextlib.ExitStack, path: str,
               read_only: bool = False) -> tuple[str, str, str]:
     """Attach an existing instance disk; return (disk device, root device, fs type).
 
-    Refuses a disk whose root is not an ext filesystem that create could
-    have made, instead of producing an empty or partial result.
+    Refuses a disk whose root is not a filesystem that create could have
+    made (filesystems.ROOT_TYPES), instead of producing an empty or partial
+    result.
     """
     blockdev.check_disk_usable(path)
     is_file = not blockdev.is_block_device(path)
@@ -300,6 +301,7 @@ def open_root(stack: contextlib.ExitStack, path: str,
         raise DiskError(
             f"The disk {path} holds {found} where this OS definition puts the "
             f"instance's root ({where}); "
-            f"only ext2/3/4 roots made by create can be used. Was this "
+            f"only {', '.join(filesystems.ROOT_TYPES)} roots made by create can "
+            f"be used. Was this "
             f"instance installed with another OS definition?")
     return dev, root_dev, fstype

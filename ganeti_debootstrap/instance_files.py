@@ -204,10 +204,6 @@ FSTAB_HEADER = ("# /etc/fstab: static file system information.\n"
                 "#\n"
                 "# <file system> <mount point>   <type>  <options>       <dump>  <pass>\n")
 
-# errors=remount-ro keeps a damaged root readable instead of panicking or
-# carrying on writing; ext2, ext3 and ext4 all understand it.
-ROOT_OPTIONS: dict[str, str] = dict.fromkeys(filesystems.ROOT_TYPES, "errors=remount-ro")
-
 # Where the EFI system partition (BOOTLOADER=grub-efi) is mounted; umask
 # 0077: its files (boot loaders) are root's alone, as Debian's installer
 # mounts it.
@@ -289,8 +285,8 @@ def fstab_text(existing: str, root: FsEntry, swap: FsEntry | None,
         kept.pop(0)
     while kept and not kept[-1].strip():
         kept.pop()
-    options = ROOT_OPTIONS.get(root.fstype, "defaults")
-    lines = [f"UUID={root.uuid}\t/\t{root.fstype}\t{options}\t0\t1"]
+    options, fsck_pass = filesystems.fstab_fields(root.fstype)
+    lines = [f"UUID={root.uuid}\t/\t{root.fstype}\t{options}\t0\t{fsck_pass}"]
     if swap is not None:
         lines.append(f"UUID={swap.uuid}\tnone\tswap\tsw\t0\t0")
     if swap_file:

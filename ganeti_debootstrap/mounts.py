@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from . import fsutil, procs, runner
+from . import filesystems, fsutil, procs, runner
 from .errors import CommandError, DiskError
 from .log import failure_logged, released
 from .target import Target
@@ -287,7 +287,8 @@ def instance_root(device: str, fstype: str, disk_path: str,
     """
     with contextlib.ExitStack() as stack:
         target_dir = stack.enter_context(temporary_mountpoint())
-        stack.enter_context(mounted(device, target_dir, fstype, options))
+        stack.enter_context(mounted(device, target_dir, fstype,
+                                    (*options, *filesystems.mount_options(fstype))))
         stack.enter_context(write_errors_reported(
             target_dir, f"the instance's root filesystem on {disk_path}"))
         yield target_dir

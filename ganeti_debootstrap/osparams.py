@@ -102,8 +102,10 @@ class OSParams:
     of parameters.list), accepted values, default and checks.
     """
 
+    # Empty (the default) leaves the choice to the FILESYSTEM setting.
     filesystem: str = parameter(
-        "Root filesystem type: ext4 (default), ext3 or ext2", ROOT_TYPES, ROOT_TYPES[0])
+        "Root filesystem type: ext4, ext3, ext2, xfs or btrfs; default: the "
+        "FILESYSTEM setting (ext4)", ROOT_TYPES, "")
     # Empty (the default) leaves the choice to the BOOTLOADER setting.
     bootloader: str = parameter(
         "Boot loader on disk 0: none (Ganeti boots the node's kernel, kernel_path), "
@@ -229,7 +231,7 @@ def validate(raw: Mapping[str, str]) -> OSParams:
             problems.append(
                 f"OS parameter {name}={value!r} is not accepted; choose one of "
                 f"{', '.join(param.choices)} (e.g. gnt-instance modify -O "
-                f"{name}={param.default} INSTANCE)")
+                f"{name}={param.default or param.choices[0]} INSTANCE)")
         else:
             values[name] = value
     if problems:

@@ -70,10 +70,12 @@ GPT_SWAP = "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F"
 # the unpartitioned gap after the MBR instead).
 GPT_BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
 # The space a BIOS boot loader needs before the root partition: GRUB's
-# core.img with the partition table, ext2 and search modules is 29 KiB
-# (trixie); GRUB's manual asks for at least 31 KiB and advises 1 MiB.
-# Twice the measured size leaves room for a GRUB that grows in upgrades.
-MIN_BOOT_AREA_BYTES = 64 * 1024
+# core.img with the partition table, the root's filesystem and search
+# modules is 28 KiB for ext2/3/4 and XFS but 71 KiB for Btrfs (its module
+# pulls in zstd, lzo and gzip; GRUB 2.12); GRUB's manual asks for at least
+# 31 KiB and advises 1 MiB. Twice the largest measured size leaves room for
+# a GRUB that grows in upgrades.
+MIN_BOOT_AREA_BYTES = 144 * 1024
 # The EFI system partition (BOOTLOADER=grub-efi): GPT type, and its size.
 # It holds GRUB's EFI image (about 1 MiB); 64 MiB leaves room for more
 # loaders and keeps FAT16 (mkfs.vfat's choice at this size).

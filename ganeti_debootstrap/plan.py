@@ -8,6 +8,7 @@ reported (a bad setting before a bad parameter before a missing tool).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from . import bootloader, bootstrap, osparams, settings
@@ -22,6 +23,8 @@ class Prepared:
 
     # The settings with the boot loader decided (its packages in EXTRA_PKGS).
     settings: Settings
+    # The parameters with the root filesystem decided (the FILESYSTEM
+    # setting where the parameter is empty).
     params: osparams.OSParams
     arch: str  # ARCH, or the node's architecture
     tool: str = ""  # the bootstrap tool (create only)
@@ -36,6 +39,8 @@ def prepare(request: Request, paths: Paths, *, bootstraps: bool = False) -> Prep
     """
     conf = settings.load(paths, request.os_variant, request.api_version)
     params = osparams.validate(request.os_params)
+    if not params.filesystem:
+        params = dataclasses.replace(params, filesystem=conf.filesystem)
     tool = bootstrap.choose_tool(conf.bootstrap_tool) if bootstraps else ""
     arch = bootstrap.resolved_arch(conf)
     # With GRUB, its packages join EXTRA_PKGS (so the cache key too), and

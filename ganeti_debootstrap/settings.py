@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from . import runner, trust
+from .filesystems import ROOT_TYPES, RootType
 from .errors import CommandError, ConfigError
 from .names import (is_arch_name, is_component_name, is_number, is_package_name,
                     is_suite_name, is_variant_name, line_break_problem)
@@ -226,6 +227,10 @@ class Settings:
         _count("a number of days", empty=", or empty to never drop a cache"),
         "days after which a cache is made anew; empty: never",
         empty_is_value=True, shell_default="14")
+    filesystem: RootType = setting(
+        "FILESYSTEM", "ext4", _choice(ROOT_TYPES),
+        "the root filesystem: ext4, ext3, ext2, xfs or btrfs (the OS parameter "
+        "filesystem overrides it)")
     partition_style: PartitionStyle = setting(
         "PARTITION_STYLE", "msdos", _choice(PARTITION_STYLES),
         "msdos, gpt or none (the filesystem on the whole disk)", api5_default="none")

@@ -88,6 +88,8 @@ class FakeNode:
         f.expect("sfdisk", action=self.sfdisk)
         f.expect("sfdisk", "--json", output=self.sfdisk_json)
         f.expect("mke2fs", action=self.mkfs)
+        f.expect("mkfs.xfs", action=self.mkfs)
+        f.expect("mkfs.btrfs", action=self.mkfs)
         f.expect("mkswap", "-f", action=self.mkswap)
         f.expect("blkid", "-p", "-o", "value", "-s", output=self.blkid)
         f.expect("mount", action=self.mount)
@@ -161,7 +163,9 @@ class FakeNode:
         return fs
 
     def mkfs(self, argv: Sequence[str]) -> None:
-        self.make_filesystem(self.where(argv[-1]), argv[argv.index("-t") + 1])
+        """mke2fs names the type with -t; mkfs.xfs and mkfs.btrfs in their names."""
+        fstype = argv[argv.index("-t") + 1] if "-t" in argv else argv[0].split(".")[-1]
+        self.make_filesystem(self.where(argv[-1]), fstype)
 
     def mkswap(self, argv: Sequence[str]) -> None:
         self.make_filesystem(self.where(argv[-1]), "swap")

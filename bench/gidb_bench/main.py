@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from . import (backup, cold, devices, ganeti, install, machine, memory, parallel, procs,
-               refresh, startup, warm)
+               refresh, roottypes, startup, warm)
 from .context import GIB, Bench, archive_from_log, bootstrapped
 from .options import Options, parse_args
 from .procs import BenchError, Interrupted
@@ -97,6 +97,8 @@ def _scenario(bench: Bench, name: str) -> None:
     from ganeti_debootstrap.settings import DEFAULT_SUITE
     if name == "warm":
         warm.run(bench)
+    elif name == "roottypes":
+        roottypes.run(bench)
     elif name == "cold":
         cold.run(bench, DEFAULT_SUITE)
     elif name == "refresh":

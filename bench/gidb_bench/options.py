@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 # In the order they run: parallel compares with the warm median
 # measured before it in the same invocation.
-SCENARIOS = ("warm", "cold", "refresh", "startup", "parallel", "memory", "backup", "ganeti")
+SCENARIOS = ("warm", "roottypes", "cold", "refresh", "startup", "parallel", "memory",
+             "backup", "ganeti")
 # Scenarios that need the mirror (minutes each): --quick skips them.
 # (refresh compares with the cold median, and makes its own without cold.)
 COLD_SCENARIOS = ("cold", "refresh", "parallel", "ganeti")
@@ -25,7 +26,8 @@ create vs the shell edition's way (<= 0.33) and vs the disk's floor (writing
 the same bytes directly; idle disk and busy with a concurrent writer),
 data a warm create writes on 2, 20 and 128 GiB disks (<= 1.1x the
 image's data), warm creates on XFS and Btrfs sharing the image's blocks
-(<= 0.2 s), cold create vs debootstrap
+(<= 0.2 s), warm create of an XFS and a Btrfs root vs an ext4 root
+(<= 1.5 each), cold create vs debootstrap
 (<= 0.5), refreshing a cache entry from a loopback mirror with nothing and
 with one package to upgrade (each <= 0.3 of a cold create), each
 script's start-up (< 0.1 s), four parallel creates on a cold node

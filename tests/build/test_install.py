@@ -187,12 +187,12 @@ def test_installed_verify_accepts_ext4_as_ganeti_runs_it(build: Build) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_installed_verify_rejects_xfs_naming_the_choices_last(build: Build) -> None:
+def test_installed_verify_rejects_zfs_naming_the_choices_last(build: Build) -> None:
     proc = ganeti_run(build.os_dir, ["./verify", "parameters"],
-                      {"OS_API_VERSION": "20", "OSP_FILESYSTEM": "xfs"})
+                      {"OS_API_VERSION": "20", "OSP_FILESYSTEM": "zfs"})
     assert proc.returncode != 0
     last = (proc.stdout + proc.stderr).rstrip().splitlines()[-1]
-    assert "xfs" in last and "ext4" in last, last
+    assert "zfs" in last and "ext4" in last and "btrfs" in last, last
 
 
 def test_installed_cache_command_finds_the_os_dir_configure_recorded(

@@ -125,7 +125,7 @@ def test_entry_point_runs_verify_from_a_hand_made_os_dir(tmp_path: Path) -> None
     good = subprocess.run(["./verify", "parameters"], cwd=os_dir, capture_output=True,
                           text=True, env={**env, "OSP_FILESYSTEM": "ext4"})
     bad = subprocess.run(["./verify", "parameters"], cwd=os_dir, capture_output=True,
-                         text=True, env={**env, "OSP_FILESYSTEM": "xfs"})
+                         text=True, env={**env, "OSP_FILESYSTEM": "zfs"})
     assert good.returncode == 0, good.stderr
     assert bad.returncode == 1
-    assert "xfs" in bad.stderr.rstrip().splitlines()[-1]
+    assert "zfs" in bad.stderr.rstrip().splitlines()[-1]

@@ -193,3 +193,33 @@ def blkid(dev: str, tag: str) -> str:
 def read(root: str, inner: str) -> str:
     with open(os.path.join(root, inner.lstrip("/"))) as f:
         return f.read()
+
+
+# The read-only check of each root filesystem type: exit status 0 when clean.
+FSCK_COMMANDS = {"ext4": ["e2fsck", "-fn"], "ext3": ["e2fsck", "-fn"],
+                 "ext2": ["e2fsck", "-fn"], "xfs": ["xfs_repair", "-n"],
+                 "btrfs": ["btrfs", "check", "--readonly"]}
+
+
+def assert_fs_clean(dev: str, fstype: str) -> None:
+    """The filesystem on ``dev`` passes its type's read-only check."""
+    res = subprocess.run([*FSCK_COMMANDS[fstype], dev], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def filesystem_bytes(dev: str, fstype: str) -> int:
+    """How many bytes of ``dev`` the filesystem on it spans, from its superblock."""
+    if fstype == "xfs":
+        out = subprocess.run(["xfs_db", "-r", "-c", "sb 0", "-c", "p dblocks blocksize", dev],
+                             capture_output=True, text=True, check=True).stdout
+        fields = dict(ln.split(" = ") for ln in out.splitlines())
+        return int(fields["dblocks"]) * int(fields["blocksize"])
+    if fstype == "btrfs":
+        out = subprocess.run(["btrfs", "inspect-internal", "dump-super", dev],
+                             capture_output=True, text=True, check=True).stdout
+        return int([ln for ln in out.splitlines()
+                    if ln.startswith("total_bytes")][0].split()[-1])
+    info = subprocess.run(["dumpe2fs", "-h", dev], capture_output=True, text=True).stdout
+    blocks = int([ln for ln in info.splitlines()
+                  if ln.startswith("Block count:")][0].split()[-1])
+    return blocks * 4096

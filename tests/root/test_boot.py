@@ -13,7 +13,8 @@ qemu), the gpt instance from its own GRUB through its BIOS boot partition
 (with a swap partition, OS parameter swap, and a data disk,
 data_disks=format: the same boot shows the swap active and the data disk
 mounted), and an exported and imported instance from the GRUB the node's
-tools put on its disk. GRUB on msdos is also checked on the disk itself
+tools put on its disk; then an XFS root on msdos and a Btrfs root on gpt,
+each from its own GRUB. GRUB on msdos is also checked on the disk itself
 (boot code in the MBR, core.img embedded after it).
 
 UEFI (bootloader=grub-efi, variant ``bootefi``, the same cache): a created
@@ -334,6 +335,33 @@ def test_gpt_instance_boots_from_its_own_grub_with_swap_and_a_data_disk(boot_set
     assert result.outputs[1].split() == ["/dev/vda3", "partition",
                                          str(SWAP_MIB * 2**20 - 4096)]
     assert result.outputs[2].split() == ["/dev/vdb", "ext4"]
+
+
+@pytest.mark.parametrize("fstype,variant", [("xfs", "boot"), ("btrfs", GPT_VARIANT)])
+def test_xfs_and_btrfs_roots_boot_from_their_own_grub(boot_setup, tmp_path, fstype, variant):
+    """XFS on msdos (core.img after the MBR), Btrfs on gpt (the BIOS boot
+    partition): GRUB reads the root with its module for the type, the
+    kernel mounts it by UUID, and it fills the partition (grown image)."""
+    disk = scripts.sparse_disk(str(tmp_path), DISK_MIB, f"{fstype}.img")
+    run_script(boot_setup.tree, "create", create_env(
+        HOSTNAME, disk, OS_VARIANT=variant, OSP_BOOTLOADER="grub",
+        OSP_FILESYSTEM=fstype, INSTANCE_HV_serial_console="True"))
+    with mounted_root(disk) as root:
+        assert f"insmod {fstype}" in read(root, "/boot/grub/grub.cfg")
+    with scripts.root_device(disk) as dev:
+        uuid = scripts.blkid(dev, "UUID")
+        scripts.assert_fs_clean(dev, fstype)
+    result = boot_and_run(Path(disk), workdir=tmp_path / "qemu", mode="disk",
+                          expect_hostname=HOSTNAME, timeout=BOOT_TIMEOUT,
+                          commands=["findmnt -no FSTYPE,SOURCE /",
+                                    "df -B1 --output=size / | tail -n 1",
+                                    "cat /proc/cmdline",
+                                    "touch /written && sync && rm /written && echo rw"])
+    _report(f"GRUB boot ({fstype} root)", result.seconds, result.login_seconds)
+    assert result.outputs[0].split() == [fstype, "/dev/vda1"]
+    assert int(result.outputs[1]) > (DISK_MIB - 200) * 2**20, "the root fills its partition"
+    assert f"root=UUID={uuid}" in result.outputs[2].split()
+    assert result.outputs[3].strip() == "rw"
 
 
 def _gap(disk: str, start: int, end: int) -> bytes:

@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+from ganeti_debootstrap import filesystems
 from tests.root import bootstrap_fixture, scripts
 from tests.root.scripts import create_env, mounted_root, read, root_device, run_script
 
@@ -18,15 +19,16 @@ def check_instance(disk_path: str, name: str, fstype: str) -> str:
     with root_device(disk_path) as dev:
         assert scripts.blkid(dev, "TYPE") == fstype
         uuid = scripts.blkid(dev, "UUID")
-        fsck = subprocess.run(["e2fsck", "-fn", dev], capture_output=True, text=True)
-        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+        scripts.assert_fs_clean(dev, fstype)
     with mounted_root(disk_path) as root:
         assert read(root, "/etc/hostname") == name + "\n"
         assert read(root, "/etc/mailname") == name + "\n"
         fstab = read(root, "/etc/fstab")
         root_lines = [ln.split() for ln in fstab.splitlines()
                       if ln.split()[1:2] == ["/"]]
-        assert root_lines == [[f"UUID={uuid}", "/", fstype, "errors=remount-ro", "0", "1"]]
+        options, fsck_pass = (("errors=remount-ro", "1") if fstype.startswith("ext")
+                              else ("defaults", "0"))
+        assert root_lines == [[f"UUID={uuid}", "/", fstype, options, "0", fsck_pass]]
         hosts = read(root, "/etc/hosts")
         assert "127.0.0.1" in hosts and name in hosts
         shadow = read(root, "/etc/shadow").splitlines()
@@ -40,7 +42,7 @@ def check_instance(disk_path: str, name: str, fstype: str) -> str:
 
 
 @pytest.mark.parametrize("style", ["msdos", "gpt", "none"])
-@pytest.mark.parametrize("fstype", ["ext4", "ext3", "ext2"])
+@pytest.mark.parametrize("fstype", filesystems.ROOT_TYPES)
 def test_create_makes_a_configured_instance(tree, disk, style, fstype):
     tree.settings(f'PARTITION_STYLE="{style}"\n')
     res = run_script(tree, "create", create_env("web1.example.org", disk,

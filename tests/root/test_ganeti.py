@@ -248,24 +248,24 @@ def test_add_creates_an_ext3_root_named_after_the_instance(
     scenario.passed.add("add")
 
 
-def test_add_with_xfs_is_refused_with_our_verify_message(
+def test_add_with_an_unknown_filesystem_is_refused_with_our_verify_message(
         cluster: GanetiCluster) -> None:
-    # What our verify says about xfs when Ganeti is not in between: run in
+    # What our verify says about zfs (not a root type) when Ganeti is not in between: run in
     # the cluster's namespaces, from the package's OS dir, environment cleaned.
     alone = cluster.run("env", "-i", "-C", OS_PATH, f"PATH={CLUSTER_PATH}",
                         "OS_API_VERSION=20", f"OS_NAME={OS_NAME}", "OS_VARIANT=default",
-                        "OSP_FILESYSTEM=xfs", "./verify", "parameters", check=False)
+                        "OSP_FILESYSTEM=zfs", "./verify", "parameters", check=False)
     assert alone.returncode != 0
     message = [line.strip() for line in alone.stdout.splitlines() if line.strip()]
-    assert message and "xfs" in alone.stdout
+    assert message and "zfs" in alone.stdout
 
-    refused = add_instance(cluster, "inst-xfs", "xfs", check=False)
+    refused = add_instance(cluster, "inst-zfs", "zfs", check=False)
     assert refused.returncode != 0
     assert message[-1] in refused.stdout, (
         f"the user does not see verify's explanation {message[-1]!r}:\n{refused.stdout}")
     names = cluster.run("gnt-instance", "list", "--no-headers", "-o", "name").stdout
-    assert "inst-xfs" not in names.split()
-    assert not (cluster.file_storage_dir / "inst-xfs").exists()
+    assert "inst-zfs" not in names.split()
+    assert not (cluster.file_storage_dir / "inst-zfs").exists()
 
 
 def test_add_with_a_private_key_and_a_secret_hash_shows_and_logs_neither(

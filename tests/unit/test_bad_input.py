@@ -204,7 +204,7 @@ def test_bad_or_unknown_variant_is_refused_naming_it(node, call, variant):
 
 @pytest.mark.parametrize("script", ["create", "verify"])
 @pytest.mark.parametrize("name,value", [
-    ("OSP_FILESYSTEM", "xfs"), ("OSP_FILESYSTEM", "ext4;touch canary"),
+    ("OSP_FILESYSTEM", "zfs"), ("OSP_FILESYSTEM", "ext4;touch canary"),
     ("OSP_FILESYSTEM", "../../ext4"), ("OSP_FILESYSTEM", "EXT4"),
     ("OSP_NO_SUCH_PARAMETER", "1"),
 ])

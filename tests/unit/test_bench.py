@@ -140,15 +140,15 @@ def test_a_bootstrap_is_recognised_in_a_create_log_and_its_tool_named():
 
 def test_default_options_run_every_scenario_in_order():
     opts = options.parse_args([])
-    assert opts.scenarios == ("warm", "cold", "refresh", "startup", "parallel", "memory",
-                              "backup", "ganeti")
+    assert opts.scenarios == ("warm", "roottypes", "cold", "refresh", "startup", "parallel",
+                              "memory", "backup", "ganeti")
     assert (opts.runs, opts.cold_runs, opts.entry) == (5, 3, "installed")
     assert opts.workdir == "/var/tmp" and opts.cache is None
 
 
 def test_quick_skips_the_scenarios_that_bootstrap_and_runs_fewer_times():
     opts = options.parse_args(["--quick"])
-    assert opts.scenarios == ("warm", "startup", "memory", "backup")
+    assert opts.scenarios == ("warm", "roottypes", "startup", "memory", "backup")
     assert opts.runs == 3
 
 
@@ -182,7 +182,7 @@ def test_bad_arguments_are_a_usage_error(argv, capsys):
 def test_an_unknown_scenario_error_lists_the_known_ones(capsys):
     with pytest.raises(SystemExit):
         options.parse_args(["--scenarios", "fast"])
-    assert "warm,cold,refresh,startup,parallel,memory" in capsys.readouterr().err
+    assert "warm,roottypes,cold,refresh,startup,parallel,memory" in capsys.readouterr().err
 
 
 # -- strace output --------------------------------------------------------------

@@ -127,7 +127,7 @@ def test_gpt_without_grub_has_no_bios_boot_partition():
     assert partitions.GPT_BIOS_BOOT not in script
 
 
-@pytest.mark.parametrize("style,alignment,smallest", [("msdos", 64, 136), ("gpt", 100, 168)])
+@pytest.mark.parametrize("style,alignment,smallest", [("msdos", 64, 296), ("gpt", 100, 328)])
 def test_alignment_leaving_too_little_for_grub_names_the_smallest(style, alignment, smallest):
     with pytest.raises(DiskError, match=f"at least {smallest}"):
         partitions.plan(style, alignment, DISK, boot_area=True)
@@ -707,3 +707,20 @@ def test_hostile_os_release_gives_the_generic_title(tmp_path, kind):
     else:
         path.write_text('PRETTY_NAME="Debian\x1b[2J"\n')
     assert bootloader.os_title(t) == "Debian GNU/Linux"
+
+
+@pytest.mark.parametrize("fstype,module", [("ext3", "ext2"), ("xfs", "xfs"),
+                                           ("btrfs", "btrfs")])
+def test_grub_reads_each_root_type_with_its_own_module(fake_runner, tmp_path, fstype,
+                                                       module):
+    t = make_tree(tmp_path / "root")
+    fake_runner.expect("mount")
+    fake_runner.expect("chroot")
+    assert bootloader.install(t, request(), grub_settings("gpt"), disk_device="/dev/loop3",
+                              root_uuid=UUID, fstype=fstype)
+    assert fake_runner.calls[-1][-2:] == (f"--modules=part_gpt {module}", "/dev/loop3")
+    cfg = t.read_text("/boot/grub/grub.cfg")
+    assert cfg.count(f"insmod {module}\n") == 2  # before the search, and in the entry
+    assert bootloader.core_modules("msdos", fstype) == (
+        "biosdisk", "part_msdos", module, "search_fs_uuid")
+    assert {"xfs", "btrfs", "ext2"} <= set(bootloader.EFI_MODULES)

@@ -628,3 +628,15 @@ def test_remove_leaves_a_kept_archive_and_one_in_use(store):
         assert store.remove(busy.path, "test") is False
     assert os.path.exists(kept.path) and os.path.exists(busy.path)
     assert store.remove(os.path.join(store.directory, "cache-gone.tar"), "test") is False
+
+
+def test_images_of_every_root_type_are_listed_and_their_temporaries_expire(store):
+    stored(store)
+    for fstype in ("xfs", "btrfs", "ext4"):
+        with open(os.path.join(store.directory, cache_store.image_name(KEY.stem, fstype)),
+                  "wb") as f:
+            f.write(b"\0" * 4096)
+    assert store.image_types(KEY) == ["btrfs", "ext4", "xfs"]
+    assert cache_store._TEMPORARY.match(
+        cache_store.image_name(KEY.stem, "xfs") + cache_store.TMP_TAG + "abc123")
+    assert not cache_store._IMAGE_ONLY.match(cache_store.image_name(KEY.stem, "zfs"))

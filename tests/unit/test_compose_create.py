@@ -133,6 +133,22 @@ def test_create_runs_its_commands_in_order(fake_node, disk, paths):
     assert f"UUID={uuid}\t/\text4" in (root / "etc/fstab").read_text()
 
 
+@pytest.mark.parametrize("fstype,mkfs,options", [
+    ("xfs", "mkfs.xfs -f -q", "nouuid"), ("btrfs", "mkfs.btrfs -f -q", "")])
+def test_an_xfs_or_btrfs_root_is_made_by_its_mkfs_and_mounted_with_its_options(
+        fake_node, disk, paths, fstype, mkfs, options):
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    create.run(environment.parse("create", [], ganeti_env(disk, OSP_FILESYSTEM=fstype)), paths)
+    mount = f"mount -t {fstype} -o {options} /dev/loop1 MNT" if options else \
+        f"mount -t {fstype} /dev/loop1 MNT"
+    assert shown(fake_node.fake, disk) == [
+        *SETUP[:5], f"{mkfs} /dev/loop1", SETUP[6], mount, SETUP[8]] + RELEASE
+    assert fake_node.leftovers() == []
+    uuid = fake_node.filesystems[(os.path.realpath(disk), MIB)].uuid
+    fstab = (fake_node.root_files(disk, MIB) / "etc/fstab").read_text()
+    assert f"UUID={uuid}\t/\t{fstype}\tdefaults\t0\t0\n" in fstab
+
+
 @pytest.mark.parametrize("step", range(len(SETUP)), ids=lambda k: SETUP[k].split()[0] + str(k))
 def test_a_failed_step_releases_what_was_set_up_in_reverse(fake_node, disk, paths,
                                                            step):

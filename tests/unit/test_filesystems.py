@@ -25,9 +25,35 @@ def test_label_is_passed_to_mke2fs(fake_runner):
 
 
 def test_unknown_filesystem_is_refused_before_running_anything(fake_runner):
-    with pytest.raises(DiskError, match="ext2, ext3, ext4"):
-        filesystems.make_filesystem("/dev/loop1", "xfs")
+    with pytest.raises(DiskError, match="btrfs, ext2, ext3, ext4, xfs"):
+        filesystems.make_filesystem("/dev/loop1", "zfs")
     assert fake_runner.calls == []
+
+
+@pytest.mark.parametrize(("fstype", "command"), [
+    ("xfs", f"mkfs.xfs -f -q -L root -m uuid={UUID} /dev/loop1"),
+    ("btrfs", f"mkfs.btrfs -f -q -L root -U {UUID} /dev/loop1"),
+    ("ext4", f"mke2fs -F -q -t ext4 -E lazy_itable_init=1,lazy_journal_init=0 -L root "
+             f"-U {UUID} /dev/loop1"),
+])
+def test_each_root_type_has_its_own_mkfs_with_label_and_uuid(fake_runner, fstype, command):
+    fake_runner.expect(command.split()[0])
+    filesystems.make_filesystem("/dev/loop1", fstype, label="root", uuid=UUID)
+    assert fake_runner.commands() == [command]
+
+
+@pytest.mark.parametrize(("fstype", "fields"), [
+    ("ext4", ("errors=remount-ro", 1)), ("ext2", ("errors=remount-ro", 1)),
+    ("xfs", ("defaults", 0)), ("btrfs", ("defaults", 0))])
+def test_fstab_checks_ext_roots_at_boot_and_leaves_xfs_and_btrfs_to_themselves(
+        fstype, fields):
+    assert filesystems.fstab_fields(fstype) == fields
+
+
+def test_xfs_roots_are_mounted_nouuid_and_others_with_no_extra_option():
+    assert filesystems.mount_options("xfs") == ("nouuid",)
+    assert filesystems.mount_options("btrfs") == ()
+    assert filesystems.mount_options("ext4") == ()
 
 
 def test_uuid_is_probed_directly_on_the_device(fake_runner):

@@ -64,6 +64,25 @@ def test_ext2_has_no_journal_to_size(fake_runner):
                                       f"tune2fs -U {new_uuid} /dev/loop1"]
 
 
+@pytest.mark.parametrize("fstype,renew", [("xfs", ["xfs_admin", "-U"]),
+                                          ("btrfs", ["btrfstune", "-M"])])
+def test_xfs_and_btrfs_get_a_new_uuid_unmounted_and_grow_once_mounted(fake_runner, fstype,
+                                                                     renew):
+    fake_runner.expect(renew[0])
+    new_uuid = image_copy.grow_and_renew("/dev/loop1", fstype)
+    assert fake_runner.commands() == [" ".join([*renew, new_uuid, "/dev/loop1"])]
+    grow = {"xfs": ["xfs_growfs", "-d", "/mnt/t"],
+            "btrfs": ["btrfs", "filesystem", "resize", "max", "/mnt/t"]}[fstype]
+    fake_runner.expect(grow[0])
+    image_copy.grow_mounted("/mnt/t", fstype)
+    assert fake_runner.commands()[-1] == " ".join(grow)
+
+
+def test_ext_roots_are_not_grown_again_once_mounted(fake_runner):
+    image_copy.grow_mounted("/mnt/t", "ext4")
+    assert fake_runner.calls == []
+
+
 def test_a_superblock_without_a_block_count_is_an_error(fake_runner):
     fake_runner.expect("resize2fs")
     fake_runner.expect("dumpe2fs", stdout="dumpe2fs 1.47.0\nBlock size: 4096\n")
@@ -156,3 +175,45 @@ def test_something_that_is_no_ext_filesystem_has_no_journal_to_skip(tmp_path):
     path = tmp_path / "zeros.img"
     path.write_bytes(bytes(8192))
     assert image_copy.journal_extents(str(path)) is None
+
+
+def xfs_superblock(logstart: int, agblocks: int, agblklog: int, logblocks: int) -> bytes:
+    sb = bytearray(512)
+    sb[0:4] = b"XFSB"
+    sb[4:8] = (4096).to_bytes(4, "big")
+    sb[48:56] = logstart.to_bytes(8, "big")
+    sb[84:88] = agblocks.to_bytes(4, "big")
+    sb[96:100] = logblocks.to_bytes(4, "big")
+    sb[124] = agblklog
+    return bytes(sb)
+
+
+def test_the_xfs_log_is_found_from_its_ag_relative_start(tmp_path):
+    path = tmp_path / "x.img"
+    # Block 6 of allocation group 2, as mkfs.xfs placed it in a 492 MiB image.
+    path.write_bytes(xfs_superblock((2 << 15) | 6, 31515, 15, 16384))
+    assert image_copy.xfs_log_range(str(path)) == ((2 * 31515 + 6) * 4096, 16384 * 4096)
+    path.write_bytes(b"\0" * 4096)
+    assert image_copy.xfs_log_range(str(path)) is None
+
+
+def test_holes_of_the_xfs_log_are_zeroed_on_the_disk_and_its_data_copied(tmp_path):
+    image = tmp_path / "x.img"
+    log_start, log_bytes = 8 * 4096, 8 * 4096
+    with open(image, "wb") as f:
+        f.write(xfs_superblock(8, 1024, 10, 8))
+        f.seek(log_start)
+        f.write(b"\x01" * 4096)  # the log's first block: a record
+        f.truncate(32 * 4096)
+    disk = tmp_path / "disk"
+    disk.write_bytes(b"\xee" * (40 * 4096))  # old contents everywhere
+    fs = image_copy.FsImage(str(image), "xfs", 32 * 4096)
+    assert image_copy.zeroed_ranges(fs) == ((log_start, log_bytes),)
+    image_copy.write(fs, str(disk), offset=4096)
+    data = disk.read_bytes()
+    assert data[4096:4100] == b"XFSB"
+    log = data[4096 + log_start:4096 + log_start + log_bytes]
+    assert log[:4096] == b"\x01" * 4096 and log[4096:] == bytes(log_bytes - 4096)
+    # Outside the log, the image's holes keep what the disk held.
+    assert data[4096 + log_start + log_bytes:][:4] == b"\xee" * 4
+    assert image_copy.zeroed_ranges(image_copy.FsImage(str(image), "btrfs", 1)) == ()

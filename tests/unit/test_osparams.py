@@ -10,19 +10,20 @@ from ganeti_debootstrap import filesystems, osparams, settings
 from ganeti_debootstrap.errors import ConfigError, DefinitionError
 
 
-def test_filesystem_defaults_to_ext4():
-    assert osparams.validate({}).filesystem == "ext4"
-    assert osparams.validate({"filesystem": ""}).filesystem == "ext4"
+def test_filesystem_left_empty_leaves_the_choice_to_the_setting():
+    assert osparams.validate({}).filesystem == ""
+    assert osparams.validate({"filesystem": ""}).filesystem == ""
 
 
-@pytest.mark.parametrize("fs", ["ext2", "ext3", "ext4"])
-def test_each_ext_filesystem_is_accepted(fs):
+@pytest.mark.parametrize("fs", ["ext2", "ext3", "ext4", "xfs", "btrfs"])
+def test_each_root_filesystem_is_accepted(fs):
     assert osparams.validate({"filesystem": fs}).filesystem == fs
 
 
 def test_bad_filesystem_lists_the_choices():
-    with pytest.raises(ConfigError, match="filesystem='xfs'.*ext4, ext3, ext2"):
-        osparams.validate({"filesystem": "xfs"})
+    with pytest.raises(ConfigError, match="filesystem='zfs'.*ext4, ext3, ext2, xfs, btrfs"
+                                          ".*-O filesystem=ext4 "):
+        osparams.validate({"filesystem": "zfs"})
 
 
 def test_undeclared_parameter_is_refused():
@@ -55,7 +56,8 @@ def test_every_field_of_the_parameters_is_a_declared_parameter():
 def test_choices_shared_with_the_settings_and_the_filesystems_are_the_same_lists():
     known = {p.name: p for p in osparams.PARAMETERS}
     assert known["filesystem"].choices == filesystems.ROOT_TYPES
-    assert known["filesystem"].default == "ext4"
+    assert known["filesystem"].default == ""
+    assert settings.Settings().filesystem == "ext4"
     assert known["bootloader"].choices == settings.BOOTLOADERS
 
 

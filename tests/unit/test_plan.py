@@ -80,8 +80,15 @@ def test_create_chooses_the_tool_before_the_architecture_is_asked(tree, node,
 def test_a_bad_setting_is_reported_before_a_bad_parameter(tree, node):
     Path(tree.defaults_file).write_text("PARTITION_STYLE=mbr\n")
     with pytest.raises(ConfigError, match="PARTITION_STYLE"):
-        plan.prepare(request(OSP_FILESYSTEM="xfs"), tree)
+        plan.prepare(request(OSP_FILESYSTEM="zfs"), tree)
     Path(tree.defaults_file).write_text("")
-    with pytest.raises(ConfigError, match="filesystem='xfs'"):
-        plan.prepare(request(OSP_FILESYSTEM="xfs"), tree)
+    with pytest.raises(ConfigError, match="filesystem='zfs'"):
+        plan.prepare(request(OSP_FILESYSTEM="zfs"), tree)
     assert commands(node) == []
+
+
+def test_root_filesystem_comes_from_the_setting_unless_the_parameter_names_one(tree, node):
+    assert plan.prepare(request(), tree).params.filesystem == "ext4"
+    Path(tree.defaults_file).write_text('FILESYSTEM="xfs"\n')
+    assert plan.prepare(request(), tree).params.filesystem == "xfs"
+    assert plan.prepare(request(OSP_FILESYSTEM="btrfs"), tree).params.filesystem == "btrfs"
