@@ -156,6 +156,8 @@ def remove_scratch_of_passed(item) -> None:
 # One real bootstrap per session, shared by every test that needs a warm cache.
 from tests.root import scripts  # noqa: E402
 from tests.root.bootstrap_fixture import bootstrapped_localstatedir  # noqa: E402,F401
+# The Debian package built from this tree, unpacked (the Ganeti cluster tests).
+from tests.root.ganeti_checks import os_dir, package_root  # noqa: E402,F401
 
 
 @pytest.fixture

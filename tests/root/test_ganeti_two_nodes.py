@@ -25,15 +25,13 @@ from tests.root.aptrepo import BUMP, PACKAGE, copy_entry, make_repository, sourc
 from tests.root.bootstrap_fixture import bootstrapped_localstatedir  # noqa: F401
 from tests.root.ganeti_cluster import NODE_NAME, host_state, state_differences
 from tests.root.ganeti_two_nodes import NODE2_NAME, TwoNodeCluster
-from tests.root.test_ganeti import (  # noqa: F401 - module fixtures shared
+from tests.root.ganeti_checks import (  # noqa: F401 - module fixtures shared
     OS_NAME,
     OS_PATH,
     Scenario,
     assert_instance_root,
     assert_no_warnings,
     inspect_disk,
-    os_dir,
-    package_root,
 )
 
 COMMAND = "/usr/sbin/ganeti-debootstrap-cache"
@@ -68,7 +66,7 @@ def add_instance(cluster: TwoNodeCluster, name: str, node: str,
 
 
 @pytest.fixture(scope="module")
-def two_nodes(os_dir: Path, package_root: Path,  # noqa: F811
+def two_nodes(os_dir: Path, package_root: Path,
               tmp_path_factory: pytest.TempPathFactory,
               bootstrapped_localstatedir: str,  # noqa: F811
               ) -> Iterator[TwoNodeCluster]:
@@ -134,7 +132,7 @@ def test_the_cluster_verifies_clean(two_nodes: TwoNodeCluster) -> None:
 
 
 def test_push_is_refused_on_a_node_that_is_not_the_master(
-        two_nodes: TwoNodeCluster, package_root: Path) -> None:  # noqa: F811
+        two_nodes: TwoNodeCluster, package_root: Path) -> None:
     proc = two_nodes.run_on_node2(command(package_root), "push", "default", check=False)
     assert proc.returncode == 1, proc.stdout
     assert f"is not the master of its Ganeti cluster; {NODE_NAME} is" in proc.stdout
@@ -142,7 +140,7 @@ def test_push_is_refused_on_a_node_that_is_not_the_master(
 
 
 def test_push_is_refused_when_node2_would_use_another_key(
-        two_nodes: TwoNodeCluster, package_root: Path) -> None:  # noqa: F811
+        two_nodes: TwoNodeCluster, package_root: Path) -> None:
     variant = two_nodes.node2_root / NODE2_VARIANT_FILE
     saved = variant.read_text()
     try:
@@ -156,7 +154,7 @@ def test_push_is_refused_when_node2_would_use_another_key(
 
 
 def test_build_and_push_make_the_first_create_on_node2_warm(
-        two_nodes: TwoNodeCluster, package_root: Path,  # noqa: F811
+        two_nodes: TwoNodeCluster, package_root: Path,
         scenario: Scenario, tmp_path: Path) -> None:
     built = two_nodes.run(command(package_root), "build", "default", "--json")
     [result] = json_result(built.stdout)
@@ -243,7 +241,7 @@ def installed_version(disk: Path, mountpoint: Path, package: str) -> str:
 
 
 def test_refresh_on_the_master_and_push_give_node2_the_newer_package(
-        two_nodes: TwoNodeCluster, package_root: Path,  # noqa: F811
+        two_nodes: TwoNodeCluster, package_root: Path,
         scenario: Scenario, tmp_path: Path) -> None:
     """A newer nano in a repository served inside node 1's namespaces:
     refresh upgrades node 1's entry, push sends it, node 2's next instance
