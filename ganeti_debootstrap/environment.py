@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import getopt
 import re
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -79,6 +80,10 @@ class Disk:
     uri: str = ""
     size_mib: int | None = None
     access: str = "rw"
+    # Ganeti's UUID of the disk (DISK_N_UUID), lower case; empty when not
+    # given or not a UUID. A data disk's filesystem gets it as its UUID, so
+    # that fstab can name the filesystem before it exists (import).
+    uuid: str = ""
 
 
 @dataclass(frozen=True)
@@ -240,8 +245,17 @@ def _disks(env: Mapping[str, str], problems: list[str]) -> tuple[Disk, ...]:
             size_mib=_int(env, f"DISK_{n}_SIZE", problems, 0, MAX_DISK_MIB,
                           "sizes are in MiB, and 8 EiB is the largest block "
                           "device Linux addresses"),
-            access=env.get(f"DISK_{n}_ACCESS", "rw")))
+            access=env.get(f"DISK_{n}_ACCESS", "rw"),
+            uuid=_uuid(env.get(f"DISK_{n}_UUID", ""))))
     return tuple(disks)
+
+
+def _uuid(text: str) -> str:
+    """``text`` as a canonical lower-case UUID, or "" when it is none."""
+    try:
+        return str(uuid.UUID(text)) if text else ""
+    except ValueError:
+        return ""
 
 
 def _nics(env: Mapping[str, str], problems: list[str]) -> tuple[Nic, ...]:

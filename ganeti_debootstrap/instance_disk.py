@@ -249,7 +249,9 @@ def format_data_disks(request: Request, params: OSParams) -> dict[int, FsEntry]:
     attached only while it is formatted. On reinstall
     (INSTANCE_REINSTALL=1) a data disk already holding a filesystem of the
     type asked for keeps it, with its data: a reinstall renews the system
-    on disk 0, not what the instance stored on its data disks.
+    on disk 0, not what the instance stored on its data disks. A new
+    filesystem's UUID is Ganeti's UUID of the disk (DISK_N_UUID) where
+    Ganeti passes one.
     """
     made: dict[int, FsEntry] = {}
     fstype = params.data_filesystem
@@ -264,7 +266,10 @@ def format_data_disks(request: Request, params: OSParams) -> dict[int, FsEntry]:
             continue
         with blockdev.attached(disk.path) as dev:
             partitions.erase_signatures(dev)
-            filesystems.make_filesystem(dev, fstype)
+            # Ganeti's UUID of the disk, where given: import remakes the
+            # filesystem with the new disk's and names it in fstab before
+            # the disk is restored (import_disk.py).
+            filesystems.make_filesystem(dev, fstype, uuid=disk.uuid)
             made[disk.index] = FsEntry(filesystems.uuid_of(dev), fstype)
         logger.info("Data disk %d (%s): %s filesystem %s", disk.index, disk.path,
                     fstype, made[disk.index].uuid)

@@ -548,3 +548,16 @@ def test_a_reinstall_formats_a_data_disk_whose_uuid_is_not_one(fake_node, disk, 
         "losetup --find --show DATA1"]
     fstab = (fake_node.root_files(disk, MIB) / "etc/fstab").read_text()
     assert "x\nnone" not in fstab
+
+
+def test_a_data_disks_filesystem_gets_ganetis_uuid_of_the_disk(
+        fake_node, disk, data_disk, paths):
+    """So that import can name it in fstab before the disk is restored."""
+    ganeti_uuid = "6F1C6A3E-0B7D-4E1A-9C61-2B3D4E5F6A7B"
+    fake_node.fake.expect("debootstrap", action=bootstrapped)
+    run_create_with(paths, disk, DISK_1_PATH=data_disk, DISK_1_UUID=ganeti_uuid,
+                    **DATA_VARIABLES)
+    mkfs = [line for line in shown(fake_node.fake, disk, DATA1=data_disk)
+            if line.startswith("mke2fs") and "/dev/loop0" in line]
+    assert mkfs == [f"mke2fs -F -q -t ext4 -E lazy_itable_init=1,lazy_journal_init=0 "
+                    f"-U {ganeti_uuid.lower()} /dev/loop0"]

@@ -295,3 +295,10 @@ def test_the_highest_descriptor_is_accepted():
     env = {"EXPORT_INDEX": "0", "EXPORT_DISK_PATH": "/dev/xenvg/d",
            "EXP_SIZE_FD": "1048575"}
     assert parse("export", **env).exp_size_fd == 1048575
+
+
+@pytest.mark.parametrize("given,kept", [
+    ("6F1C6A3E-0B7D-4E1A-9C61-2B3D4E5F6A7B", "6f1c6a3e-0b7d-4e1a-9c61-2b3d4e5f6a7b"),
+    ("not-a-uuid", ""), (None, "")])
+def test_ganetis_disk_uuid_is_kept_when_it_is_one(given, kept):
+    assert parse(DISK_0_UUID=given).disks[0].uuid == kept
