@@ -22,10 +22,13 @@ printed (test_ganeti_harness.py pins that behaviour down).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,12 +38,14 @@ from tests.root.ganeti_checks import (  # noqa: F401 - module fixtures
     CLUSTER_PATH,
     OS_NAME,
     OS_PATH,
+    SECTOR,
     VARIANTS_LIST,
     RootFilesystem,
     Scenario,
     assert_instance_root,
     assert_no_warnings,
     inspect_disk,
+    released_by,
     variants,
 )
 from tests.root.ganeti_cluster import (
@@ -49,7 +54,6 @@ from tests.root.ganeti_cluster import (
     host_state,
     state_differences,
 )
-
 
 
 def add_instance(cluster: GanetiCluster, name: str, filesystem: str,
@@ -252,6 +256,92 @@ def test_import_restores_the_system_under_the_new_name(
     assert fs.uuid != scenario.disks["inst2"].uuid
     assert fs.debian_version == scenario.disks["inst2"].debian_version
     scenario.passed.add("import")
+
+
+MULTI_PARAMETERS = "filesystem=xfs,swap=512M,data_disks=format"
+SWAP_BYTES = 512 * 2**20
+MARKER = "written on the data disk before the export\n"
+
+
+def data_disk_state(disk: Path, mountpoint: Path, write: str = "") -> tuple[str, str, str]:
+    """(type, UUID, marker file's text) of a whole-disk data filesystem;
+    ``write``: put that text into the marker file first."""
+    fstype = output(["blkid", "--probe", "--output", "value", "--match-tag", "TYPE",
+                     str(disk)])
+    uuid = output(["blkid", "--probe", "--output", "value", "--match-tag", "UUID",
+                   str(disk)])
+    mountpoint.mkdir(exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        loop = output(["losetup", "--find", "--show"]
+                      + ([] if write else ["--read-only"]) + [str(disk)])
+        stack.enter_context(released_by(["losetup", "--detach", loop]))
+        run(["mount"] + ([] if write else ["-o", "ro"]) + ["-t", fstype, loop,
+                                                           str(mountpoint)])
+        stack.enter_context(released_by(["umount", str(mountpoint)]))
+        marker = mountpoint / "marker"
+        if write:
+            marker.write_text(write)
+        text = marker.read_text() if marker.exists() else ""
+    return fstype, uuid, text
+
+
+def swap_partition(disk: Path) -> dict[str, Any]:
+    table = json.loads(output(["sfdisk", "--json", str(disk)]))["partitiontable"]
+    [swap] = [p for p in table["partitions"] if p["type"] == "82"]
+    return {"size": swap["size"] * SECTOR, "start": swap["start"]}
+
+
+def assert_multi_disk_instance(cluster: GanetiCluster, name: str, tmp_path: Path,
+                               marker: str) -> str:
+    """An XFS root with a 512 MiB swap partition and an ext4 data disk in
+    fstab by UUID; returns the data disk's UUID."""
+    disk0, disk1 = (cluster.instance_disk_path(name, i) for i in (0, 1))
+    fs = inspect_disk(disk0, tmp_path / "root", read=["/etc/fstab"])
+    assert (fs.fstype, fs.hostname) == ("xfs", name)
+    assert fs.fstab_root == (f"UUID={fs.uuid}", "xfs")
+    assert swap_partition(disk0)["size"] == SWAP_BYTES
+    data_type, data_uuid, text = data_disk_state(disk1, tmp_path / "data")
+    assert (data_type, text) == ("ext4", marker)
+    [fstab] = fs.files
+    lines = [line.split() for line in fstab.splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert [f"UUID={data_uuid}", "/srv/disk1", "ext4", "defaults,nofail", "0", "2"] in lines
+    assert [line[2] for line in lines if line[1] == "none"] == ["swap"]
+    return data_uuid
+
+
+def test_an_xfs_instance_with_swap_and_a_data_disk_round_trips_through_gnt_backup(
+        cluster: GanetiCluster, tmp_path: Path) -> None:
+    """Two disks, -O filesystem=xfs,swap=512M,data_disks=format: added, exported
+    (a tar stream of the root, a dump of the data disk) and imported under
+    another name with the data disk's files, fstab naming the new disks."""
+    assert_no_warnings(cluster.run(
+        "gnt-instance", "add", "-t", "file", "--disk", "0:size=2G", "--disk", "1:size=1G",
+        "-o", f"{OS_NAME}+default", "-O", MULTI_PARAMETERS, "--no-name-check",
+        "--no-ip-check", "--no-start", "-n", NODE_NAME, "multi1"))
+    assert cluster.leftover_mounts() == []
+    data_disk_state(cluster.instance_disk_path("multi1", 1), tmp_path / "data", MARKER)
+    before = assert_multi_disk_instance(cluster, "multi1", tmp_path, MARKER)
+    assert_no_warnings(cluster.run("gnt-backup", "export", "-n", NODE_NAME, "multi1"))
+    export = cluster.export_dir / "multi1"
+    streams = sorted(p for p in export.iterdir() if p.name != "config.ini")
+    assert len(streams) == 2, f"expected a stream per disk in {sorted(export.iterdir())}"
+    heads = {}
+    for stream in streams:
+        with open(stream, "rb") as f:
+            heads[stream.name] = f.read(1024)
+    kinds = sorted("tar" if head[257:262] == b"ustar" else "other" for head in heads.values())
+    assert kinds == ["other", "tar"], "the XFS root's stream is a tar archive"
+    assert_no_warnings(cluster.run(
+        "gnt-backup", "import", "-t", "file", "-n", NODE_NAME, f"--src-node={NODE_NAME}",
+        "--src-dir=/var/lib/ganeti/export/multi1", "--net", "0:mac=generate",
+        "--no-name-check", "--no-ip-check", "multi2"))
+    assert cluster.leftover_mounts() == []
+    after = assert_multi_disk_instance(cluster, "multi2", tmp_path, MARKER)
+    assert after != before, "the imported data disk is a new filesystem"
+    for name in ("multi1", "multi2"):
+        cluster.run("gnt-instance", "remove", "-f", name)
+    cluster.run("gnt-backup", "remove", "multi1")
 
 
 def test_remove_deletes_the_instances(cluster: GanetiCluster, scenario: Scenario) -> None:
