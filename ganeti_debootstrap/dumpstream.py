@@ -81,6 +81,7 @@ class StreamPump:
         self.prefix = prefix
         self.tracker: Tracker = tracker if tracker is not None else DumpEnd()
         self.total = 0
+        self.ended = False  # the source reached its end (not stopped early)
         self.error: OSError | None = None
         self._thread = threading.Thread(target=self._pump, daemon=True)
 
@@ -102,6 +103,7 @@ class StreamPump:
                 if not chunk:
                     chunk = os.read(self.source_fd, _CHUNK)
                 if not chunk:
+                    self.ended = True
                     break
                 self.total += len(chunk)
                 self.tracker.feed(chunk)

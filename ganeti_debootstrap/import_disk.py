@@ -78,6 +78,12 @@ _RESTORERS = {"dump": ("restore", "not a dump(8) stream"),
               "tar": ("tar", "not a tar archive")}
 
 
+def _tar_truncated(tar_end: backupstream.TarEnd, total: int) -> str:
+    return (f"The backup stream (a tar archive) {backupstream.tar_damage(tar_end, total)}: "
+            f"it is truncated or damaged, so the disk holds an incomplete copy. Check "
+            f"the export (its size, the transfer) and import again.")
+
+
 def restore_stream(target_dir: str, source_fd: int, kind: Kind = "dump",
                    head: bytes = b"") -> int:
     """Restore the dump or tar stream read from ``source_fd`` into ``target_dir``.
@@ -108,6 +114,10 @@ def restore_stream(target_dir: str, source_fd: int, kind: Kind = "dump",
                             f"the export it came from.")
     except CommandError as exc:
         pump.join(timeout=PUMP_STOP_SECONDS)
+        if kind == "tar" and pump.ended and not tar_end.complete:
+            # tar stops at a cut inside a member ("Unexpected EOF"): the
+            # stream's end, not tar, is the problem to report.
+            raise ImportError_(_tar_truncated(tar_end, pump.total)) from None
         if exc.returncode == confine.NOT_FOUND:
             raise MissingProgramError(program, runner.PACKAGES[program]) from None
         if exc.returncode == confine.SETUP_FAILED:
@@ -128,12 +138,8 @@ def restore_stream(target_dir: str, source_fd: int, kind: Kind = "dump",
     # writes after them is not waited for.
     pump.join(timeout=PUMP_STOP_SECONDS if pump.complete else None)
     if kind == "tar":
-        damage = backupstream.tar_damage(tar_end, pump.total)
-        if damage:
-            raise ImportError_(
-                f"The backup stream (a tar archive) {damage}: it is truncated or "
-                f"damaged, so the disk holds an incomplete copy. Check the export "
-                f"(its size, the transfer) and import again.")
+        if not tar_end.complete:
+            raise ImportError_(_tar_truncated(tar_end, pump.total))
     elif not pump.complete:
         raise ImportError_(
             f"The backup stream ended after {pump.total} bytes without dump's "
