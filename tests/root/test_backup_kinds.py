@@ -57,11 +57,13 @@ def os_tree(tmp_path):
     return scripts.make_os_tree(str(tmp_path / "os"), str(tmp_path / "var"))
 
 
-def disk_env(script: str, disk: str, index: int = 1, **extra: str) -> dict[str, str]:
+def disk_env(script: str, disk: str, index: int = 1,
+             extra: dict[str, str] | None = None) -> dict[str, str]:
     prefix = script.upper()
     return ganeti_env(INSTANCE_NAME="kinds.example.org", DISK_COUNT=str(index + 1),
                       **{f"DISK_{index}_PATH": disk, f"{prefix}_INDEX": str(index),
-                         f"{prefix}_DISK_PATH": disk, f"{prefix}_DEVICE": disk}, **extra)
+                         f"{prefix}_DISK_PATH": disk, f"{prefix}_DEVICE": disk},
+                      **(extra or {}))
 
 
 @contextlib.contextmanager
@@ -101,13 +103,13 @@ def fill(root: str) -> None:
         f.write("kinds\n")
     with open(p("etc/deep/er/still", "n" * 200), "w") as f:  # a long name: pax
         f.write("long\n")
-    with open(p("data.bin"), "wb") as f:
-        f.write(os.urandom(300_000))
-    with open(p("sparse"), "wb") as f:
-        f.seek(40 * 2**20)
-        f.write(b"end")
-        f.seek(2**20)
-        f.write(b"middle")
+    with open(p("data.bin"), "wb") as out:
+        out.write(os.urandom(300_000))
+    with open(p("sparse"), "wb") as out:
+        out.seek(40 * 2**20)
+        out.write(b"end")
+        out.seek(2**20)
+        out.write(b"middle")
     os.link(p("data.bin"), p("etc/hardlink"))
     os.symlink("../data.bin", p("etc/relative-link"))
     os.symlink("/etc/shadow", p("absolute-link"))  # the instance's, never the node's
@@ -140,7 +142,7 @@ def fill(root: str) -> None:
 def export_disk(tree, disk: str, stream: str, **extra: str) -> int:
     """Export ``disk`` as data disk 1 into ``stream``; the size it announced."""
     read_fd, write_fd = os.pipe()
-    env = disk_env("export", disk, EXP_SIZE_FD=str(write_fd), **extra)
+    env = disk_env("export", disk, extra={"EXP_SIZE_FD": str(write_fd), **extra})
     with open(stream, "wb") as out:
         proc = subprocess.run(
             [scripts.PYTHON, scripts.LAUNCHER, tree.sysconfdir, tree.localstatedir,
