@@ -289,9 +289,11 @@ def test_truncated_tar_and_raw_streams_are_refused(os_tree, tmp_path, fstype, cu
     elif cut == "end-blocks":
         # tar: the last member complete, the end-of-archive blocks gone;
         # raw: the end record gone.
-        data = data.rstrip(b"\0")
-        data = data[: -(-len(data) // 512) * 512] if fstype != "raw" else \
-            data[: -backupstream.RECORD_SIZE]
+        if fstype == "raw":
+            data = data[:-backupstream.RECORD_SIZE]
+        else:
+            body = data.rstrip(b"\0")
+            data = body.ljust(-(-len(body) // 512) * 512, b"\0")
     else:
         data = data[:300]
     bad = str(tmp_path / "bad")
