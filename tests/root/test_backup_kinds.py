@@ -17,8 +17,10 @@ filesystem made here, until create's ``filesystem`` (and the data disks'
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import subprocess
+import tarfile
 from collections.abc import Iterator
 
 import pytest
@@ -322,3 +324,57 @@ def test_a_dump_imported_as_a_data_disk_gives_the_same_tree(os_tree, tmp_path):
     with mounted(src, str(tmp_path / "a"), read_only=True) as a, \
             mounted(dst, str(tmp_path / "b"), read_only=True) as b:
         assert differences(a, b) == []
+
+
+def hostile_tar(canary_dir: str) -> bytes:
+    """A tar stream trying every way out of the target tar has: symlinks and
+    hard links to the node's files, members written through them, absolute
+    names, ``..``, a setuid program, a device node of the node's disk."""
+    out = io.BytesIO()
+
+    def add(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"tenant\n",
+            link: str = "", mode: int = 0o644, devmajor: int = 0, devminor: int = 0) -> None:
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname, info.mode = kind, link, mode
+        info.devmajor, info.devminor = devmajor, devminor
+        info.size = len(data) if kind == tarfile.REGTYPE else 0
+        tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        add("./out", tarfile.SYMTYPE, link=canary_dir)
+        add("./out/planted")
+        add("./out/canary")
+        add("./up", tarfile.SYMTYPE, link="../../../../../../../..")
+        add(f"./up{canary_dir}/planted-up")
+        add(f"{canary_dir}/planted-absolute")
+        add(f"../../../../../../..{canary_dir}/planted-dotdot")
+        add("./hard", tarfile.LNKTYPE, link=f"{canary_dir}/canary")
+        add("./hard", data=b"overwritten through a hard link\n")
+        add("./file-link", tarfile.SYMTYPE, link=f"{canary_dir}/canary")
+        add("./file-link", data=b"overwritten through a symlink\n")
+        add("./setuid", mode=0o4755, data=b"#!/bin/sh\n")
+        add("./disk", tarfile.BLKTYPE, mode=0o666, devmajor=7, devminor=0)
+    return out.getvalue()
+
+
+def test_a_hostile_tar_stream_writes_nothing_outside_the_data_disk(os_tree, tmp_path):
+    canary_dir = str(tmp_path / "canary")
+    os.makedirs(canary_dir)
+    canary = os.path.join(canary_dir, "canary")
+    with open(canary, "w") as f:
+        f.write("node\n")
+    stream = str(tmp_path / "hostile.tar")
+    with open(stream, "wb") as f:
+        f.write(hostile_tar(canary_dir))
+    dst = scripts.sparse_disk(str(tmp_path), DISK_MIB, "disk1.img")
+    res = import_disk_script(os_tree, dst, stream, check=False)
+    assert os.listdir(canary_dir) == ["canary"]
+    with open(canary) as f:
+        assert f.read() == "node\n"
+    if res.returncode == 0:
+        with mounted(dst, str(tmp_path / "b"), read_only=True) as b:
+            # What tar made stays inside, mounted nosuid and nodev on the node.
+            assert os.readlink(os.path.join(b, "out")) == canary_dir
+            assert not os.path.exists(os.path.join(b, canary_dir.lstrip("/"), "x"))
+    else:
+        assert "ERROR: import failed" in res.stderr.decode()
