@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 # In the order they run: parallel compares with the warm median
 # measured before it in the same invocation.
-SCENARIOS = ("warm", "cold", "startup", "parallel", "memory", "backup")
+SCENARIOS = ("warm", "cold", "startup", "parallel", "memory", "backup", "backup-kinds")
 # Scenarios that bootstrap from the mirror (minutes each): --quick skips them.
 COLD_SCENARIOS = ("cold", "parallel")
 
@@ -27,7 +27,8 @@ image's data), warm creates on XFS and Btrfs sharing the image's blocks
 (<= 0.2 s), cold create vs debootstrap
 (<= 0.5), each script's start-up (< 0.1 s), four parallel creates on a
 cold node (<= cold + 3 warm), peak memory of a create (< 100 MiB, the same
-for 2 and 20 GiB disks). Runs as root; everything lives in a scratch
+for 2 and 20 GiB disks), export and import of an ext4, XFS and Btrfs data
+disk vs dump/restore or tar by hand (<= 1.1). Runs as root; everything lives in a scratch
 directory that is removed at the end, with every loop device and mount
 released, also on Ctrl-C."""
 
