@@ -57,7 +57,7 @@ def check_consistent(root_dev: str, path: str) -> dict[str, str]:
     state = filesystems.parse_ext_state(header)
     if state.needs_recovery or not state.clean:
         raise DiskError(
-            f"The root filesystem on {path} is in use or was not cleanly "
+            f"The filesystem on {path} is in use or was not cleanly "
             f"unmounted (state: {state.describe()}), so a dump of it would not "
             f"be consistent. Shut the instance down for the export (gnt-backup "
             f"export without --noshutdown), or run e2fsck on the stopped "
@@ -237,7 +237,7 @@ def tar_size_estimate(top: str) -> int:
     """
     total = 0
     seen: set[int] = set()
-    xattr_entries = 0
+    sparse_files = 0
     for st in _tree_entries(top):
         total += _TAR_ENTRY
         if not stat.S_ISREG(st.st_mode):
@@ -249,8 +249,8 @@ def tar_size_estimate(top: str) -> int:
         data = min(st.st_size, st.st_blocks * 512) if st.st_blocks else st.st_size
         total += -(-data // _TAR_BLOCK) * _TAR_BLOCK
         if st.st_size > st.st_blocks * 512:
-            xattr_entries += 1  # the sparse map in the extended header
-    total += xattr_entries * _TAR_BLOCK + 2 * _TAR_BLOCK
+            sparse_files += 1  # the sparse map in the extended header
+    total += sparse_files * _TAR_BLOCK + 2 * _TAR_BLOCK
     return -(-total // _TAR_RECORD) * _TAR_RECORD
 
 
