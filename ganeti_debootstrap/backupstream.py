@@ -28,7 +28,6 @@ number checked before it is used.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -256,7 +255,8 @@ def write_raw(source_fd: int, size: int, extents: list[tuple[int, int]],
 _BLKZEROOUT = 0x127F
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# The C library already loaded (no ldconfig run to find it, as find_library does).
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 
