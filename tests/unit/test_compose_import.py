@@ -81,7 +81,7 @@ def run_import(paths: Paths, disk: str) -> None:
 
 def test_import_runs_its_commands_in_order_and_adapts_the_restored_system(
         fake_node, disk0, paths, stdin):
-    fake_node.fake.expect("/usr/bin/python3", action=restored)
+    fake_node.fake.expect("/usr/bin/python3", action=restored, reads_stdin=True)
     run_import(paths, disk0)
     assert shown(fake_node.fake, disk0, CONFINE=confine.__file__) == SETUP + RELEASE
     assert fake_node.leftovers() == []
@@ -95,7 +95,7 @@ def test_import_runs_its_commands_in_order_and_adapts_the_restored_system(
 @pytest.mark.parametrize("step", range(len(SETUP)), ids=lambda k: SETUP[k].split()[0] + str(k))
 def test_a_failed_step_releases_what_was_set_up_in_reverse(fake_node, disk0, paths,
                                                            stdin, step):
-    fake_node.fake.expect("/usr/bin/python3", action=restored)
+    fake_node.fake.expect("/usr/bin/python3", action=restored, reads_stdin=True)
     fake_node.fake.fail_at(step)
     with pytest.raises(CommandError, match="failed with exit status 1"):
         run_import(paths, disk0)
@@ -107,7 +107,7 @@ def test_a_failed_step_releases_what_was_set_up_in_reverse(fake_node, disk0, pat
 def test_a_truncated_stream_fails_the_import_and_releases_in_reverse(
         fake_node, disk0, paths, stdin):
     stdin(STREAM[:-2048])
-    fake_node.fake.expect("/usr/bin/python3", action=restored)
+    fake_node.fake.expect("/usr/bin/python3", action=restored, reads_stdin=True)
     with pytest.raises(import_disk.ImportError_, match="truncated or damaged"):
         run_import(paths, disk0)
     assert shown(fake_node.fake, disk0, CONFINE=confine.__file__) == SETUP + RELEASE
