@@ -25,10 +25,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from ganeti_debootstrap import backupstream, import_disk
-from tests.root import scripts
+from ganeti_debootstrap import backupstream, filesystems, import_disk
+from tests.root import scripts, test_backup
 from tests.root.scripts import ganeti_env, run_script
 from tests.treecompare import describe
+from tests.treecompare import differences as tree_differences
 
 # XFS shows root its ACLs twice: as system.posix_acl_* and as its own
 # trusted.SGI_ACL_* attributes, which are not copied (XFS makes them).
@@ -378,3 +379,34 @@ def test_a_hostile_tar_stream_writes_nothing_outside_the_data_disk(os_tree, tmp_
             assert not os.path.exists(os.path.join(b, canary_dir.lstrip("/"), "x"))
     else:
         assert "ERROR: import failed" in res.stderr.decode()
+
+
+# The root types create can make among those the backups are tested with:
+# ext4 today; XFS and Btrfs join the matrix as soon as the filesystem
+# parameter accepts them (filesystems.ROOT_TYPES).
+ROOT_PAIRS = [(a, b) for a in TYPES for b in TYPES
+              if a in filesystems.ROOT_TYPES and b in filesystems.ROOT_TYPES]
+
+
+@pytest.mark.parametrize("source,target", ROOT_PAIRS, ids=[f"{a}-{b}" for a, b in ROOT_PAIRS])
+def test_a_root_exported_from_each_root_type_imports_onto_each(tree, tmp_path, source, target):
+    disk = scripts.sparse_disk(str(tmp_path), 1024)
+    run_script(tree, "create", scripts.create_env("bk1.example.org", disk,
+                                                  OSP_FILESYSTEM=source))
+    before = str(tmp_path / "before")
+    test_backup.copy_tree_out(disk, before)
+    stream = str(tmp_path / "root.backup")
+    test_backup.export_to_file(tree, disk, stream, OSP_FILESYSTEM=source)
+    with open(stream, "rb") as f:
+        assert backupstream.detect(f.read(backupstream.PEEK_BYTES)) == KIND[source]
+    new_disk = scripts.sparse_disk(str(tmp_path), 1024, "new.img")
+    test_backup.import_from_file(tree, new_disk, stream, OSP_FILESYSTEM=target)
+    after = str(tmp_path / "after")
+    test_backup.copy_tree_out(new_disk, after)
+    assert tree_differences(before, after, ignore=test_backup.CHANGED_BY_IMPORT,
+                            ignore_mtime=test_backup.MTIME_CHANGED_BY_IMPORT) == []
+    with scripts.root_device(new_disk) as dev:
+        uuid = scripts.blkid(dev, "TYPE"), scripts.blkid(dev, "UUID")
+    assert uuid[0] == target
+    with scripts.mounted_root(new_disk) as root:
+        assert [f"UUID={uuid[1]}", "/", target] == test_backup.fstab_root_and_swap(root)[0][:3]
