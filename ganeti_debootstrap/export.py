@@ -25,7 +25,6 @@ import logging
 import os
 import stat
 import sys
-
 from collections.abc import Iterator
 from dataclasses import dataclass
 
