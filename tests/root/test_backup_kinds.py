@@ -229,7 +229,7 @@ def raw_disk(path: str, mib: int = 64) -> None:
     """A disk with no filesystem: scattered data, holes, a partition table's bytes."""
     with open(path, "wb") as f:
         f.truncate(mib * 2**20)
-        for offset in (0, 3 * 2**20 + 17, 20 * 2**20, mib * 2**20 - 4096):
+        for offset in (0, 3 * 2**20 + 17, mib * 2**19 + 4096 * 5, mib * 2**20 - 4096):
             f.seek(offset)
             f.write(os.urandom(4096))
 
@@ -410,3 +410,30 @@ def test_a_root_exported_from_each_root_type_imports_onto_each(tree, tmp_path, s
     assert uuid[0] == target
     with scripts.mounted_root(new_disk) as root:
         assert [f"UUID={uuid[1]}", "/", target] == test_backup.fstab_root_and_swap(root)[0][:3]
+
+
+def test_a_raw_data_disk_round_trips_through_block_devices(os_tree, tmp_path):
+    """A block device is read whole; holes of a file disk's stream are zeroed
+    on a block device (BLKZEROOUT) as on a file (punched)."""
+    src = str(tmp_path / "raw.img")
+    raw_disk(src, 16)
+    from_file = str(tmp_path / "from-file")
+    export_disk(os_tree, src, from_file)
+    dst = str(tmp_path / "dst.img")
+    with open(dst, "wb") as f:
+        f.write(b"\xff" * 16 * 2**20)
+    with loop(dst) as dev:
+        import_disk_script(os_tree, dev, from_file)
+        from_device = str(tmp_path / "from-device")
+        announced = export_disk(os_tree, dev, from_device)
+    with open(src, "rb") as a, open(dst, "rb") as b:
+        assert a.read() == b.read()
+    size = os.path.getsize(from_device)
+    assert announced == size
+    assert size > 16 * 2**20  # the whole device, holes and all
+    copy = str(tmp_path / "copy.img")
+    with open(copy, "wb") as f:
+        f.truncate(16 * 2**20)
+    import_disk_script(os_tree, copy, from_device)
+    with open(src, "rb") as a, open(copy, "rb") as b:
+        assert a.read() == b.read()
