@@ -228,6 +228,23 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
+def _send(out_fd: int, source_fd: int, offset: int, count: int) -> int:
+    """Copy up to ``count`` bytes at ``offset`` of ``source_fd`` to ``out_fd``.
+
+    sendfile: from the page cache into the pipe or file, no copy here; read
+    and write where the output takes no sendfile (a terminal, a socket of
+    another kind).
+    """
+    try:
+        return os.sendfile(out_fd, source_fd, offset, count)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+            raise
+    data = os.pread(source_fd, count, offset)
+    _write_all(out_fd, data)
+    return len(data)
+
+
 def write_raw(source_fd: int, size: int, extents: list[tuple[int, int]],
               out_fd: int) -> int:
     """Write the raw stream of ``source_fd``'s extents to ``out_fd``; its length."""
@@ -238,8 +255,7 @@ def write_raw(source_fd: int, size: int, extents: list[tuple[int, int]],
         _write_all(out_fd, _RECORD.pack(TAG_DATA, 0, offset, length))
         done = 0
         while done < length:
-            # sendfile: from the page cache into the pipe or file, no copy here.
-            sent = os.sendfile(out_fd, source_fd, offset + done, min(length - done, _COPY))
+            sent = _send(out_fd, source_fd, offset + done, min(length - done, _COPY))
             if sent == 0:
                 raise StreamError(f"The disk ended at byte {offset + done} while "
                                   f"{size} bytes were expected: it shrank during "
@@ -255,6 +271,7 @@ def write_raw(source_fd: int, size: int, extents: list[tuple[int, int]],
 _BLKZEROOUT = 0x127F
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+_SECTOR = 512
 # The C library already loaded (no ldconfig run to find it, as find_library does).
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
@@ -269,12 +286,28 @@ def zero_range(fd: int, offset: int, length: int) -> None:
     if length <= 0:
         return
     if stat.S_ISBLK(os.fstat(fd).st_mode):
-        fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("QQ", offset, length))
+        # BLKZEROOUT takes whole 512-byte sectors: the stream's offsets are
+        # the tenant's, so the parts of sectors at either end are written.
+        start = -(-offset // _SECTOR) * _SECTOR
+        end = (offset + length) // _SECTOR * _SECTOR
+        if end <= start:
+            _pwrite_all(fd, bytes(length), offset)
+            return
+        _pwrite_all(fd, bytes(start - offset), offset)
+        fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("QQ", start, end - start))
+        _pwrite_all(fd, bytes(offset + length - end), end)
         return
     if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
                        offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def _read_exactly(fd: int, n: int, buffered: bytearray) -> bytes:
@@ -333,9 +366,7 @@ def read_raw(source_fd: int, head: bytes, dest_fd: int, dest_size: int) -> int:
             if not chunk:
                 raise StreamError(_TRUNCATED.format(
                     where=f"inside the record at disk offset {offset}"))
-            written = os.pwrite(dest_fd, chunk, offset + done)
-            while written < len(chunk):
-                written += os.pwrite(dest_fd, chunk[written:], offset + done + written)
+            _pwrite_all(dest_fd, chunk, offset + done)
             done += len(chunk)
         pos = offset + length
         data += length

@@ -437,3 +437,26 @@ def test_a_raw_data_disk_round_trips_through_block_devices(os_tree, tmp_path):
     import_disk_script(os_tree, copy, from_device)
     with open(src, "rb") as a, open(copy, "rb") as b:
         assert a.read() == b.read()
+
+
+def test_a_raw_stream_with_unaligned_records_zeroes_exactly_its_holes_on_a_block_device(
+        os_tree, tmp_path):
+    size = 2**20
+    stream = bytearray(backupstream.RawHeader(size).encode())
+    records = ((1000, b"a" * 100), (5000, b"b" * 3), (size - 7, b"c" * 7))
+    for offset, data in records:
+        stream += backupstream._RECORD.pack(backupstream.TAG_DATA, 0, offset, len(data)) + data
+    stream += backupstream._RECORD.pack(backupstream.TAG_END, 0, size, 110)
+    path = str(tmp_path / "raw.stream")
+    with open(path, "wb") as f:
+        f.write(stream)
+    dst = str(tmp_path / "dst.img")
+    with open(dst, "wb") as f:
+        f.write(b"\xff" * size)
+    with loop(dst) as dev:
+        import_disk_script(os_tree, dev, path)
+    expected = bytearray(size)
+    for offset, data in records:
+        expected[offset:offset + len(data)] = data
+    with open(dst, "rb") as f:
+        assert f.read() == bytes(expected)

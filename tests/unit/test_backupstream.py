@@ -176,3 +176,17 @@ def test_a_pax_size_overrides_the_header_size():
     # the end-of-archive blocks after them are only part of it.
     end = feed(data, 512)
     assert not end.complete
+
+
+@pytest.mark.real_commands
+def test_an_output_that_takes_no_sendfile_gets_the_data_by_read_and_write(tmp_path: Path):
+    # sendfile refuses an output opened for appending (EINVAL), as some
+    # sockets and terminals refuse it.
+    src = tmp_path / "disk"
+    src.write_bytes(os.urandom(3 * 4096))
+    stream = tmp_path / "stream"
+    with open(src, "rb") as disk, open(stream, "ab") as out:
+        backupstream.write_raw(disk.fileno(), 3 * 4096, [(0, 3 * 4096)], out.fileno())
+    data = stream.read_bytes()
+    start = backupstream.RAW_HEADER_SIZE + backupstream.RECORD_SIZE
+    assert data[start:start + 3 * 4096] == src.read_bytes()
