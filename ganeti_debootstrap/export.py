@@ -191,6 +191,9 @@ TAR_TYPES = ("xfs", "btrfs")
 # device: a filesystem whose log needs replaying is refused, not replayed),
 # nothing on it runs or opens a device of the node.
 READ_ONLY_OPTIONS = ("ro", "nosuid", "nodev", "noexec")
+# XFS refuses a filesystem whose UUID a mounted one has (the tenant chooses
+# its UUID; clones share one): read-only, the UUID matters to nothing.
+EXTRA_READ_ONLY_OPTIONS = {"xfs": ("nouuid",)}
 
 
 def stream_kind(fstype: str, index: int) -> Kind:
@@ -290,7 +293,8 @@ def mounted_read_only(stack: contextlib.ExitStack, source: Source, path: str) ->
     """Mount the tar source's filesystem read-only on a private mount point."""
     try:
         return stack.enter_context(mounts.instance_root(
-            source.device, source.fstype, path, READ_ONLY_OPTIONS))
+            source.device, source.fstype, path,
+            READ_ONLY_OPTIONS + EXTRA_READ_ONLY_OPTIONS.get(source.fstype, ())))
     except CommandError as exc:
         raise DiskError(
             f"The {source.fstype} filesystem on {path} could not be mounted read-only "

@@ -460,3 +460,16 @@ def test_a_raw_stream_with_unaligned_records_zeroes_exactly_its_holes_on_a_block
         expected[offset:offset + len(data)] = data
     with open(dst, "rb") as f:
         assert f.read() == bytes(expected)
+
+
+def test_an_xfs_data_disk_exports_while_a_clone_of_it_is_mounted(os_tree, tmp_path):
+    src = str(tmp_path / "src.img")
+    make_fs(src, "xfs")
+    with mounted(src, str(tmp_path / "fill")) as root:
+        fill(root)
+    clone = str(tmp_path / "clone.img")
+    subprocess.run(["cp", "--sparse=always", src, clone], check=True)
+    with mounted(clone, str(tmp_path / "clone")):
+        export_disk(os_tree, src, str(tmp_path / "backup"))
+    with open(str(tmp_path / "backup"), "rb") as f:
+        assert backupstream.detect(f.read(backupstream.PEEK_BYTES)) == "tar"

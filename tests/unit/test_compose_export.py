@@ -122,7 +122,7 @@ DATA_SETUP = [
 ]
 DATA_RELEASE = ["losetup --detach /dev/loop0"]
 TAR_SETUP = DATA_SETUP + [
-    "mount -t xfs -o ro,nosuid,nodev,noexec /dev/loop0 MNT",
+    "mount -t xfs -o ro,nosuid,nodev,noexec,nouuid /dev/loop0 MNT",
     "tar --format=posix --xattrs --xattrs-include=* --xattrs-exclude=trusted.SGI_ACL_* "
     "--acls --numeric-owner --sparse -C MNT -cf - .",
 ]
