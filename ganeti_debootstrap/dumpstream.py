@@ -1,4 +1,4 @@
-"""Watching a dump(8) stream on its way to restore(8), to know it is complete.
+"""Watching a backup stream on its way to restore(8) or tar, to know it is complete.
 
 restore exits 0 on a stream cut short ("End-of-input encountered"), leaving
 a half-restored tree, so import cannot trust its exit status alone. A
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from typing import Protocol
 
 RECORD = 1024  # TP_BSIZE
 TS_END = 5
@@ -20,31 +21,67 @@ CHECKSUM = 84446
 _CHUNK = 1 << 20
 
 
-def is_end_record(record: bytes) -> bool:
-    """Whether ``record`` is a valid TS_END header, in either byte order."""
+def is_header(record: bytes, c_type: int) -> bool:
+    """Whether ``record`` is a valid header of type ``c_type``, in either byte order."""
     if len(record) != RECORD:
         return False
     for order in "<>":
         words = struct.unpack(f"{order}256i", record)
-        if (words[0] == TS_END and words[6] == NFS_MAGIC
+        if (words[0] == c_type and words[6] == NFS_MAGIC
                 and sum(words) & 0xFFFFFFFF == CHECKSUM):
             return True
     return False
 
 
+def is_end_record(record: bytes) -> bool:
+    """Whether ``record`` is a valid TS_END header, in either byte order."""
+    return is_header(record, TS_END)
+
+
+class Tracker(Protocol):
+    """Follows a stream as it flows and says whether it ended complete."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    @property
+    def complete(self) -> bool: ...
+
+
+class DumpEnd:
+    """A dump stream is complete when it ends with a TS_END record on a record boundary."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        self.tail = (self.tail + chunk[-RECORD:])[-RECORD:]
+
+    @property
+    def complete(self) -> bool:
+        return (self.total > 0 and self.total % RECORD == 0
+                and is_end_record(self.tail))
+
+
 class StreamPump:
     """Copy a stream from one descriptor to another in a thread, checking its end.
 
+    ``prefix`` (the bytes import read to tell the stream's kind) goes first.
     ``total`` counts the bytes copied; ``complete`` tells, once the pump has
-    finished, whether the stream ended with a dump trailer; ``error`` holds
-    a write error (the reader stopped early) if any.
+    finished, whether the stream ended as ``tracker`` (by default
+    :class:`DumpEnd`: with a dump trailer) expects; ``error`` holds a write
+    error (the reader stopped early) if any.
     """
 
-    def __init__(self, source_fd: int, dest_fd: int) -> None:
+    def __init__(self, source_fd: int, dest_fd: int, prefix: bytes = b"",
+                 tracker: Tracker | None = None) -> None:
         self.source_fd = source_fd
         self.dest_fd = dest_fd
+        self.prefix = prefix
+        self.tracker: Tracker = tracker if tracker is not None else DumpEnd()
         self.total = 0
-        self.tail = b""
+        self.ended = False  # the source reached its end (not stopped early)
         self.error: OSError | None = None
         self._thread = threading.Thread(target=self._pump, daemon=True)
 
@@ -57,21 +94,24 @@ class StreamPump:
 
     @property
     def complete(self) -> bool:
-        return (self.total > 0 and self.total % RECORD == 0
-                and is_end_record(self.tail[-RECORD:]))
+        return self.tracker.complete
 
     def _pump(self) -> None:
         try:
+            chunk = self.prefix
             while True:
-                chunk = os.read(self.source_fd, _CHUNK)
                 if not chunk:
+                    chunk = os.read(self.source_fd, _CHUNK)
+                if not chunk:
+                    self.ended = True
                     break
                 self.total += len(chunk)
-                self.tail = (self.tail + chunk)[-RECORD:]
+                self.tracker.feed(chunk)
                 view = memoryview(chunk)
                 while view:
                     written = os.write(self.dest_fd, view)
                     view = view[written:]
+                chunk = b""
         except OSError as exc:
             self.error = exc
         finally:

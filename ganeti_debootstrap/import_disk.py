@@ -1,10 +1,19 @@
-"""``import``: restore a dump(8) stream from stdin onto a freshly formatted disk.
+"""``import``: restore a backup stream from stdin onto a fresh disk.
 
-Reads what export (or the shell edition's export) wrote: the disk is
-partitioned and formatted exactly as create would, the stream is restored
-into the new root, then the instance is adapted to its new disks
-(``/etc/fstab`` root and swap lines point at the new UUIDs, whatever form the
-old lines had) and gets a new machine identity, as create gives one.
+Reads what export (or the shell edition's export) wrote; the stream's
+first bytes say what it holds (backupstream.detect), whatever the disk
+held before, so that any stream imports onto any filesystem type the
+parameters ask for:
+
+- disk 0 (IMPORT_INDEX 0), a dump or tar stream: the disk is partitioned
+  and formatted exactly as create would, the stream is restored into the
+  new root (restore(8) or tar, confined: confine.py), then the instance is
+  adapted to its new disks (``/etc/fstab`` root and swap lines point at the
+  new UUIDs, whatever form the old lines had) and gets a new machine
+  identity, as create gives one;
+- a data disk (IMPORT_INDEX > 0), a dump or tar stream: a filesystem on the
+  whole disk, the stream restored into it, nothing else changed;
+- a data disk, a raw stream: its bytes written back, holes zeroed.
 """
 
 from __future__ import annotations
@@ -14,10 +23,13 @@ import logging
 import os
 import sys
 
-from . import bootloader, confine, instance_disk, instance_files, log, mounts, runner
-from .dumpstream import StreamPump
+from . import (backupstream, blockdev, bootloader, confine, filesystems, instance_disk,
+               instance_files, log, mounts, runner)
+from .backupstream import Kind
+from .dumpstream import DumpEnd, StreamPump, Tracker
 from .environment import Request
 from .errors import CommandError, DefinitionError, MissingProgramError
+from .osparams import OSParams
 from .paths import Paths
 from .plan import prepare
 from .target import Target
@@ -46,46 +58,89 @@ def restore_command(target_dir: str) -> list[str]:
             "restore", "-r", "-y", "-f", "-"]
 
 
-def restore_stream(target_dir: str, source_fd: int) -> int:
-    """Restore the dump stream read from ``source_fd`` into ``target_dir``.
+def tar_command(target_dir: str) -> list[str]:
+    """GNU tar extracting stdin into ``target_dir``, confined to it as restore is.
 
-    Returns the stream's size; raises when the stream is not a complete dump.
+    Owners, modes, ACLs, extended attributes and capabilities kept (as root,
+    tar's default: --same-owner, --preserve-permissions); the directories
+    that exist (the new filesystem's root) keep their own metadata; names
+    with a leading ``/`` are taken below the target and members with ``..``
+    skipped (tar's defaults, kept: no --absolute-names); the links a member
+    could follow lead nowhere but the target in the confinement's root.
     """
+    return [PYTHON, "-I", "-S", confine.__file__, target_dir, "--",
+            "tar", "--extract", "--file=-", *backupstream.TAR_OPTIONS, "--same-owner",
+            "--preserve-permissions", "--no-overwrite-dir", "--delay-directory-restore"]
+
+
+# What each kind is restored with, and what a stream it fails on is not.
+_RESTORERS = {"dump": ("restore", "not a dump(8) stream"),
+              "tar": ("tar", "not a tar archive")}
+
+
+def _tar_truncated(tar_end: backupstream.TarEnd, total: int) -> str:
+    return (f"The backup stream (a tar archive) {backupstream.tar_damage(tar_end, total)}: "
+            f"it is truncated or damaged, so the disk holds an incomplete copy. Check "
+            f"the export (its size, the transfer) and import again.")
+
+
+def restore_stream(target_dir: str, source_fd: int, kind: Kind = "dump",
+                   head: bytes = b"") -> int:
+    """Restore the dump or tar stream read from ``source_fd`` into ``target_dir``.
+
+    ``head``: its first bytes, already read. Returns the stream's size;
+    raises when the stream is not complete.
+    """
+    program, what = _RESTORERS[kind]
     if confine.host_table() is None:
         # (confine.py runs restore without CAP_SYS_ADMIN then.)
-        logger.warning("restore cannot be given CAP_SYS_ADMIN safely on this architecture "
+        logger.warning("%s cannot be given CAP_SYS_ADMIN safely on this architecture "
                        "(%s: no system call table for its seccomp filter), so the "
                        "trusted.* and security.* extended attributes of the backup "
                        "(other than file capabilities) are not restored",
-                       os.uname().machine)
+                       program, os.uname().machine)
+    tar_end = backupstream.TarEnd()
+    tracker: Tracker = DumpEnd()
+    if kind == "tar":
+        tracker = tar_end
     read_fd, write_fd = os.pipe()
-    pump = StreamPump(source_fd, write_fd)
+    pump = StreamPump(source_fd, write_fd, prefix=head, tracker=tracker)
     pump.start()
+    command = restore_command(target_dir) if kind == "dump" else tar_command(target_dir)
     try:
         with os.fdopen(read_fd, "rb") as pipe:
-            runner.run(restore_command(target_dir), stdin=pipe,
-                       hint="The backup stream is damaged or is not a dump(8) "
-                            "stream; check the export it came from.")
+            runner.run(command, stdin=pipe,
+                       hint=f"The backup stream is damaged or is {what}; check "
+                            f"the export it came from.")
     except CommandError as exc:
         pump.join(timeout=PUMP_STOP_SECONDS)
+        if kind == "tar" and pump.ended and not tar_end.complete:
+            # tar stops at a cut inside a member ("Unexpected EOF"): the
+            # stream's end, not tar, is the problem to report.
+            raise ImportError_(_tar_truncated(tar_end, pump.total)) from None
         if exc.returncode == confine.NOT_FOUND:
-            raise MissingProgramError("restore", runner.PACKAGES["restore"]) from None
+            raise MissingProgramError(program, runner.PACKAGES[program]) from None
         if exc.returncode == confine.SETUP_FAILED:
             raise ImportError_(
-                f"restore could not be confined to the new disk, so it was not run:\n"
+                f"{program} could not be confined to the new disk, so it was not run:\n"
                 f"{exc.stderr_tail.strip()}\nThe node's kernel must provide mount "
                 f"namespaces and open_tree/mount_setattr (Linux 5.12 or later), "
                 f"and import must run as root with CAP_SYS_ADMIN.") from None
         raise
     except BaseException:
-        # restore is gone (failed, or stopped by a signal) and its end of
-        # the pipe is closed; the pump may still wait for input that a
+        # The program is gone (failed, or stopped by a signal) and its end
+        # of the pipe is closed; the pump may still wait for input that a
         # stalled sender never writes. It is a daemon thread and ends with
         # the process: waiting for it would hang the cleanup.
         pump.join(timeout=PUMP_STOP_SECONDS)
         raise
-    pump.join()
-    if not pump.complete:
+    # tar stops reading at the end-of-archive blocks: what a sender still
+    # writes after them is not waited for.
+    pump.join(timeout=PUMP_STOP_SECONDS if pump.complete else None)
+    if kind == "tar":
+        if not tar_end.complete:
+            raise ImportError_(_tar_truncated(tar_end, pump.total))
+    elif not pump.complete:
         raise ImportError_(
             f"The backup stream ended after {pump.total} bytes without dump's "
             f"end-of-dump trailer: it is truncated or damaged, so the disk holds "
@@ -93,9 +148,58 @@ def restore_stream(target_dir: str, source_fd: int) -> int:
             f"and import again.")
     # restore -r leaves its bookkeeping in the root of what it restored.
     symtable = os.path.join(target_dir, "restoresymtable")
-    if os.path.isfile(symtable):
+    if kind == "dump" and os.path.isfile(symtable):
         os.unlink(symtable)
     return pump.total
+
+
+def read_kind(source_fd: int) -> tuple[Kind, bytes]:
+    """The stream's kind and the bytes read to tell it (bounded: PEEK_BYTES)."""
+    head = backupstream.read_head(source_fd)
+    kind = backupstream.detect(head)
+    if kind is None:
+        raise backupstream.StreamError(
+            f"The backup stream is not a dump, tar or raw stream as export writes "
+            f"them ({backupstream.describe(head)}): it is truncated or damaged, or "
+            f"was written by something else. Check the export it came from.")
+    logger.info("The backup stream is a %s stream", kind)
+    return kind, head
+
+
+def data_filesystem(params: OSParams) -> str:
+    """The filesystem a data disk's dump or tar stream is restored into.
+
+    The ``data_filesystem`` OS parameter (data disks' type), ext4 without it.
+    """
+    value = getattr(params, "data_filesystem", "") or "ext4"
+    return str(value)
+
+
+def import_data_disk(request: Request, params: OSParams, kind: Kind, head: bytes) -> None:
+    """A data disk: a raw stream written back, another restored into a new filesystem."""
+    path = request.disk_path
+    source_fd = sys.stdin.fileno()
+    with log.phase("check disk"):
+        blockdev.check_disk_usable(path)
+    if kind == "raw":
+        with log.phase("write raw disk"), open(path, "r+b") as disk:
+            fd = disk.fileno()
+            size = backupstream.read_raw(source_fd, head, fd, os.lseek(fd, 0, os.SEEK_END))
+            os.fsync(fd)
+        logger.info("Data disk %d (%s): %d bytes of raw disk image written",
+                    request.disk_index, path, size)
+        return
+    fstype = data_filesystem(params)
+    with contextlib.ExitStack() as stack:
+        dev = stack.enter_context(blockdev.attached(path))
+        with log.phase("make filesystems"):
+            filesystems.make_filesystem(dev, fstype)
+        target_dir = stack.enter_context(mounts.instance_root(
+            dev, fstype, path, mounts.UNTRUSTED_OPTIONS))
+        with log.phase("restore"):
+            total = restore_stream(target_dir, source_fd, kind, head)
+    logger.info("Data disk %d (%s): %d bytes of %s stream restored into %s",
+                request.disk_index, path, total, kind, fstype)
 
 
 def run(request: Request, paths: Paths) -> None:
@@ -103,6 +207,18 @@ def run(request: Request, paths: Paths) -> None:
     # The same settings, parameters and disk layout as create.
     p = prepare(request, paths)
     conf = p.settings
+    # Told before the disk is touched: a stream of no kind we know leaves
+    # the disk as it was.
+    kind, head = read_kind(sys.stdin.fileno())
+    if request.disk_index > 0:
+        import_data_disk(request, p.params, kind, head)
+        return
+    if kind == "raw":
+        raise ImportError_(
+            "The backup stream is a raw disk image, which export writes for a data "
+            "disk with no filesystem, but it is imported as disk 0, the instance's "
+            "root. Import it as the data disk it was exported from (the same disk "
+            "index).")
     with contextlib.ExitStack() as stack:
         disk = instance_disk.format_disk(stack, request, conf, p.params.filesystem, p.arch,
                                          swap_bytes=p.params.swap_bytes)
@@ -111,8 +227,8 @@ def run(request: Request, paths: Paths) -> None:
         target_dir = stack.enter_context(mounts.instance_root(
             disk.root_device, disk.root.fstype, request.disk_path, mounts.UNTRUSTED_OPTIONS))
         with log.phase("restore"):
-            size = restore_stream(target_dir, sys.stdin.fileno())
-            logger.info("restored %d bytes of dump stream", size)
+            size = restore_stream(target_dir, sys.stdin.fileno(), kind, head)
+            logger.info("restored %d bytes of %s stream", size, kind)
         target = Target(target_dir)
         with log.phase("adapt instance"):
             # The swap file (PARTITION_STYLE=none) is made anew, as create

@@ -27,6 +27,8 @@ class Rule:
     # Computes the standard output from the command (instead of ``stdout``).
     output: Callable[[Sequence[str]], bytes | str] | None = None
     real: bool = False  # run by the real runner (still recorded)
+    # Reads its standard input (a pipe) to the end, as restore or tar would.
+    reads_stdin: bool = False
 
 
 class UnexpectedCommand(AssertionError):
@@ -61,18 +63,20 @@ class FakeRunner:
                stderr: str = "", action: Callable[[Sequence[str]], None] | None = None,
                times: int | None = None,
                output: Callable[[Sequence[str]], bytes | str] | None = None,
-               real: bool = False) -> FakeRunner:
+               real: bool = False, reads_stdin: bool = False) -> FakeRunner:
         """Allow commands starting with ``prefix``; later rules win.
 
         ``action`` runs with the command's argv (to make what the real
         command would make); ``output``, if given, computes its standard
         output from the argv, after ``action``. ``real``: the command runs
         for real (a harmless program a test does not fake), recorded too.
+        ``reads_stdin``: standard input, a pipe or file, is read to its end
+        first (the stream a restore would read).
         """
         if isinstance(stdout, str):
             stdout = stdout.encode()
         self.rules.append(Rule(tuple(prefix), stdout, returncode, stderr, action, times,
-                               output, real))
+                               output, real, reads_stdin))
         return self
 
     def __call__(self, argv: Sequence[str], *, stdin: IO[bytes] | bytes | None,
@@ -98,6 +102,9 @@ class FakeRunner:
             if check:
                 raise CommandError(argv, 1, self.failure_stderr, hint)
             return Result(argv, 1, b"")
+        if rule.reads_stdin and stdin is not None and not isinstance(stdin, bytes):
+            while stdin.read(1 << 16):
+                pass
         if rule.action is not None:
             rule.action(argv)
         out = rule.stdout

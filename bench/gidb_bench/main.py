@@ -13,8 +13,8 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-from . import (backup, cold, devices, ganeti, install, machine, memory, parallel, procs,
-               refresh, roottypes, startup, warm)
+from . import (backup, backup_kinds, cold, devices, ganeti, install, machine, memory,
+               parallel, procs, refresh, roottypes, startup, warm)
 from .context import GIB, Bench, archive_from_log, bootstrapped
 from .options import Options, parse_args
 from .procs import BenchError, Interrupted
@@ -113,6 +113,8 @@ def _scenario(bench: Bench, name: str) -> None:
         backup.run(bench)
     elif name == "ganeti":
         ganeti.run(bench)
+    elif name == "backup-kinds":
+        backup_kinds.run(bench)
 
 
 def _check_nothing_left(bench: Bench, after: str) -> None:

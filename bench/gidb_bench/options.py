@@ -9,7 +9,7 @@ from dataclasses import dataclass
 # In the order they run: parallel compares with the warm median
 # measured before it in the same invocation.
 SCENARIOS = ("warm", "roottypes", "cold", "refresh", "startup", "parallel", "memory",
-             "backup", "ganeti")
+             "backup", "backup-kinds", "ganeti")
 # Scenarios that need the mirror (minutes each): --quick skips them.
 # (refresh compares with the cold median, and makes its own without cold.)
 COLD_SCENARIOS = ("cold", "refresh", "parallel", "ganeti")
@@ -33,6 +33,8 @@ with one package to upgrade (each <= 0.3 of a cold create), each
 script's start-up (< 0.1 s), four parallel creates on a cold node
 (<= cold + 3 warm), peak memory of a create (< 100 MiB, the same for 2
 and 20 GiB disks), export and import against dump and restore by hand,
+export and import of an ext4, XFS and Btrfs data disk vs dump/restore or
+tar by hand (<= 1.1),
 and gnt-instance add, gnt-backup export and import through a test Ganeti
 cluster against Debian's shell edition. Runs as root; everything lives in a scratch
 directory that is removed at the end, with every loop device and mount

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from ganeti_debootstrap import backupstream
 from tests.root import faultkit, scripts
 from tests.root.scripts import ganeti_env, mounted_root, root_device, run_script
 
@@ -261,8 +262,13 @@ def test_nobody_else_can_enter_the_instance_while_import_holds_it_mounted(
     read_fd, write_fd = os.pipe()
     run = faultkit.start(os_tree, "import", import_env(disk, world_tmpdir), stdin=read_fd)
     os.close(read_fd)
+    # The stream's first KiB (import tells the stream's kind from it before
+    # touching the disk), then the rest is held back: import mounts, then
+    # waits in restore.
+    with open(stream, "rb") as src:
+        head = src.read(backupstream.PEEK_BYTES)
+    os.write(write_fd, head)
     try:
-        # The stream is held back: import mounts, then waits in restore.
         deadline = time.monotonic() + DEADLINE_SECONDS
         while not mounts_below(world_tmpdir) and run.proc.poll() is None:
             assert time.monotonic() < deadline, "import never mounted the instance"
@@ -286,7 +292,8 @@ def test_nobody_else_can_enter_the_instance_while_import_holds_it_mounted(
                             mount_point)
         assert entered.returncode != 0 and "PermissionError" in entered.stderr
     finally:
-        writer = threading.Thread(target=_send, args=(stream, write_fd), daemon=True)
+        writer = threading.Thread(target=_send, args=(stream, write_fd, len(head)),
+                                  daemon=True)
         writer.start()
         try:
             status = run.proc.wait(timeout=DEADLINE_SECONDS)
@@ -302,10 +309,12 @@ def test_nobody_else_can_enter_the_instance_while_import_holds_it_mounted(
         assert scripts.read(root, "/etc/hostname") == f"{OLD}\n"
 
 
-def _send(stream: str, fd: int) -> None:
-    """Write the whole stream to ``fd``, then close it (EPIPE if import died)."""
+def _send(stream: str, fd: int, offset: int = 0) -> None:
+    """Write the stream (from byte ``offset``) to ``fd``, then close it (EPIPE
+    if import died)."""
     try:
         with open(stream, "rb") as src, os.fdopen(fd, "wb") as dest:
+            src.seek(offset)
             shutil.copyfileobj(src, dest)
     except BrokenPipeError:
         pass

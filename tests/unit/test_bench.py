@@ -141,14 +141,15 @@ def test_a_bootstrap_is_recognised_in_a_create_log_and_its_tool_named():
 def test_default_options_run_every_scenario_in_order():
     opts = options.parse_args([])
     assert opts.scenarios == ("warm", "roottypes", "cold", "refresh", "startup", "parallel",
-                              "memory", "backup", "ganeti")
+                              "memory", "backup", "backup-kinds", "ganeti")
     assert (opts.runs, opts.cold_runs, opts.entry) == (5, 3, "installed")
     assert opts.workdir == "/var/tmp" and opts.cache is None
 
 
 def test_quick_skips_the_scenarios_that_bootstrap_and_runs_fewer_times():
     opts = options.parse_args(["--quick"])
-    assert opts.scenarios == ("warm", "roottypes", "startup", "memory", "backup")
+    assert opts.scenarios == ("warm", "roottypes", "startup", "memory", "backup",
+                              "backup-kinds")
     assert opts.runs == 3
 
 

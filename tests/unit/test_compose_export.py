@@ -10,10 +10,11 @@ device, attached read-only.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
-from ganeti_debootstrap import environment, export
+from ganeti_debootstrap import backupstream, environment, export
 from ganeti_debootstrap.errors import CommandError, DiskError
 from ganeti_debootstrap.paths import Paths
 from tests.fakenode import DISK0_MIB, FakeNode, ganeti_env, shown, undo
@@ -111,3 +112,94 @@ def test_a_superblock_without_numbers_has_dump_estimate_the_size_first(exported,
     assert run_export_with_size_fd(paths, disk0) == 123456
     assert shown(exported.fake, disk0) == SETUP[:-1] + [
         "dump -0 -S /dev/loop1", "dump -0 -q -f - /dev/loop1"] + RELEASE
+
+
+# --- data disks (EXPORT_INDEX > 0) ---------------------------------------
+
+DATA_SETUP = [
+    "losetup --find --show --read-only DISK",
+    "blkid -p -o value -s TYPE /dev/loop0",
+]
+DATA_RELEASE = ["losetup --detach /dev/loop0"]
+TAR_SETUP = DATA_SETUP + [
+    "mount -t xfs -o ro,nosuid,nodev,noexec,nouuid /dev/loop0 MNT",
+    "tar --format=posix --xattrs --xattrs-include=* --xattrs-exclude=trusted.SGI_ACL_* "
+    "--acls --numeric-owner --sparse -C MNT -cf - .",
+]
+
+
+@pytest.fixture
+def disk1(tmp_path) -> str:
+    """Data disk 1: 8 MiB, sparse, with data in two places."""
+    path = tmp_path / "disks" / "disk1.img"
+    with open(path, "wb") as f:
+        f.truncate(8 * MIB)
+        f.seek(MIB)
+        f.write(b"one" * 1000)
+        f.seek(6 * MIB)
+        f.write(b"two")
+    return str(path)
+
+
+def run_export_data_disk(paths: Paths, disk0: str, disk1: str, out_path) -> bytes:
+    env = ganeti_env(disk0, DISK_COUNT="2", DISK_1_PATH=disk1, EXPORT_INDEX="1",
+                     EXPORT_DISK_PATH=disk1)
+    with open(out_path, "wb") as out:
+        saved = sys.stdout
+        sys.stdout = out  # type: ignore[assignment]
+        try:
+            export.run(environment.parse("export", [], env), paths)
+        finally:
+            sys.stdout = saved
+    with open(out_path, "rb") as f:
+        return f.read()
+
+
+def test_a_data_disk_with_no_filesystem_exports_its_data_raw(fake_node, disk0, disk1,
+                                                             paths, tmp_path):
+    stream = run_export_data_disk(paths, disk0, disk1, tmp_path / "out")
+    assert shown(fake_node.fake, disk1) == DATA_SETUP + DATA_RELEASE
+    assert fake_node.leftovers() == []
+    assert backupstream.detect(stream[:1024]) == "raw"
+    assert backupstream.RawHeader.decode(stream).size == 8 * MIB
+    assert len(stream) < MIB  # the holes are left out
+    restored = tmp_path / "restored"
+    restored.write_bytes(bytes(8 * MIB))
+    with open(restored, "r+b") as out:
+        rest = tmp_path / "rest"
+        rest.write_bytes(stream)
+        with open(rest, "rb") as inp:
+            backupstream.read_raw(inp.fileno(), b"", out.fileno(), 8 * MIB)
+    assert restored.read_bytes() == open(disk1, "rb").read()  # noqa: SIM115
+
+
+def test_a_data_disk_with_xfs_exports_a_tar_of_its_tree_mounted_read_only(
+        fake_node, disk0, disk1, paths, tmp_path):
+    fake_node.make_filesystem((os.path.realpath(disk1), 0), "xfs")
+    fake_node.fake.expect("tar", "--format=posix")
+    run_export_data_disk(paths, disk0, disk1, tmp_path / "out")
+    assert shown(fake_node.fake, disk1) == TAR_SETUP + ["umount MNT"] + DATA_RELEASE
+    assert fake_node.leftovers() == []
+
+
+@pytest.mark.parametrize("step", range(len(TAR_SETUP)),
+                         ids=lambda k: TAR_SETUP[k].split()[0] + str(k))
+def test_a_failed_step_of_a_tar_export_releases_in_reverse(fake_node, disk0, disk1, paths,
+                                                            tmp_path, step):
+    fake_node.make_filesystem((os.path.realpath(disk1), 0), "xfs")
+    fake_node.fake.expect("tar", "--format=posix")
+    fake_node.fake.fail_at(step)
+    with pytest.raises((CommandError, DiskError)):
+        run_export_data_disk(paths, disk0, disk1, tmp_path / "out")
+    assert shown(fake_node.fake, disk1) == TAR_SETUP[:step + 1] + undo(TAR_SETUP[:step],
+                                                                        ["/dev/loop0"])
+    assert fake_node.leftovers() == []
+
+
+def test_an_unmountable_filesystem_is_refused_saying_why(fake_node, disk0, disk1, paths,
+                                                         tmp_path):
+    fake_node.make_filesystem((os.path.realpath(disk1), 0), "btrfs")
+    fake_node.fake.expect("mount", returncode=32, stderr="wrong fs type, bad superblock")
+    with pytest.raises(DiskError, match="not cleanly unmounted .* replaying"):
+        run_export_data_disk(paths, disk0, disk1, tmp_path / "out")
+    assert fake_node.leftovers() == []

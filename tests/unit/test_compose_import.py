@@ -10,15 +10,17 @@ system tree (tests/systemtree.py).
 
 from __future__ import annotations
 
+import io
 import os
 import sys
+import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
 
-from ganeti_debootstrap import confine, environment, import_disk
+from ganeti_debootstrap import backupstream, confine, environment, import_disk
 from ganeti_debootstrap.errors import CommandError
 from ganeti_debootstrap.paths import Paths
 from tests.dumprecords import header
@@ -79,7 +81,7 @@ def run_import(paths: Paths, disk: str) -> None:
 
 def test_import_runs_its_commands_in_order_and_adapts_the_restored_system(
         fake_node, disk0, paths, stdin):
-    fake_node.fake.expect("/usr/bin/python3", action=restored)
+    fake_node.fake.expect("/usr/bin/python3", action=restored, reads_stdin=True)
     run_import(paths, disk0)
     assert shown(fake_node.fake, disk0, CONFINE=confine.__file__) == SETUP + RELEASE
     assert fake_node.leftovers() == []
@@ -93,7 +95,7 @@ def test_import_runs_its_commands_in_order_and_adapts_the_restored_system(
 @pytest.mark.parametrize("step", range(len(SETUP)), ids=lambda k: SETUP[k].split()[0] + str(k))
 def test_a_failed_step_releases_what_was_set_up_in_reverse(fake_node, disk0, paths,
                                                            stdin, step):
-    fake_node.fake.expect("/usr/bin/python3", action=restored)
+    fake_node.fake.expect("/usr/bin/python3", action=restored, reads_stdin=True)
     fake_node.fake.fail_at(step)
     with pytest.raises(CommandError, match="failed with exit status 1"):
         run_import(paths, disk0)
@@ -105,8 +107,106 @@ def test_a_failed_step_releases_what_was_set_up_in_reverse(fake_node, disk0, pat
 def test_a_truncated_stream_fails_the_import_and_releases_in_reverse(
         fake_node, disk0, paths, stdin):
     stdin(STREAM[:-2048])
-    fake_node.fake.expect("/usr/bin/python3", action=restored)
+    fake_node.fake.expect("/usr/bin/python3", action=restored, reads_stdin=True)
     with pytest.raises(import_disk.ImportError_, match="truncated or damaged"):
         run_import(paths, disk0)
     assert shown(fake_node.fake, disk0, CONFINE=confine.__file__) == SETUP + RELEASE
     assert fake_node.leftovers() == []
+
+
+# --- data disks (IMPORT_INDEX > 0) ---------------------------------------
+
+DATA_SETUP = [
+    "dpkg --print-architecture",
+    "losetup --find --show DISK",
+    "mke2fs -F -q -t ext4 -E lazy_itable_init=1,lazy_journal_init=0 /dev/loop0",
+    "mount -t ext4 -o nosuid,nodev /dev/loop0 MNT",
+    "/usr/bin/python3 -I -S CONFINE MNT -- tar --extract --file=- --format=posix --xattrs "
+    "--xattrs-include=* --xattrs-exclude=trusted.SGI_ACL_* --acls --numeric-owner "
+    "--same-owner --preserve-permissions --no-overwrite-dir --delay-directory-restore",
+]
+DATA_RELEASE = ["umount MNT", "losetup --detach /dev/loop0"]
+
+
+def tar_stream() -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("./data")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"data\n"))
+    return out.getvalue()
+
+
+@pytest.fixture
+def disk1(tmp_path: Path) -> str:
+    path = tmp_path / "disks" / "disk1.img"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(b"\xee" * (4 * MIB))
+    return str(path)
+
+
+def run_import_data_disk(paths: Paths, disk0: str, disk1: str) -> None:
+    env = ganeti_env(disk0, DISK_COUNT="2", DISK_1_PATH=disk1, IMPORT_INDEX="1",
+                     IMPORT_DISK_PATH=disk1)
+    import_disk.run(environment.parse("import", [], env), paths)
+
+
+def test_a_tar_stream_onto_a_data_disk_gets_a_whole_disk_filesystem_and_nothing_else(
+        fake_node, disk0, disk1, paths, stdin):
+    stdin(tar_stream())
+    fake_node.fake.expect("/usr/bin/python3", reads_stdin=True)
+    run_import_data_disk(paths, disk0, disk1)
+    assert shown(fake_node.fake, disk1, CONFINE=confine.__file__) == DATA_SETUP + DATA_RELEASE
+    assert fake_node.leftovers() == []
+
+
+@pytest.mark.parametrize("step", range(len(DATA_SETUP)),
+                         ids=lambda k: DATA_SETUP[k].split()[0] + str(k))
+def test_a_failed_step_of_a_data_disk_releases_in_reverse(fake_node, disk0, disk1, paths,
+                                                          stdin, step):
+    stdin(tar_stream())
+    fake_node.fake.expect("/usr/bin/python3", reads_stdin=True)
+    fake_node.fake.fail_at(step)
+    with pytest.raises(CommandError, match="failed with exit status 1"):
+        run_import_data_disk(paths, disk0, disk1)
+    assert shown(fake_node.fake, disk1, CONFINE=confine.__file__) == (
+        DATA_SETUP[:step + 1] + undo(DATA_SETUP[:step], ["/dev/loop0"]))
+    assert fake_node.leftovers() == []
+
+
+def test_a_tar_stream_without_its_end_blocks_fails_and_releases(fake_node, disk0, disk1,
+                                                                paths, stdin):
+    stdin(tar_stream().rstrip(b"\0").ljust(1536, b"\0"))
+    fake_node.fake.expect("/usr/bin/python3", reads_stdin=True)
+    with pytest.raises(import_disk.ImportError_, match="end-of-archive"):
+        run_import_data_disk(paths, disk0, disk1)
+    assert shown(fake_node.fake, disk1, CONFINE=confine.__file__) == DATA_SETUP + DATA_RELEASE
+    assert fake_node.leftovers() == []
+
+
+def test_a_raw_stream_is_written_onto_the_data_disk_holes_zeroed(fake_node, disk0, disk1,
+                                                                 paths, stdin, tmp_path):
+    src = tmp_path / "src"
+    with open(src, "wb") as f:
+        f.truncate(3 * MIB)
+        f.seek(MIB)
+        f.write(b"raw data")
+    out = tmp_path / "raw"
+    with open(src, "rb") as disk, open(out, "wb") as o:
+        extents = list(backupstream.data_extents(disk.fileno(), 3 * MIB))
+        backupstream.write_raw(disk.fileno(), 3 * MIB, extents, o.fileno())
+    stdin(out.read_bytes())
+    run_import_data_disk(paths, disk0, disk1)
+    assert shown(fake_node.fake, disk1) == ["dpkg --print-architecture"]
+    data = Path(disk1).read_bytes()
+    assert data[:3 * MIB] == src.read_bytes() and data[3 * MIB:] == b"\xee" * MIB
+
+
+@pytest.mark.parametrize("data", [b"", b"\0" * 4096, b"garbage" * 500])
+def test_a_stream_of_no_kind_is_refused_before_the_disk_is_touched(fake_node, disk0, paths,
+                                                                   stdin, data):
+    stdin(data)
+    with pytest.raises(backupstream.StreamError, match="not a dump, tar or raw stream"):
+        run_import(paths, disk0)
+    assert shown(fake_node.fake, disk0) == ["dpkg --print-architecture"]
+    assert os.path.getsize(disk0) == DISK0_MIB * MIB
