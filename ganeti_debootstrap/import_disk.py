@@ -28,6 +28,7 @@ from . import (backupstream, blockdev, bootloader, confine, filesystems, instanc
 from .backupstream import Kind
 from .dumpstream import DumpEnd, StreamPump, Tracker
 from .environment import Request
+from .filesystems import FsEntry
 from .errors import CommandError, DefinitionError, MissingProgramError
 from .osparams import OSParams
 from .paths import Paths
@@ -175,6 +176,34 @@ def data_filesystem(params: OSParams) -> str:
     return str(value)
 
 
+def ganeti_uuid(request: Request, index: int) -> str:
+    """Ganeti's UUID of disk ``index`` (DISK_N_UUID), "" when not given."""
+    return next((d.uuid for d in request.disks if d.index == index), "")
+
+
+def imported_data_mounts(request: Request, params: OSParams,
+                         ) -> tuple[instance_files.DataMount, ...]:
+    """The fstab entries of the data disks, as their imports make them.
+
+    Each data disk's import (IMPORT_INDEX N) makes its filesystem with
+    Ganeti's UUID of the disk, so disk 0's import can name it before (or
+    after) that runs. A data disk Ganeti gives no UUID for keeps the line
+    the backup had (its filesystem's new UUID is unknown here); it is
+    logged.
+    """
+    mounts_: list[instance_files.DataMount] = []
+    for disk in instance_disk.data_disks(request, params):
+        if not disk.uuid:
+            logger.warning("Ganeti passed no DISK_%d_UUID: /etc/fstab keeps the backup's "
+                           "line for data disk %d, which names its old filesystem; "
+                           "correct it in the instance (blkid shows the new UUID)",
+                           disk.index, disk.index)
+            continue
+        mounts_.append(instance_files.DataMount(
+            disk.index, FsEntry(disk.uuid, data_filesystem(params))))
+    return tuple(mounts_)
+
+
 def import_data_disk(request: Request, params: OSParams, kind: Kind, head: bytes) -> None:
     """A data disk: a raw stream written back, another restored into a new filesystem."""
     path = request.disk_path
@@ -193,7 +222,10 @@ def import_data_disk(request: Request, params: OSParams, kind: Kind, head: bytes
     with contextlib.ExitStack() as stack:
         dev = stack.enter_context(blockdev.attached(path))
         with log.phase("make filesystems"):
-            filesystems.make_filesystem(dev, fstype)
+            # Ganeti's UUID of the disk, as create gives it: disk 0's import
+            # names it in fstab, whichever of the two runs first.
+            filesystems.make_filesystem(dev, fstype, uuid=ganeti_uuid(request,
+                                                                      request.disk_index))
         target_dir = stack.enter_context(mounts.instance_root(
             dev, fstype, path, mounts.UNTRUSTED_OPTIONS))
         with log.phase("restore"):
@@ -237,7 +269,8 @@ def run(request: Request, paths: Paths) -> None:
                                                        disk.root.fstype)
                          if disk.swap_file_bytes else "")
             instance_files.rewrite_fstab(target, root=disk.root, swap=disk.swap,
-                                         esp=disk.esp, swap_file=swap_file)
+                                         esp=disk.esp, swap_file=swap_file,
+                                         data=imported_data_mounts(request, p.params))
             instance_files.remove_persistent_net_rules(target)
             instance_files.reset_identity(target)
         # The old GRUB looked for the old root UUID on the old disk. The

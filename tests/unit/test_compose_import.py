@@ -210,3 +210,33 @@ def test_a_stream_of_no_kind_is_refused_before_the_disk_is_touched(fake_node, di
         run_import(paths, disk0)
     assert shown(fake_node.fake, disk0) == ["dpkg --print-architecture"]
     assert os.path.getsize(disk0) == DISK0_MIB * MIB
+
+
+# --- data disks named in fstab by Ganeti's UUID of the disk -------------------
+
+DISK1_UUID = "0e5f7c9a-1b2c-4d3e-8f40-5a6b7c8d9e0f"
+
+
+def test_a_data_disk_is_remade_with_ganetis_uuid_of_the_disk(fake_node, disk0, disk1,
+                                                            paths, stdin):
+    stdin(tar_stream())
+    fake_node.fake.expect("/usr/bin/python3", reads_stdin=True)
+    env = ganeti_env(disk0, DISK_COUNT="2", DISK_1_PATH=disk1, DISK_1_UUID=DISK1_UUID,
+                     IMPORT_INDEX="1", IMPORT_DISK_PATH=disk1, OSP_DATA_DISKS="format")
+    import_disk.run(environment.parse("import", [], env), paths)
+    [mkfs] = [c for c in shown(fake_node.fake, disk1) if c.startswith("mke2fs")]
+    assert mkfs.endswith(f"-U {DISK1_UUID} /dev/loop0")
+
+
+def test_disk_0s_import_names_the_data_disks_by_ganetis_uuids_in_fstab(fake_node, disk0,
+                                                                      disk1, paths, stdin):
+    """Whichever import runs first: the data disk's filesystem will carry it."""
+    fake_node.fake.expect("/usr/bin/python3", action=restored, reads_stdin=True)
+    env = ganeti_env(disk0, DISK_COUNT="2", DISK_1_PATH=disk1, DISK_1_UUID=DISK1_UUID,
+                     IMPORT_INDEX="0", IMPORT_DISK_PATH=disk0, OSP_DATA_DISKS="format",
+                     OSP_DATA_FILESYSTEM="xfs")
+    import_disk.run(environment.parse("import", [], env), paths)
+    fstab = (fake_node.root_files(disk0, MIB) / "etc/fstab").read_text().splitlines()
+    assert f"UUID={DISK1_UUID}\t/srv/disk1\txfs\tdefaults,nofail\t0\t0" in fstab
+    assert [line for line in fstab if "/srv/disk1" in line] == [
+        f"UUID={DISK1_UUID}\t/srv/disk1\txfs\tdefaults,nofail\t0\t0"]
