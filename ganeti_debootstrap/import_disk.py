@@ -167,15 +167,6 @@ def read_kind(source_fd: int) -> tuple[Kind, bytes]:
     return kind, head
 
 
-def data_filesystem(params: OSParams) -> str:
-    """The filesystem a data disk's dump or tar stream is restored into.
-
-    The ``data_filesystem`` OS parameter (data disks' type), ext4 without it.
-    """
-    value = getattr(params, "data_filesystem", "") or "ext4"
-    return str(value)
-
-
 def ganeti_uuid(request: Request, index: int) -> str:
     """Ganeti's UUID of disk ``index`` (DISK_N_UUID), "" when not given."""
     return next((d.uuid for d in request.disks if d.index == index), "")
@@ -200,7 +191,7 @@ def imported_data_mounts(request: Request, params: OSParams,
                            disk.index, disk.index)
             continue
         mounts_.append(instance_files.DataMount(
-            disk.index, FsEntry(disk.uuid, data_filesystem(params))))
+            disk.index, FsEntry(disk.uuid, params.data_filesystem)))
     return tuple(mounts_)
 
 
@@ -218,7 +209,7 @@ def import_data_disk(request: Request, params: OSParams, kind: Kind, head: bytes
         logger.info("Data disk %d (%s): %d bytes of raw disk image written",
                     request.disk_index, path, size)
         return
-    fstype = data_filesystem(params)
+    fstype = params.data_filesystem
     with contextlib.ExitStack() as stack:
         dev = stack.enter_context(blockdev.attached(path))
         with log.phase("make filesystems"):

@@ -6,7 +6,9 @@ Compared per path: file type, mode (with setuid bits), owner, group, size,
 mtime to the second, device numbers, symlink targets, file contents, every
 extended attribute (this includes ACLs as system.posix_acl_* and file
 capabilities as security.capability), and which paths are hard links of
-each other.
+each other. XFS shows root its own stored form of each ACL as well
+(trusted.SGI_ACL_FILE, trusted.SGI_ACL_DEFAULT): those are left out, the
+ACLs themselves are compared as system.posix_acl_*.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ import stat
 from collections.abc import Iterable
 
 
+# XFS's own copies of a file's ACLs, listed beside system.posix_acl_*.
+_FILESYSTEM_ACL_COPIES = frozenset({"trusted.SGI_ACL_FILE", "trusted.SGI_ACL_DEFAULT"})
+
+
 def _xattrs(path: str) -> dict[str, bytes]:
     try:
         names = os.listxattr(path, follow_symlinks=False)
@@ -24,6 +30,8 @@ def _xattrs(path: str) -> dict[str, bytes]:
         return {}
     out = {}
     for name in names:
+        if name in _FILESYSTEM_ACL_COPIES:
+            continue
         try:
             out[name] = os.getxattr(path, name, follow_symlinks=False)
         except OSError:

@@ -18,53 +18,12 @@ import pytest
 from tests.root import scripts
 from tests.root.scripts import (create_env, ganeti_env, mounted_root, read, root_device,
                                 run_script)
+from tests.root.backupio import (CHANGED_BY_IMPORT, MTIME_CHANGED_BY_IMPORT, copy_tree_out,
+                                 export_env, export_to_file, fstab_root_and_swap, import_from_file)
 from tests.treecompare import differences
 
-# Files import changes on purpose (new UUIDs in fstab, a new machine
-# identity), which changes their directory's mtime; everything else must
-# come back identical.
-CHANGED_BY_IMPORT = ("lost+found", "etc/fstab", "etc/machine-id")
-MTIME_CHANGED_BY_IMPORT = ("etc",)
 # An IMA hash attribute (IMA_XATTR_DIGEST_NG, SHA-256) of "measured\n".
 IMA_HASH = b"\x04\x04" + hashlib.sha256(b"measured\n").digest()
-
-
-def export_env(disk: str, **extra: str) -> dict[str, str]:
-    return ganeti_env(INSTANCE_NAME="bk1.example.org", DISK_COUNT="1", DISK_0_PATH=disk,
-                      EXPORT_INDEX="0", EXPORT_DISK_PATH=disk, EXPORT_DEVICE=disk, **extra)
-
-
-def import_env(disk: str, **extra: str) -> dict[str, str]:
-    return ganeti_env(INSTANCE_NAME="bk1.example.org", DISK_COUNT="1", DISK_0_PATH=disk,
-                      IMPORT_INDEX="0", IMPORT_DISK_PATH=disk, IMPORT_DEVICE=disk, **extra)
-
-
-def export_to_file(tree, disk: str, dest: str, **extra: str) -> subprocess.CompletedProcess:
-    with open(dest, "wb") as out:
-        return run_script(tree, "export", export_env(disk, **extra), stdout=out.fileno())
-
-
-def import_from_file(tree, disk: str, src: str, check: bool = True, **extra: str):
-    with open(src, "rb") as inp:
-        return run_script(tree, "import", import_env(disk, **extra), stdin=inp.fileno(),
-                          check=check)
-
-
-def copy_tree_out(disk: str, dest: str) -> None:
-    """Copy the instance's tree out with everything tar can keep, for comparison."""
-    os.makedirs(dest)
-    with mounted_root(disk) as root:
-        tar = subprocess.Popen(["tar", "-C", root, "--xattrs", "--xattrs-include=*",
-                                "--acls", "--numeric-owner", "-cf", "-", "."],
-                               stdout=subprocess.PIPE)
-        subprocess.run(["tar", "-C", dest, "--xattrs", "--xattrs-include=*", "--acls",
-                        "--numeric-owner", "-xpf", "-"], stdin=tar.stdout, check=True)
-        assert tar.wait() == 0
-
-
-def fstab_root_and_swap(root: str) -> list[list[str]]:
-    return [ln.split() for ln in read(root, "/etc/fstab").splitlines()
-            if ln.strip() and not ln.startswith("#") and ln.split()[1] in ("/", "swap", "none")]
 
 
 @pytest.mark.parametrize("style,fstype", [("msdos", "ext4"), ("gpt", "ext3"),

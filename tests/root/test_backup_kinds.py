@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import pytest
 
 from ganeti_debootstrap import backupstream, filesystems, import_disk
-from tests.root import scripts, test_backup
+from tests.root import backupio, scripts
 from tests.root.scripts import ganeti_env, run_script
 from tests.treecompare import describe
 from tests.treecompare import differences as tree_differences
@@ -394,22 +394,22 @@ def test_a_root_exported_from_each_root_type_imports_onto_each(tree, tmp_path, s
     run_script(tree, "create", scripts.create_env("bk1.example.org", disk,
                                                   OSP_FILESYSTEM=source))
     before = str(tmp_path / "before")
-    test_backup.copy_tree_out(disk, before)
+    backupio.copy_tree_out(disk, before)
     stream = str(tmp_path / "root.backup")
-    test_backup.export_to_file(tree, disk, stream, OSP_FILESYSTEM=source)
+    backupio.export_to_file(tree, disk, stream, OSP_FILESYSTEM=source)
     with open(stream, "rb") as f:
         assert backupstream.detect(f.read(backupstream.PEEK_BYTES)) == KIND[source]
     new_disk = scripts.sparse_disk(str(tmp_path), 1024, "new.img")
-    test_backup.import_from_file(tree, new_disk, stream, OSP_FILESYSTEM=target)
+    backupio.import_from_file(tree, new_disk, stream, OSP_FILESYSTEM=target)
     after = str(tmp_path / "after")
-    test_backup.copy_tree_out(new_disk, after)
-    assert tree_differences(before, after, ignore=test_backup.CHANGED_BY_IMPORT,
-                            ignore_mtime=test_backup.MTIME_CHANGED_BY_IMPORT) == []
+    backupio.copy_tree_out(new_disk, after)
+    assert tree_differences(before, after, ignore=backupio.CHANGED_BY_IMPORT,
+                            ignore_mtime=backupio.MTIME_CHANGED_BY_IMPORT) == []
     with scripts.root_device(new_disk) as dev:
         uuid = scripts.blkid(dev, "TYPE"), scripts.blkid(dev, "UUID")
     assert uuid[0] == target
     with scripts.mounted_root(new_disk) as root:
-        assert [f"UUID={uuid[1]}", "/", target] == test_backup.fstab_root_and_swap(root)[0][:3]
+        assert [f"UUID={uuid[1]}", "/", target] == backupio.fstab_root_and_swap(root)[0][:3]
 
 
 def test_a_raw_data_disk_round_trips_through_block_devices(os_tree, tmp_path):
