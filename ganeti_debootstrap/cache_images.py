@@ -157,13 +157,7 @@ def make(tree: str | None, path: str, fstype: str, archive: str) -> None:
     """
     if fstype in _MOUNTED_IMAGE_MKFS:
         _fill_mounted(archive, fstype, path)
-        check = runner.run(_CHECKS[fstype](path), check=False)
-        if check.returncode != 0:
-            raise CacheError(f"The filesystem image made from {archive} does not pass "
-                             f"{_CHECKS[fstype](path)[0]}; set CACHE_IMAGE=no and "
-                             f"report this.")
-        os.chmod(path, 0o600)
-        fsync_path(path)
+        _checked(path, fstype, archive)
         return
     if tree is None:
         raise ValueError(f"an {fstype} image is made from a tree")
@@ -189,11 +183,15 @@ def finish(path: str, what: str) -> None:
     blocks = filesystems.superblock_number(filesystems.superblock(path), path,
                                            "Block count")
     os.truncate(path, blocks * 4096)
-    check = runner.run(["e2fsck", "-fn", path], check=False)
-    if check.returncode != 0:
-        raise CacheError(f"The filesystem image made from {what} does "
-                         f"not pass e2fsck; set CACHE_IMAGE=no and report "
-                         f"this.")
+    _checked(path, "ext4", what)
+
+
+def _checked(path: str, fstype: str, what: str) -> None:
+    """Check the finished image read-only (its type's fsck), make it 0600, sync it."""
+    argv = _CHECKS[fstype](path)
+    if runner.run(argv, check=False).returncode != 0:
+        raise CacheError(f"The filesystem image made from {what} does not pass "
+                         f"{argv[0]}; set CACHE_IMAGE=no and report this.")
     os.chmod(path, 0o600)
     fsync_path(path)
 

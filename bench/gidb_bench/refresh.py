@@ -18,16 +18,11 @@ mirror and the network (that part of a real refresh is ``apt-get update``).
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import http.server
 import json
 import os
 import shutil
-import subprocess
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+
+from tests.root.aptrepo import archive_status, make_repository, served, version_in
 
 from . import cold, install, procs, stats
 from .context import Bench
@@ -42,66 +37,13 @@ IMAGE_TYPE = "ext4"
 LABELS = ("one package to upgrade", "nothing to upgrade")
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
-
-@contextmanager
-def served(directory: str) -> Iterator[str]:
-    """``directory`` over HTTP on 127.0.0.1; yields its URL."""
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_Quiet, directory=directory))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
 def installed_version(archive: str, package: str) -> str:
     """``package``'s installed version in a cache archive (its dpkg status)."""
-    status = subprocess.run(["tar", "-xOf", archive, "./var/lib/dpkg/status"],
-                            check=True, capture_output=True, text=True).stdout
-    for stanza in status.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in stanza.splitlines()
-                      if ": " in line and not line.startswith(" "))
-        if fields.get("Package") == package and fields.get("Status", "").endswith(" installed"):
-            return fields["Version"]
-    raise BenchError(f"{package} is not installed in the cache {archive}: the refresh "
-                     f"scenario upgrades it")
-
-
-def make_repository(directory: str, package: str, version: str) -> str:
-    """A flat APT repository holding a harmless ``package`` at ``version``; its path."""
-    build = os.path.join(directory, "build")
-    os.makedirs(os.path.join(build, "DEBIAN"))
-    doc = os.path.join(build, "usr", "share", "doc", package)
-    os.makedirs(doc)
-    with open(os.path.join(doc, "gidb-bench"), "w") as f:
-        f.write("refreshed by the ganeti-instance-debootstrap benchmark\n")
-    with open(os.path.join(build, "DEBIAN", "control"), "w") as f:
-        f.write(f"Package: {package}\nVersion: {version}\nArchitecture: all\n"
-                f"Maintainer: bench <bench@example.invalid>\nPriority: optional\n"
-                f"Section: editors\nDescription: benchmark stand-in for {package}\n")
-    repo = os.path.join(directory, "repo")
-    os.makedirs(repo)
-    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", build,
-                    os.path.join(repo, f"{package}_{version}_all.deb")],
-                   check=True, capture_output=True)
-    packages = subprocess.run(["dpkg-scanpackages", "--multiversion", "."], cwd=repo,
-                              check=True, capture_output=True).stdout
-    with open(os.path.join(repo, "Packages"), "wb") as f:
-        f.write(packages)
-    with open(os.path.join(repo, "Release"), "w") as f:
-        f.write("Origin: gidb-bench\nLabel: gidb-bench\nSuite: gidb\nCodename: gidb\n"
-                "Date: Thu, 01 Jan 2026 00:00:00 UTC\n"
-                f"SHA256:\n {hashlib.sha256(packages).hexdigest()} {len(packages)} "
-                f"Packages\n")
-    return repo
+    try:
+        return version_in(archive_status(archive), package)
+    except AssertionError:
+        raise BenchError(f"{package} is not installed in the cache {archive}: the refresh "
+                         f"scenario upgrades it") from None
 
 
 def entry_copy(bench: Bench, name: str) -> str:
@@ -168,7 +110,8 @@ def run(bench: Bench) -> None:
     times: dict[str, list[float]] = {label: [] for label in LABELS}
     phases: dict[str, list[dict[str, float]]] = {label: [] for label in LABELS}
     try:
-        repo = make_repository(repo_dir, PACKAGE, new)
+        make_repository(repo_dir, PACKAGE, new)
+        repo = os.path.join(repo_dir, "repo")
         listing = os.path.join(repo_dir, "staging.list")
         with served(repo) as url:
             with open(listing, "w") as f:
