@@ -102,8 +102,8 @@ def test_relationships_are_the_runtime_needs(built_package: BuiltPackage) -> Non
     assert depends == {"python3:any", "python3-debian", "debootstrap", "dump",
                        "e2fsprogs", "fdisk", "mount"}
     assert deb_field(built_package.deb, "Recommends") == (
-        "mmdebstrap, kpartx, xfsprogs, btrfs-progs, grub-pc-bin, grub-efi-amd64-bin, dosfstools, mtools, "
-        "openssh-client, python3-yaml")
+        "mmdebstrap, kpartx, xfsprogs, btrfs-progs, grub-pc-bin, grub-efi-amd64-bin, "
+        "dosfstools, mtools, openssh-client, python3-yaml")
     assert deb_field(built_package.deb, "Enhances") == "ganeti"
     assert deb_field(built_package.deb, "Architecture") == "all"
 
