@@ -230,6 +230,9 @@ def run(request: Request, paths: Paths) -> None:
     # The same settings, parameters and disk layout as create.
     p = prepare(request, paths)
     conf = p.settings
+    # A wrong disk path is refused first, naming the disk, whatever the
+    # stream holds (the node's own disk must never be a matter of input).
+    blockdev.check_disk_usable(request.disk_path)
     # Told before the disk is touched: a stream of no kind we know leaves
     # the disk as it was.
     kind, head = read_kind(sys.stdin.fileno())
