@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 
+from tests.root import scripts
 from tests.root.scripts import ganeti_env, mounted_root, read, run_script
 
 # Files import changes on purpose (new UUIDs in fstab, a new machine
@@ -28,6 +29,23 @@ def import_env(disk: str, **extra: str) -> dict[str, str]:
 def export_to_file(tree, disk: str, dest: str, **extra: str) -> subprocess.CompletedProcess:
     with open(dest, "wb") as out:
         return run_script(tree, "export", export_env(disk, **extra), stdout=out.fileno())
+
+
+def export_announcing(tree, env: dict[str, str], dest: str) -> str:
+    """Run export with EXP_SIZE_FD into the file ``dest``, as Ganeti does;
+    the size it announced (text). Fails the test if export fails."""
+    read_fd, write_fd = os.pipe()
+    with open(dest, "wb") as out:
+        proc = subprocess.run(
+            [scripts.PYTHON, scripts.LAUNCHER, tree.sysconfdir, tree.localstatedir,
+             tree.os_dir, "export"], env={**env, "EXP_SIZE_FD": str(write_fd)},
+            cwd=tree.os_dir, stdout=out, stderr=subprocess.PIPE, pass_fds=(write_fd,),
+            stdin=subprocess.DEVNULL)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as f:
+        announced = f.read()
+    assert proc.returncode == 0, proc.stderr.decode()
+    return announced
 
 
 def import_from_file(tree, disk: str, src: str, check: bool = True, **extra: str):

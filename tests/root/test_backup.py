@@ -19,7 +19,8 @@ from tests.root import scripts
 from tests.root.scripts import (create_env, ganeti_env, mounted_root, read, root_device,
                                 run_script)
 from tests.root.backupio import (CHANGED_BY_IMPORT, MTIME_CHANGED_BY_IMPORT, copy_tree_out,
-                                 export_env, export_to_file, fstab_root_and_swap, import_from_file)
+                                 export_announcing, export_env, export_to_file,
+                                 fstab_root_and_swap, import_from_file)
 from tests.treecompare import differences
 
 # An IMA hash attribute (IMA_XATTR_DIGEST_NG, SHA-256) of "measured\n".
@@ -89,18 +90,8 @@ def instance(tree, tmp_path):
 
 def test_export_writes_only_the_dump_to_stdout_and_the_size_to_exp_size_fd(
         tree, instance, tmp_path):
-    read_fd, write_fd = os.pipe()
     stream = str(tmp_path / "s.dump")
-    env = export_env(instance, EXP_SIZE_FD=str(write_fd))
-    with open(stream, "wb") as out:
-        proc = subprocess.run(
-            [scripts.PYTHON, scripts.LAUNCHER, tree.sysconfdir, tree.localstatedir,
-             tree.os_dir, "export"], env=env, cwd=tree.os_dir, stdout=out,
-            stderr=subprocess.PIPE, pass_fds=(write_fd,), stdin=subprocess.DEVNULL)
-    os.close(write_fd)
-    with os.fdopen(read_fd) as f:
-        announced = f.read()
-    assert proc.returncode == 0, proc.stderr.decode()
+    announced = export_announcing(tree, export_env(instance), stream)
     assert announced.endswith("\n")
     size = os.path.getsize(stream)
     assert abs(int(announced) - size) <= size * 0.10, (announced, size)

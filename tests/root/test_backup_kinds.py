@@ -144,18 +144,7 @@ def fill(root: str) -> None:
 
 def export_disk(tree, disk: str, stream: str, **extra: str) -> int:
     """Export ``disk`` as data disk 1 into ``stream``; the size it announced."""
-    read_fd, write_fd = os.pipe()
-    env = disk_env("export", disk, extra={"EXP_SIZE_FD": str(write_fd), **extra})
-    with open(stream, "wb") as out:
-        proc = subprocess.run(
-            [scripts.PYTHON, scripts.LAUNCHER, tree.sysconfdir, tree.localstatedir,
-             tree.os_dir, "export"], env=env, cwd=tree.os_dir, stdout=out,
-            stderr=subprocess.PIPE, pass_fds=(write_fd,), stdin=subprocess.DEVNULL)
-    os.close(write_fd)
-    with os.fdopen(read_fd) as f:
-        announced = f.read()
-    assert proc.returncode == 0, proc.stderr.decode()
-    return int(announced)
+    return int(backupio.export_announcing(tree, disk_env("export", disk, extra=extra), stream))
 
 
 def import_disk_script(tree, disk: str, stream: str, check: bool = True):

@@ -259,12 +259,18 @@ def test_temporaries_are_not_removed_as_leftovers_while_a_refresh_runs(store):
     assert not os.path.exists(copy)
 
 
-def test_the_swap_refuses_an_archive_replaced_while_refreshing(store, fake_runner):
-    entry = stored(store)
-    before = os.stat(entry.path)
+def refreshed_archive(store) -> str:
+    """A new archive of KEY under the temporary name a refresh writes it to."""
     new = os.path.join(store.directory, store.archive_tmp_prefix(KEY) + "x")
     with open(new, "wb") as f:
         f.write(tar_bytes(5))
+    return new
+
+
+def test_the_swap_refuses_an_archive_replaced_while_refreshing(store, fake_runner):
+    entry = stored(store)
+    before = os.stat(entry.path)
+    new = refreshed_archive(store)
     with store.refreshing(KEY), store.using(KEY, lambda: store.peek(KEY)) as use:
         # Another run repacked the archive while the lock was converted.
         age(entry.path, 1, time.time())
@@ -278,9 +284,7 @@ def test_the_swap_refuses_an_archive_replaced_while_refreshing(store, fake_runne
 def test_the_swap_puts_the_new_archive_in_place_as_refreshed(store):
     entry = stored(store)
     before = os.stat(entry.path)
-    new = os.path.join(store.directory, store.archive_tmp_prefix(KEY) + "x")
-    with open(new, "wb") as f:
-        f.write(tar_bytes(5))
+    new = refreshed_archive(store)
     with store.refreshing(KEY), store.using(KEY, lambda: store.peek(KEY)) as use:
         with pytest.raises(RuntimeError, match="shared lock"):
             store.replace(KEY, new, before)
